@@ -1,0 +1,317 @@
+"""Critique-revision throughput: our batched engine against one-prompt-at-a-time baselines.
+
+One tiny random-weight Llama model (a few million parameters, built locally, nothing downloaded),
+32 red-team prompts, 2 critique-revision rounds, greedy decoding, the same ``max_new_tokens`` and
+the same stop strings everywhere. Every prompt costs 1 + 2 * rounds generations in each system:
+
+* ``ours``: :class:`CritiqueRevisionEngine` over :class:`TransformersBackend` (the whole batch
+  advances step by step, one batched ``generate`` per step);
+* ``naive_loop``: the same prompts (rendered with our :class:`CritiquePromptBuilder`) through
+  ``model.generate`` one prompt and one step at a time, batch size 1;
+* ``langchain``: LangChain's own ``ConstitutionalChain`` (``langchain-classic``) with an
+  ``LLMChain`` on ``HuggingFacePipeline`` wrapping a transformers ``text-generation`` pipeline,
+  given our principles and prompt templates that render the same text as ours. Skipped with a
+  note when the ``bench`` extra is not installed.
+
+Throughput is prompts completed per second (a prompt is its whole chain); each system is timed
+``--repeats`` times, interleaved, and its best run is reported. Every ``generate`` call is counted
+(calls, sequences, generated tokens) so one can check that the systems did the same work.
+
+Run: ``PYTHONPATH=src python benchmarks/bench_critique.py``. The last line printed is one JSON
+object; its ``ratio`` is our throughput over the strongest (fastest) baseline that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from constitutional_ai.backends.transformers_backend import TransformersBackend
+from constitutional_ai.chat_format import RAW_STOP, render_raw
+from constitutional_ai.config import CritiqueConfig, GenerationParams, ModelConfig, PromptSourceConfig
+from constitutional_ai.constitution.model import Constitution, CritiqueRevisionPrinciple
+from constitutional_ai.constitution.prompts import CritiquePromptBuilder, CritiqueStep
+from constitutional_ai.critique.engine import CritiqueRevisionEngine, clean_completion
+from constitutional_ai.data.prompts import PromptItem, load_prompts
+from constitutional_ai.models.tiny import build_tiny_causal_lm
+
+
+class GenerateCounter:
+    """Wraps one model instance's ``generate`` to count calls, sequences and generated tokens."""
+
+    def __init__(self, model: Any, pad_token_id: int, max_new_tokens: int):
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.reset()
+        original = model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            new = sequences[:, input_ids.shape[1]:]
+            per_row = (new != self.pad_token_id).sum(dim=1)
+            self.calls += 1
+            self.sequences += int(new.shape[0])
+            self.tokens += int(per_row.sum())
+            self.full_budget += int((per_row == self.max_new_tokens).sum())
+            return out
+
+        model.generate = generate
+
+    def reset(self) -> None:
+        self.calls = self.sequences = self.tokens = self.full_budget = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"generate_calls": self.calls, "sequences": self.sequences, "generated_tokens": self.tokens,
+                "full_budget_sequences": self.full_budget}
+
+
+# -- the systems -------------------------------------------------------------------------------------
+class Ours:
+    name = "ours"
+
+    def __init__(self, model_dir: Path, constitution: Constitution, critique: CritiqueConfig, batch_size: int):
+        self.backend = TransformersBackend(ModelConfig(model_name_or_path=str(model_dir), device="cpu",
+                                                       dtype="float32", batch_size=batch_size))
+        self.engine = CritiqueRevisionEngine(self.backend, constitution, critique, seed=0)
+        self.counter = GenerateCounter(self.backend.model, self.backend.tokenizer.pad_token_id,
+                                       critique.generation.max_new_tokens)
+
+    def run(self, items: list[PromptItem]) -> list[str]:
+        return [r["final_response"] for r in self.engine.run(items)]
+
+
+class NaiveLoop:
+    """The obvious loop: for each prompt, each step, one ``model.generate`` on batch size 1."""
+
+    name = "naive_loop"
+
+    def __init__(self, model_dir: Path, principles: dict[str, list[CritiqueRevisionPrinciple]],
+                 max_new_tokens: int, stops: list[str]):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.principles = principles
+        self.builder = CritiquePromptBuilder("raw")
+        self.gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "stop_strings": stops,
+                           "tokenizer": self.tokenizer, "pad_token_id": self.tokenizer.pad_token_id,
+                           "eos_token_id": self.tokenizer.eos_token_id}
+        self.stops = stops
+        self.counter = GenerateCounter(self.model, self.tokenizer.pad_token_id, max_new_tokens)
+
+    @torch.inference_mode()
+    def _complete(self, text: str) -> str:
+        enc = self.tokenizer(text, return_tensors="pt")
+        out = self.model.generate(**enc, **self.gen_kwargs)
+        completion = self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        cut = min((i for i in (completion.find(s) for s in self.stops) if i >= 0), default=len(completion))
+        return clean_completion(completion[:cut])
+
+    def run(self, items: list[PromptItem]) -> list[str]:
+        finals = []
+        for item in items:
+            response = self._complete(render_raw(item.messages, add_generation_prompt=True))
+            for p in self.principles[item.key]:
+                step = CritiqueStep(p.critique_request, p.revision_request)
+                critique = self._complete(self.builder.critique(item.messages, response, step))
+                step = CritiqueStep(p.critique_request, p.revision_request, critique=critique)
+                revision = self._complete(self.builder.revision(item.messages, response, step))
+                response = revision or response
+            finals.append(response)
+        return finals
+
+
+class LangChainConstitutional:
+    """LangChain's ``ConstitutionalChain``, one ``invoke`` per prompt (as the chain is used)."""
+
+    name = "langchain"
+    # The same text our raw-format builder renders (no few-shot examples, as in our config), so
+    # both systems feed the model prompts of the same length.
+    CRITIQUE = "{input_prompt} {output_from_model}\n\nCritiqueRequest: {critique_request}\n\nCritique:"
+    REVISION = ("{input_prompt} {output_from_model}\n\nCritiqueRequest: {critique_request}\n\nCritique: {critique}"
+                "\n\nRevisionRequest: {revision_request}\n\nRevision:")
+
+    def __init__(self, model_dir: Path, items: list[PromptItem],
+                 principles: dict[str, list[CritiqueRevisionPrinciple]], max_new_tokens: int, stops: list[str]):
+        from langchain_classic.chains import LLMChain
+        from langchain_classic.chains.constitutional_ai.base import ConstitutionalChain
+        from langchain_classic.chains.constitutional_ai.models import ConstitutionalPrinciple
+        from langchain_core.prompts import PromptTemplate
+        from langchain_huggingface import HuggingFacePipeline
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu",
+                        max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False,
+                        stop_sequence=stops, add_special_tokens=True, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+        llm = HuggingFacePipeline(pipeline=pipe)
+        self.counter = GenerateCounter(model, tokenizer.pad_token_id, max_new_tokens)
+        qa = LLMChain(llm=llm, prompt=PromptTemplate.from_template("{dialogue}"))
+        critique_prompt = PromptTemplate.from_template(self.CRITIQUE)
+        revision_prompt = PromptTemplate.from_template(self.REVISION)
+        # Our engine draws principles per prompt; give each prompt's chain the same draw.
+        self.chains = {
+            item.key: ConstitutionalChain.from_llm(
+                llm=llm, chain=qa, critique_prompt=critique_prompt, revision_prompt=revision_prompt,
+                constitutional_principles=[
+                    ConstitutionalPrinciple(name=p.id, critique_request=p.critique_request,
+                                            revision_request=p.revision_request)
+                    for p in principles[item.key]],
+                return_intermediate_steps=True)
+            for item in items}
+
+    def run(self, items: list[PromptItem]) -> list[str]:
+        with torch.inference_mode():
+            return [self.chains[item.key].invoke({"dialogue": render_raw(item.messages, True)})["output"]
+                    for item in items]
+
+
+# -- harness -------------------------------------------------------------------------------------------
+def time_run(system: Any, items: list[PromptItem]) -> tuple[float, dict[str, int]]:
+    system.counter.reset()
+    start = time.perf_counter()
+    outputs = system.run(items)
+    seconds = time.perf_counter() - start
+    assert len(outputs) == len(items), f"{system.name} returned {len(outputs)} outputs for {len(items)} prompts"
+    return seconds, system.counter.snapshot()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per system; the best is reported")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is 2 cores)")
+    ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--skip-langchain", action="store_true")
+    ap.add_argument("--skip-naive", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    wall_start = time.perf_counter()
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-critique-")
+    model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=args.vocab_size,
+                                     hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
+    constitution = Constitution.default()
+    items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team", limit=args.prompts))
+    critique = CritiqueConfig(n_rounds=args.rounds, batch_size=max(len(items), 1),
+                              generation=GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0))
+
+    ours = Ours(model_dir, constitution, critique, args.batch_size)
+    params = sum(p.numel() for p in ours.backend.model.parameters())
+    principles = {it.key: ours.engine.principles_for(it.key) for it in items}
+    stops = list(ours.engine.params.stop)  # the raw-format stop strings our engine generates with
+    assert set(RAW_STOP) <= set(stops)
+
+    systems: list[Any] = [ours]
+    notes: list[str] = []
+    if not args.skip_naive:
+        systems.append(NaiveLoop(model_dir, principles, args.max_new_tokens, stops))
+    if not args.skip_langchain:
+        try:
+            systems.append(LangChainConstitutional(model_dir, items, principles, args.max_new_tokens, stops))
+        except ImportError as exc:
+            notes.append(f"langchain baseline skipped ({exc.name or exc} not installed; "
+                         "pip install -e '.[bench]')")
+    for note in notes:
+        print(f"note: {note}")
+
+    print(f"model: Llama, {params / 1e6:.2f}M params (vocab {len(ours.backend.tokenizer)}, hidden "
+          f"{args.hidden_size}, {args.layers} layers), random weights, float32, CPU")
+    print(f"work: {len(items)} prompts x {args.rounds} rounds = {1 + 2 * args.rounds} generations per prompt, "
+          f"max_new_tokens={args.max_new_tokens}, greedy, {len(stops)} stop strings")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (cpu_count {os.cpu_count()}), "
+          f"python {platform.python_version()}, best of {args.repeats}")
+
+    warm = items[:2]  # first calls pay one-off costs (allocator, lazy imports, kernels)
+    for system in systems:
+        system.run(warm)
+
+    times: dict[str, list[float]] = {s.name: [] for s in systems}
+    counts: dict[str, dict[str, int]] = {}
+    for _ in range(args.repeats):
+        for system in systems:  # interleaved, so a noisy spell does not hit a single system
+            seconds, count = time_run(system, items)
+            times[system.name].append(seconds)
+            counts[system.name] = count
+
+    expected = len(items) * (1 + 2 * args.rounds)
+    best = {name: min(ts) for name, ts in times.items()}
+    rate = {name: len(items) / t for name, t in best.items()}
+    print()
+    header = (f"{'system':<12}{'best s':>9}{'runs s':>16}{'prompts/s':>11}{'gen/s':>9}{'tok/s':>9}"
+              f"{'calls':>7}{'seqs':>6}{'tokens':>8}{'full':>6}{'ours is':>9}")
+    print(header)
+    print("-" * len(header))
+    for system in systems:
+        name, c = system.name, counts[system.name]
+        runs = "/".join(f"{t:.1f}" for t in times[name])
+        speedup = "" if name == "ours" else f"{rate['ours'] / rate[name]:.2f}x"
+        print(f"{name:<12}{best[name]:>9.2f}{runs:>16}{rate[name]:>11.2f}{c['sequences'] / best[name]:>9.1f}"
+              f"{c['generated_tokens'] / best[name]:>9.0f}{c['generate_calls']:>7}{c['sequences']:>6}"
+              f"{c['generated_tokens']:>8}{c['full_budget_sequences']:>6}{speedup:>9}")
+        if c["sequences"] != expected:
+            print(f"  warning: {name} generated {c['sequences']} sequences, expected {expected}")
+    print("(gen/s: generations per second; tok/s: generated tokens per second; full: sequences that "
+          "used the whole token budget)")
+
+    baselines = {name: r for name, r in rate.items() if name != "ours"}
+    ratio_key = {"naive_loop": "ratio_vs_naive", "langchain": "ratio_vs_langchain"}
+    ratios = {ratio_key[name]: round(rate["ours"] / r, 3) for name, r in baselines.items()}
+    result: dict[str, Any] = {
+        "benchmark": "critique",
+        "prompts": len(items),
+        "rounds": args.rounds,
+        "max_new_tokens": args.max_new_tokens,
+        "params": params,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "ours_prompts_per_s": round(rate["ours"], 3),
+        **{f"{name}_prompts_per_s": round(r, 3) for name, r in baselines.items()},
+        **ratios,
+        "generated_tokens": {name: c["generated_tokens"] for name, c in counts.items()},
+        "ratio": round(rate["ours"] / max(baselines.values()), 3) if baselines else None,
+        "baselines": sorted(baselines),
+        "wall_s": round(time.perf_counter() - wall_start, 1),
+    }
+    if notes:
+        result["notes"] = notes
+    tmp.cleanup()
+    print()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,18 @@
+"""Generation backends behind one protocol (:class:`LanguageModel`)."""
+
+from __future__ import annotations
+
+from constitutional_ai.backends.base import Generation, LanguageModel
+from constitutional_ai.config import ModelConfig
+
+
+def load_backend(config: ModelConfig) -> LanguageModel:
+    """Instantiate the backend a :class:`ModelConfig` names."""
+    if config.backend == "transformers":
+        from constitutional_ai.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(config)
+    raise ValueError(f"unknown backend {config.backend!r}")  # unreachable: the config validates it
+
+
+__all__ = ["Generation", "LanguageModel", "load_backend"]

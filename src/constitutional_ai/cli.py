@@ -1,0 +1,246 @@
+"""The ``cai`` command line.
+
+Every flag is an override of one field of :class:`~constitutional_ai.config.RunConfig`
+(``--rounds`` sets ``critique.n_rounds``), applied on top of ``--config FILE`` when given. The
+flag table below is the single place that mapping lives; help texts come from the config's own
+field descriptions, so the CLI and the YAML can never drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from constitutional_ai.config import RunConfig
+from constitutional_ai.errors import CAIError
+from constitutional_ai.progress import console
+
+
+@dataclass(frozen=True)
+class Flag:
+    path: str  # dotted path into RunConfig
+    type: Any
+    decls: tuple[str, ...]
+
+
+def _flag(path: str, type_: Any, *decls: str) -> Flag:
+    return Flag(path, type_, decls)
+
+
+#: Flags shared by the stages, by Python parameter name.
+COMMON_FLAGS: dict[str, Flag] = {
+    "output_dir": _flag("output_dir", str, "--output-dir", "-o"),
+    "seed": _flag("seed", int, "--seed"),
+    "constitution": _flag("constitution", str, "--constitution"),
+    "resume": _flag("resume", bool, "--resume/--no-resume"),
+    "overwrite": _flag("overwrite", bool, "--overwrite/--no-overwrite"),
+    "progress": _flag("progress", bool, "--progress/--no-progress"),
+}
+MODEL_FLAGS: dict[str, Flag] = {
+    "model": _flag("policy.model_name_or_path", str, "--model", "-m"),
+    "model_revision": _flag("policy.revision", str, "--model-revision"),
+    "device": _flag("policy.device", str, "--device"),
+    "dtype": _flag("policy.dtype", str, "--dtype"),
+    "model_batch_size": _flag("policy.batch_size", int, "--model-batch-size"),
+    "max_context": _flag("policy.max_context", int, "--max-context"),
+    "chat_format": _flag("policy.chat_format", str, "--chat-format"),
+    "trust_remote_code": _flag("policy.trust_remote_code", bool, "--trust-remote-code/--no-trust-remote-code"),
+}
+PROMPT_FLAGS: dict[str, Flag] = {
+    "prompts": _flag("prompts.path", str, "--prompts", "-p"),
+    "prompts_format": _flag("prompts.format", str, "--prompts-format"),
+    "prompts_field": _flag("prompts.field", str, "--prompts-field"),
+    "prompts_split": _flag("prompts.split", str, "--prompts-split"),
+    "prompts_subset": _flag("prompts.subset", str, "--prompts-subset"),
+    "limit": _flag("prompts.limit", int, "--limit"),
+}
+CRITIQUE_FLAGS: dict[str, Flag] = {
+    "rounds": _flag("critique.n_rounds", int, "--rounds", "-n"),
+    "few_shot": _flag("critique.few_shot", int, "--few-shot"),
+    "skip_critique": _flag("critique.skip_critique", bool, "--skip-critique/--with-critique"),
+    "batch_size": _flag("critique.batch_size", int, "--batch-size"),
+    "max_new_tokens": _flag("critique.generation.max_new_tokens", int, "--max-new-tokens"),
+    "temperature": _flag("critique.generation.temperature", float, "--temperature"),
+    "top_p": _flag("critique.generation.top_p", float, "--top-p"),
+    "top_k": _flag("critique.generation.top_k", int, "--top-k"),
+    "stop": _flag("critique.generation.stop", list[str], "--stop"),
+}
+EXPORT_FLAGS: dict[str, Flag] = {
+    "revisions": _flag("sft_export.revisions", str, "--revisions"),
+    "helpful": _flag("sft_export.helpful.path", str, "--helpful"),
+    "helpful_fraction": _flag("sft_export.helpful_fraction", float, "--helpful-fraction"),
+}
+
+
+def _field_help(path: str) -> str:
+    """The description of a config field, found by walking the pydantic models."""
+    model: Any = RunConfig
+    info = None
+    for part in path.split("."):
+        info = model.model_fields[part]
+        annotation = info.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        model = next((c for c in candidates if hasattr(c, "model_fields")), None)
+    description = (info.description or "") if info else ""
+    return f"{description} [config: {path}]".strip()
+
+
+def _build_command(func: Callable[[RunConfig], Any], flags: dict[str, Flag]) -> Callable[..., Any]:
+    """Give ``func(config)`` a CLI signature made from ``flags`` plus ``--config``."""
+
+    def command(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config", None)
+        overrides = {flags[k].path: v for k, v in kwargs.items() if v is not None}
+        try:
+            base = RunConfig.from_yaml(config_file) if config_file else RunConfig()
+            config = base.with_overrides(overrides) if overrides else base
+            func(config)
+        except CAIError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: run the same command again to resume where it stopped")
+            raise typer.Exit(130) from None
+
+    params = [inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (RunConfig).")],  # noqa: UP045
+    )]
+    for name, flag in flags.items():
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[flag.type], typer.Option(*flag.decls, help=_field_help(flag.path))],  # noqa: UP045
+        ))
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = func.__doc__
+    return command
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Constitutional AI: align a language model with a written constitution.")
+constitution_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and convert constitutions.")
+app.add_typer(constitution_app, name="constitution")
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+def critique(config: RunConfig) -> None:
+    """SL-CAI data: initial responses, then rounds of critique and revision, resumable."""
+    from constitutional_ai.critique.stage import run_critique
+
+    _print_summary("critique", run_critique(config).as_dict())
+
+
+def export_sft(config: RunConfig) -> None:
+    """Export critique records as conversational SFT data (TRL ``messages`` format)."""
+    from constitutional_ai.critique.stage import stage_dir
+    from constitutional_ai.data.export import critique_to_sft
+
+    result = critique_to_sft(stage_dir(config) / "records.jsonl", Path(config.output_dir) / "sft" / "train.jsonl",
+                             config.sft_export, seed=config.seed)
+    _print_summary("export-sft", result.as_dict())
+
+
+def run(config: RunConfig) -> None:
+    """The whole pipeline on one config (today: critique, then the SFT export)."""
+    from constitutional_ai.critique.stage import run_critique
+    from constitutional_ai.data.export import critique_to_sft
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(out / "config.yaml")
+    result = run_critique(config)
+    export = critique_to_sft(result.output, out / "sft" / "train.jsonl", config.sft_export, seed=config.seed)
+    summary = {"critique": result.as_dict(), "sft_export": export.as_dict()}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    _print_summary("run", {**result.as_dict(), "sft_examples": export.critique_examples + export.helpful_examples,
+                           "sft_output": str(export.output)})
+
+
+STAGE_FLAGS = {**COMMON_FLAGS, **MODEL_FLAGS, **PROMPT_FLAGS, **CRITIQUE_FLAGS}
+#: Command name -> (function, flags). Tests check every flag maps onto a real config field.
+COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
+    "critique": (critique, STAGE_FLAGS),
+    "export-sft": (export_sft, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
+                                **EXPORT_FLAGS}),
+    "run": (run, {**STAGE_FLAGS, **EXPORT_FLAGS}),
+}
+for _name, (_func, _flags) in COMMANDS.items():
+    app.command(_name, help=_func.__doc__)(_build_command(_func, _flags))
+
+
+@app.command("config")
+def show_config(output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here.")] = None,  # noqa: UP045
+                ) -> None:
+    """Print (or write) the default config as YAML, to start your own from."""
+    text = RunConfig().to_yaml(output)
+    if output is None:
+        sys.stdout.write(text)
+
+
+def _load_constitution(spec: str) -> Any:
+    from constitutional_ai.constitution import Constitution
+
+    try:
+        return Constitution.load(spec)
+    except CAIError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@constitution_app.command("validate")
+def constitution_validate(spec: Annotated[str, typer.Argument(help="File, 'default' or anthropic-paper:DIR.")]) -> None:
+    """Check a constitution and print its size and hash."""
+    c = _load_constitution(spec)
+    console.print(f"[green]ok[/] {c.name} v{c.version}: {len(c.critique_revision)} critique/revision pairs, "
+                  f"{len(c.comparison)} comparison principles, {len(c.critique_examples)} critique examples, "
+                  f"{len(c.feedback_examples)} feedback examples; {c.hash}", highlight=False)
+
+
+@constitution_app.command("hash")
+def constitution_hash(spec: Annotated[str, typer.Argument(help="File, 'default' or anthropic-paper:DIR.")]) -> None:
+    """Print the content hash recorded in every artifact made with this constitution."""
+    sys.stdout.write(_load_constitution(spec).hash + "\n")
+
+
+@constitution_app.command("show")
+def constitution_show(spec: Annotated[str, typer.Argument(help="File, 'default' or anthropic-paper:DIR.")] = "default",
+                      ) -> None:
+    """Print a constitution as YAML."""
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(_load_constitution(spec).model_dump(mode="json"), sort_keys=False,
+                                    allow_unicode=True, width=100))
+
+
+@constitution_app.command("convert")
+def constitution_convert(spec: Annotated[str, typer.Argument(help="File, 'default' or anthropic-paper:DIR.")],
+                         output: Annotated[Path, typer.Argument(help="Output .yaml or .json file.")]) -> None:
+    """Convert a constitution (for example the paper's JSON files) to our YAML or JSON format."""
+    c = _load_constitution(spec)
+    c.save(str(output))
+    console.print(f"wrote {output} ({c.hash})", highlight=False)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""One pydantic config drives every stage; YAML in and out; CLI flags map onto dotted paths.
+
+A run directory holds the resolved config it was made with, so a run is reproducible from its
+own output and a resume can check it is continuing the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from constitutional_ai.errors import ConfigError, format_validation_error
+
+EMBEDDED_MODEL = "embedded:tiny-demo"
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerationParams(_Base):
+    """Sampling parameters, named as in transformers' ``GenerationConfig`` and vLLM's ``SamplingParams``."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings; cut from the output.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ModelConfig(_Base):
+    """Which model to load and how. ``embedded:tiny-demo`` builds a tiny offline demo model."""
+
+    model_name_or_path: str = EMBEDDED_MODEL
+    backend: Literal["transformers"] = "transformers"
+    revision: str | None = None
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
+    batch_size: int = Field(32, ge=1, description="Sequences per forward pass.")
+    max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
+    chat_format: Literal["auto", "chat_template", "raw"] = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."
+    )
+
+
+class PromptSourceConfig(_Base):
+    """Where prompts come from: a file, an embedded sample (``embedded:NAME``) or a hub dataset id."""
+
+    path: str = "embedded:red_team"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hh", "hub"] = "auto"
+    field: str | None = Field(None, description="Column with the prompt; auto-detected when unset.")
+    split: str = "train"
+    subset: str | None = Field(None, description="Hub dataset config name or data_dir.")
+    limit: int | None = Field(None, ge=1)
+
+
+class CritiqueConfig(_Base):
+    """SL-CAI: initial response, then ``n_rounds`` of critique and revision."""
+
+    n_rounds: int = Field(4, ge=1, description="Critique-revision rounds per prompt (paper: 4).")
+    few_shot: int = Field(0, ge=0, description="Few-shot critique examples prepended to each request.")
+    skip_critique: bool = Field(False, description="Revise without a critique (the paper's ablation).")
+    batch_size: int = Field(64, ge=1, description="Prompts advanced together and flushed to disk at once.")
+    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
+                                                                                   temperature=0.7))
+
+
+class SFTExportConfig(_Base):
+    """Turning critique records into conversational SFT data (TRL's ``messages`` format)."""
+
+    revisions: Literal["final", "all"] = Field("all", description="Final revision only, or every step (paper).")
+    helpful: PromptSourceConfig | None = Field(
+        default_factory=lambda: PromptSourceConfig(path="embedded:helpful"),
+        description="Helpfulness conversations to mix in; null to disable.",
+    )
+    helpful_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of helpfulness examples in the mix.")
+
+
+class RunConfig(_Base):
+    """The whole job. Each stage reads its own section plus the shared fields."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    constitution: str = Field("default", description="default, a YAML/JSON file, or anthropic-paper:DIR.")
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    sft_export: SFTExportConfig = Field(default_factory=SFTExportConfig)
+    resume: bool = Field(True, description="Continue a run found in output_dir.")
+    overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    # -- YAML ------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of config fields")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(source, exc) + "; fix that field or flag") from None
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> RunConfig:
+        """Return a copy with dotted-path overrides (``{"critique.n_rounds": 2}``) applied."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[leaf] = value
+        return RunConfig.from_dict(data, source=source)
+
+    def fingerprint(self, sections: tuple[str, ...]) -> str:
+        """Hash of the fields that change a stage's output; runtime knobs are left out.
+
+        Batch sizes, device, dtype, progress and resume flags may change between a crash and its
+        resume without changing what the records mean.
+        """
+        runtime = {"output_dir", "resume", "overwrite", "progress"}
+        data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections and k not in runtime}
+        for model_key in ("policy",):
+            if model_key in data:
+                for knob in ("device", "dtype", "batch_size"):
+                    data[model_key].pop(knob, None)
+        if "critique" in data:
+            data["critique"].pop("batch_size", None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

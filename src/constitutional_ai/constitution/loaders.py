@@ -1,0 +1,181 @@
+"""Reading and writing constitutions: our YAML/JSON format and the paper's published files."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from constitutional_ai.chat_format import parse_raw, split_blocks
+from constitutional_ai.constitution.model import Constitution
+from constitutional_ai.errors import ConstitutionError
+
+PAPER_FILES = {
+    "critique_revision": "CritiqueRevisionInstructions.json",
+    "critique_examples": "CritiqueRevisionFewShotPrompts.json",
+    "comparison": "RLMadisonInstructions.json",
+    "feedback_examples": "RLMadisonFewShotPrompts.json",
+    "chain_of_thought_examples": "RLMadisonPrecogFewShotPrompts.json",
+}
+PAPER_SCHEME = "anthropic-paper:"
+
+
+def _describe_loc(raw: Any, loc: tuple[Any, ...]) -> str:
+    """``critique_revision[3] (id 'privacy').revision_request`` rather than pydantic's tuple."""
+    out, node = "", raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict) and "id" in node:
+                out += f" (id {node['id']!r})"
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def constitution_from_dict(raw: Any, source: str) -> Constitution:
+    """Validate raw data, turning pydantic's report into one line that names file, entry, field."""
+    if not isinstance(raw, dict):
+        raise ConstitutionError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Constitution.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _describe_loc(raw, tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            msg = "field required; add it"
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConstitutionError(f"{source}: {where or 'constitution'}: {msg}{more}") from None
+
+
+def load_constitution_file(path: str | Path) -> Constitution:
+    path = Path(path)
+    if path.is_dir():
+        return load_anthropic_paper(path)
+    if not path.exists():
+        raise ConstitutionError(f"{path}: no such constitution file; pass a YAML/JSON file or 'default'")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
+        at = f" (line {line + 1 if hasattr(exc, 'problem_mark') else line})" if line is not None else ""
+        raise ConstitutionError(f"{path}{at}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                                f"{str(exc).splitlines()[0]}") from None
+    return constitution_from_dict(raw, str(path))
+
+
+def load_default() -> Constitution:
+    ref = resources.files("constitutional_ai") / "resources" / "constitution.yaml"
+    return constitution_from_dict(yaml.safe_load(ref.read_text(encoding="utf-8")), "<default constitution>")
+
+
+def save_constitution(constitution: Constitution, path: str | Path) -> None:
+    path = Path(path)
+    data = constitution.model_dump(mode="json")
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8")
+
+
+def resolve_constitution(spec: str | Path | None) -> Constitution:
+    if spec is None or str(spec) in ("", "default"):
+        return load_default()
+    spec = str(spec)
+    if spec.startswith(PAPER_SCHEME):
+        return load_anthropic_paper(spec[len(PAPER_SCHEME):])
+    return load_constitution_file(spec)
+
+
+# -- the paper's files ------------------------------------------------------------------------------
+def _strip_label(text: str, label: str) -> str:
+    """``\\n\\nCritiqueRequest: X\\n\\nCritique:`` -> ``X``."""
+    blocks = split_blocks(text if text.startswith("\n\n") else "\n\n" + text)
+    for name, content in blocks:
+        if name == label:
+            return content
+    return text.strip()
+
+
+def _parse_critique_example(text: str, source: str) -> dict[str, Any]:
+    blocks = split_blocks(text)
+    fields = {"CritiqueRequest": "critique_request", "Critique": "critique",
+              "RevisionRequest": "revision_request", "Revision": "revision"}
+    example: dict[str, Any] = {}
+    dialogue_end = next((i for i, (label, _) in enumerate(blocks) if label == "CritiqueRequest"), None)
+    if dialogue_end is None:
+        raise ConstitutionError(f"{source}: few-shot example has no CritiqueRequest block")
+    example["messages"] = [m for m in parse_raw("".join(f"\n\n{label}: {c}" for label, c in blocks[:dialogue_end]))]
+    for label, content in blocks[dialogue_end:]:
+        if label in fields and fields[label] not in example:
+            example[fields[label]] = content
+    return example
+
+
+def _read_json(directory: Path, name: str) -> Any:
+    path = directory / name
+    if not path.exists():
+        raise ConstitutionError(f"{path}: missing; the paper's directory must hold {', '.join(PAPER_FILES.values())}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConstitutionError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+
+
+def load_anthropic_paper(directory: str | Path) -> Constitution:
+    """Load the paper's published principles and few-shot prompts as a :class:`Constitution`.
+
+    Critique/revision and comparison strings keep the paper's wording; only the framing labels
+    (``CritiqueRequest:``, ``Critique:``, trailing ``Options:``) are removed, because our prompt
+    renderer adds them for either the raw or the chat format.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConstitutionError(f"{directory}: not a directory; point to the folder with the paper's JSON files")
+    cr = _read_json(directory, PAPER_FILES["critique_revision"])
+    principles = []
+    for key, entry in cr.items():
+        prompts = entry.get("prompt") or [""]
+        principles.append({
+            "id": key,
+            "critique_request": _strip_label(prompts[0], "CritiqueRequest"),
+            "revision_request": _strip_label(entry.get("edit_request", ""), "RevisionRequest"),
+        })
+    comparison = [
+        {"id": f"rl{i}", "text": re.sub(r"\s*Options:\s*$", "", text.strip())}
+        for i, text in enumerate(_read_json(directory, PAPER_FILES["comparison"]))
+    ]
+    src = str(directory / PAPER_FILES["critique_examples"])
+    critique_examples = [_parse_critique_example(t, src)
+                         for t in _read_json(directory, PAPER_FILES["critique_examples"])]
+    feedback_examples = []
+    for entry in _read_json(directory, PAPER_FILES["feedback_examples"]):
+        feedback_examples.append({
+            "messages": parse_raw(entry["prompt"]),
+            "chosen": entry["corrects"][0].strip(),
+            "rejected": entry["incorrects"][0].strip(),
+        })
+    cot = [e["prompt"] for e in _read_json(directory, PAPER_FILES["chain_of_thought_examples"])]
+    raw = {
+        "name": "anthropic-constitutional-harmlessness-paper",
+        "version": "2022-12",
+        "description": "Principles and few-shot prompts published with Bai et al. 2022, arXiv 2212.08073.",
+        "critique_revision": principles,
+        "comparison": comparison,
+        "critique_examples": critique_examples,
+        "feedback_examples": feedback_examples,
+        "chain_of_thought_examples": cot,
+        "metadata": {"source": "anthropics/ConstitutionalHarmlessnessPaper"},
+    }
+    return constitution_from_dict(raw, str(directory))

@@ -1,0 +1,110 @@
+"""``cai critique``: run the critique-revision engine over a prompt set, resumably."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.config import RunConfig
+from constitutional_ai.constitution.model import Constitution
+from constitutional_ai.critique.engine import CritiqueRevisionEngine
+from constitutional_ai.data.prompts import PromptItem, PromptReport, load_prompts
+from constitutional_ai.data.store import RecordStore
+from constitutional_ai.errors import ConfigError
+from constitutional_ai.progress import StageProgress
+
+log = logging.getLogger(__name__)
+STAGE = "critique"
+#: The config sections whose values change what the critique stage writes.
+SECTIONS = ("seed", "constitution", "policy", "prompts", "critique")
+
+
+@dataclass
+class StageResult:
+    """What a stage did, for the CLI summary and for callers chaining stages."""
+
+    stage: str
+    output: Path
+    written: int
+    total: int
+    seconds: float
+    prompt_report: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "output": str(self.output), "written": self.written, "total": self.total,
+                "seconds": round(self.seconds, 3), "prompts": self.prompt_report, **self.extra}
+
+
+def stage_dir(config: RunConfig) -> Path:
+    return Path(config.output_dir) / STAGE
+
+
+def filter_too_long(items: list[PromptItem], backend: LanguageModel, engine: CritiqueRevisionEngine,
+                    report: PromptReport) -> list[PromptItem]:
+    """Drop prompts whose longest request (the last revision prompt, with response and critique at
+    full length) would not fit the model's context; a long prompt is reported, never a crash."""
+    params = engine.params
+    probe = engine.constitution.critique_revision
+    longest_request = max(probe, key=lambda p: len(p.critique_request) + len(p.revision_request))
+    from constitutional_ai.constitution.prompts import CritiqueStep
+
+    step = CritiqueStep(longest_request.critique_request, longest_request.revision_request, critique="")
+    worst = [engine.builder.revision(it.messages, "", step) for it in items]
+    lengths = backend.count_tokens(worst)
+    budget = backend.context_length - params.max_new_tokens * (3 if not engine.config.skip_critique else 2)
+    kept = []
+    for item, n in zip(items, lengths, strict=True):
+        if n > budget:
+            report.skip("too_long", f"{report.source}:{item.index} ({n} tokens > {budget})")
+        else:
+            kept.append(item)
+    report.kept = len(kept)
+    return kept
+
+
+def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
+    """Generate (or finish generating) the SL-CAI dataset described by ``config``."""
+    start = time.perf_counter()
+    constitution = Constitution.load(config.constitution)
+    if not constitution.critique_revision:
+        raise ConfigError(f"constitution {config.constitution!r} has no critique_revision principles; "
+                          "the critique stage needs at least one")
+    if config.critique.few_shot > len(constitution.critique_examples):
+        raise ConfigError(f"critique.few_shot={config.critique.few_shot} but constitution "
+                          f"{config.constitution!r} has {len(constitution.critique_examples)} critique_examples; "
+                          "lower --few-shot")
+    items, report = load_prompts(config.prompts)
+    owns_backend = backend is None
+    backend = backend or load_backend(config.policy)
+    try:
+        engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
+        items = filter_too_long(items, backend, engine, report)
+        directory = stage_dir(config)
+        identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}
+        info = {"constitution": {"name": constitution.name, "version": constitution.version,
+                                 "hash": constitution.hash},
+                "model_id": backend.model_id, "prompt_style": backend.style}
+        store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info)
+        config.to_yaml(directory / "config.yaml")
+        constitution.save(str(directory / "constitution.yaml"))
+        todo = [it for it in items if it.key not in store]
+        done_before = len(items) - len(todo)
+        written = 0
+        bs = config.critique.batch_size
+        with store, StageProgress("critique", total=len(items), completed=done_before,
+                                  enabled=config.progress) as bar:
+            for i in range(0, len(todo), bs):
+                records = engine.run(todo[i:i + bs])
+                written += store.write(records)
+                bar.advance(len(records), tokens=sum(r["tokens"]["completion"] for r in records))
+            store.close(complete=True, prompts=report.as_dict())
+        return StageResult(STAGE, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
+                           {"resumed_from": done_before, "constitution_hash": constitution.hash})
+    finally:
+        if owns_backend:
+            backend.close()

@@ -1,0 +1,1 @@
+"""Prompt sources, the resumable record store and dataset exports."""

@@ -1,0 +1,45 @@
+"""Reaching the Hugging Face Hub without hanging: a fast check before any download is tried.
+
+huggingface_hub retries a dead network with back-off for the better part of a minute and logs
+every attempt; a user on an offline machine should get one clear line at once instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached right now, or None when it can."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:
+        endpoint = "https://huggingface.co"
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host} is unreachable ({exc.strerror or exc})"
+
+
+@contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """Silence huggingface_hub's per-retry warnings; our own error says what went wrong."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
