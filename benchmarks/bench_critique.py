@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +152,7 @@ class LangChainConstitutional:
         from langchain_huggingface import HuggingFacePipeline
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+        warnings.filterwarnings("ignore")  # langchain-core re-enables its deprecation warnings on import
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu",
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               generation=GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0))
 
     ours = Ours(model_dir, constitution, critique, args.batch_size)
+    hf_logging.disable_progress_bar()  # our backend restores the bars after loading
     params = sum(p.numel() for p in ours.backend.model.parameters())
     principles = {it.key: ours.engine.principles_for(it.key) for it in items}
     stops = list(ours.engine.params.stop)  # the raw-format stop strings our engine generates with

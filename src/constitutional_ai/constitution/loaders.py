@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from importlib import resources
@@ -75,7 +76,9 @@ def load_constitution_file(path: str | Path) -> Constitution:
     return constitution_from_dict(raw, str(path))
 
 
+@functools.cache
 def load_default() -> Constitution:
+    """The bundled constitution; parsed once per process (it is immutable)."""
     ref = resources.files("constitutional_ai") / "resources" / "constitution.yaml"
     return constitution_from_dict(yaml.safe_load(ref.read_text(encoding="utf-8")), "<default constitution>")
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny local models built once per session (no downloads), fake backends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from constitutional_ai.backends.base import Generation
+from constitutional_ai.config import GenerationParams
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+import torch
+
+# Tiny models run fastest on one thread, and a second busy process on a 2-core machine makes
+# OpenMP's spinning threads 100x slower; one thread keeps the suite fast and steady.
+torch.set_num_threads(1)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PAPER_DIR = SHARED_DATA / "cai-paper"
+HH_DEV = SHARED_DATA / "hh-rlhf" / "harmless-dev.jsonl"
+
+needs_paper = pytest.mark.skipif(not PAPER_DIR.is_dir(), reason="../shared/data/cai-paper is absent")
+needs_hh = pytest.mark.skipif(not HH_DEV.is_file(), reason="../shared/data/hh-rlhf is absent")
+
+
+def _build(root: Path, chat: bool) -> Path:
+    from constitutional_ai.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(root / ("chat" if chat else "raw"), vocab_size=512, hidden_size=32, num_layers=2,
+                                num_heads=2, chat=chat, seed=0, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama with a BPE tokenizer and no chat template (the paper's raw format)."""
+    return _build(tmp_path_factory.mktemp("models"), chat=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same, with a ChatML chat template."""
+    return _build(tmp_path_factory.mktemp("models"), chat=True)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cai-cache"))
+
+
+class ScriptedBackend:
+    """A backend that answers from a function and records every call, to test stages exactly."""
+
+    def __init__(self, style: str = "raw", answer: Any = None, context_length: int = 4096):
+        self.model_id = "scripted"
+        self.style = style
+        self.context_length = context_length
+        self.calls: list[list[Any]] = []
+        self.params: list[GenerationParams] = []
+        self._answer = answer or (lambda prompt, n: f" answer {n}")
+
+    def count_tokens(self, prompts: Sequence[Any]) -> list[int]:
+        return [len(str(p)) // 4 for p in prompts]
+
+    def generate(self, prompts: Sequence[Any], params: GenerationParams, seed: int | None = None) -> list[Generation]:
+        self.calls.append(list(prompts))
+        self.params.append(params)
+        n = len(self.calls)
+        return [Generation(self._answer(p, n), "stop", 1, 3) for p in prompts]
+
+    def score_choices(self, prompts: Sequence[Any], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        return [[0.0] * len(c) for c in choices]
+
+    def close(self) -> None:
+        pass

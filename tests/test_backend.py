@@ -1,0 +1,150 @@
+import re
+
+import pytest
+import torch
+
+from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.backends.transformers_backend import TransformersBackend, resolve_dtype
+from constitutional_ai.config import GenerationParams, ModelConfig
+from constitutional_ai.errors import ModelLoadError
+
+PROMPTS = [
+    [{"role": "user", "content": "How do I bake bread at home?"}],
+    [{"role": "user", "content": "hi"}],
+    "A raw prompt that is sent verbatim,",
+    [{"role": "user", "content": "Tell me about rivers."}, {"role": "assistant", "content": "Rivers flow."},
+     {"role": "user", "content": "And lakes, in some more detail please?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def raw_backend(tiny_model_dir):
+    return TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def chat_backend(tiny_chat_model_dir):
+    return TransformersBackend(ModelConfig(model_name_or_path=str(tiny_chat_model_dir), batch_size=4))
+
+
+def test_backend_satisfies_protocol_and_picks_cpu_float32(raw_backend):
+    assert isinstance(raw_backend, LanguageModel)
+    assert raw_backend.device.type == "cpu"
+    assert next(raw_backend.model.parameters()).dtype == torch.float32
+    assert raw_backend.context_length == 2048
+
+
+def test_dtype_and_context_are_overridable(tiny_model_dir):
+    b = load_backend(ModelConfig(model_name_or_path=str(tiny_model_dir), dtype="bfloat16", max_context=256))
+    assert next(b.model.parameters()).dtype == torch.bfloat16
+    assert b.context_length == 256
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_formats_raw_without_template_and_chat_with_template(raw_backend, chat_backend):
+    conv = PROMPTS[3]
+    assert raw_backend.style == "raw"
+    assert raw_backend.format(conv) == ("\n\nHuman: Tell me about rivers.\n\nAssistant: Rivers flow."
+                                        "\n\nHuman: And lakes, in some more detail please?\n\nAssistant:")
+    assert chat_backend.style == "chat"
+    text = chat_backend.format(conv)
+    assert text.startswith("<|im_start|>user\nTell me about rivers.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert raw_backend.format("verbatim") == chat_backend.format("verbatim") == "verbatim"
+
+
+def test_forced_chat_format_without_template_fails_clearly(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="no chat template"):
+        TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), chat_format="chat_template"))
+
+
+@pytest.mark.parametrize("which", ["raw_backend", "chat_backend"])
+def test_batched_greedy_equals_one_at_a_time(which, request):
+    backend = request.getfixturevalue(which)
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    batched = backend.generate(PROMPTS, params)
+    single = [backend.generate([p], params)[0] for p in PROMPTS]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
+    assert len({g.text for g in batched}) > 1  # outputs depend on the prompt, not a constant
+
+
+def test_left_padding_is_used_for_generation(raw_backend):
+    assert raw_backend.tokenizer.padding_side == "left"
+
+
+def test_max_new_tokens_is_respected(raw_backend):
+    for g in raw_backend.generate(PROMPTS, GenerationParams(max_new_tokens=5, temperature=1.0), seed=1):
+        assert g.completion_tokens <= 5
+        assert g.finish_reason in ("stop", "length")
+
+
+def test_stop_sequences_cut_the_output(raw_backend):
+    params = GenerationParams(max_new_tokens=40, temperature=0.0)
+    free = raw_backend.generate(PROMPTS, params)
+    # pick a stop string the model really produces: a few characters from the middle of each output
+    tested = 0
+    for prompt, g in zip(PROMPTS, free, strict=True):
+        match = re.search(r"[A-Za-z]{3}", g.text[4:])
+        if match is None:
+            continue
+        stop, tested = match.group(0), tested + 1
+        cut = raw_backend.generate([prompt], params.model_copy(update={"stop": [stop]}))[0]
+        assert stop not in cut.text
+        assert g.text.startswith(cut.text)
+        assert cut.finish_reason == "stop"
+        assert cut.completion_tokens < g.completion_tokens  # generation stopped early, not just trimmed
+    assert tested >= 2
+
+
+def test_sampling_is_reproducible_from_the_seed(raw_backend):
+    params = GenerationParams(max_new_tokens=10, temperature=1.0)
+    a = [g.text for g in raw_backend.generate(PROMPTS, params, seed=7)]
+    b = [g.text for g in raw_backend.generate(PROMPTS, params, seed=7)]
+    c = [g.text for g in raw_backend.generate(PROMPTS, params, seed=8)]
+    assert a == b and a != c
+
+
+def _reference_logprob(backend, prompt, choice):
+    ids_ctx, ids_cont = backend._split_ids(prompt, choice)
+    ids = torch.tensor([ids_ctx + ids_cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(backend.model(input_ids=ids).logits[0].float(), -1)
+    return sum(float(logp[len(ids_ctx) - 1 + k, t]) for k, t in enumerate(ids_cont))
+
+
+@pytest.mark.parametrize("which", ["raw_backend", "chat_backend"])
+def test_score_choices_matches_unbatched_reference(which, request):
+    backend = request.getfixturevalue(which)
+    prompts = [PROMPTS[0], "The answer is:", PROMPTS[3]]
+    choices = [[" (A)", " (B)"], [" yes", " no", " perhaps not"], [" (A)", " (B)"]]
+    scores = backend.score_choices(prompts, choices)
+    for p, cs, row in zip(prompts, choices, scores, strict=True):
+        assert len(row) == len(cs)
+        for c, s in zip(cs, row, strict=True):
+            assert s < 0
+            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+
+
+def test_score_choices_uses_one_forward_pass_per_batch(raw_backend):
+    calls = []
+    handle = raw_backend.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        raw_backend.score_choices(["one", "two"], [[" (A)", " (B)"], [" (A)", " (B)"]])  # 4 rows, batch_size 4
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_missing_local_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(ModelLoadError) as err:
+        TransformersBackend(ModelConfig(model_name_or_path=str(tmp_path / "nope")))
+    assert "no such directory" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreachable_hub_id_is_a_one_line_error():
+    # HF_HUB_OFFLINE=1 is set for the test session, so this must fail at once without retries
+    with pytest.raises(ModelLoadError) as err:
+        TransformersBackend(ModelConfig(model_name_or_path="some-org/not-cached-model"))
+    message = str(err.value)
+    assert "hf download some-org/not-cached-model" in message and "\n" not in message

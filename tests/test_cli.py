@@ -1,0 +1,121 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from constitutional_ai.cli import COMMANDS, app
+from constitutional_ai.config import RunConfig
+from constitutional_ai.data.store import read_records
+
+runner = CliRunner()
+
+
+def _resolve(path):
+    node = RunConfig().model_dump()
+    for part in path.split("."):
+        assert isinstance(node, dict) and part in node, f"flag target {path} is not a config field"
+        node = node[part] if node[part] is not None else {}
+    return node
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_maps_onto_a_config_field(command):
+    _, flags = COMMANDS[command]
+    for flag in flags.values():
+        _resolve(flag.path)
+    click_command = next(c for c in app.registered_commands if c.name == command)
+    import inspect
+
+    params = set(inspect.signature(click_command.callback).parameters)
+    assert params == {"config", *flags}
+
+
+def test_flags_override_the_yaml_config(tmp_path, tiny_model_dir):
+    config = RunConfig().with_overrides({"critique.n_rounds": 3, "prompts.limit": 2, "policy.model_name_or_path":
+                                         str(tiny_model_dir), "critique.generation.max_new_tokens": 4})
+    config.to_yaml(tmp_path / "c.yaml")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["critique", "-c", str(tmp_path / "c.yaml"), "--rounds", "1", "-o", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "critique" / "config.yaml").read_text())
+    assert saved["critique"]["n_rounds"] == 1  # the flag wins
+    assert saved["prompts"]["limit"] == 2  # the YAML is kept where no flag is given
+    records = list(read_records(out / "critique" / "records.jsonl"))
+    assert len(records) == 2 and all(len(r["rounds"]) == 1 for r in records)
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "c.yaml").write_text("critique:\n  n_rounds: many\n")
+    result = runner.invoke(app, ["critique", "-c", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2
+    assert "critique.n_rounds" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["critique", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no such directory" in result.output
+    result = runner.invoke(app, ["constitution", "validate", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2 and "unknown field" in result.output
+
+
+def test_constitution_commands():
+    result = runner.invoke(app, ["constitution", "validate", "default"])
+    assert result.exit_code == 0 and "16 critique/revision pairs, 16 comparison principles" in result.output
+    from constitutional_ai.constitution import Constitution
+
+    assert runner.invoke(app, ["constitution", "hash", "default"]).output.strip() == Constitution.default().hash
+
+
+def test_run_produces_critique_records_and_sft_data(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-m", str(tiny_model_dir), "-o", str(out), "--limit", "3", "--rounds", "2",
+                                 "--max-new-tokens", "6", "--helpful-fraction", "0.25", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["critique"]["written"] == 3
+    assert summary["sft_export"]["helpful_examples"] == 2
+    assert len(list(read_records(out / "sft" / "train.jsonl"))) == 8
+
+
+def _cai(*args):
+    return [sys.executable, "-m", "constitutional_ai.cli", *args]
+
+
+def test_sigkill_mid_run_then_rerun_finishes_with_no_prompt_lost_or_duplicated(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i} about topic {i * 7}"}) + "\n"
+                               for i in range(40)))
+    out = tmp_path / "run"
+    args = _cai("critique", "-m", str(tiny_model_dir), "-p", str(prompts), "-o", str(out), "--rounds", "2",
+                "--max-new-tokens", "24", "--batch-size", "2", "--temperature", "1.0", "--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    records = out / "critique" / "records.jsonl"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if records.exists() and records.read_bytes().count(b"\n") >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = sum(1 for _ in read_records(records))
+    assert 4 <= done_at_kill < 40, "the kill must land mid-run"
+    manifest = json.loads((out / "critique" / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    finish = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    keys = [r["key"] for r in read_records(records)]
+    assert len(keys) == 40 and len(set(keys)) == 40
+    manifest = json.loads((out / "critique" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["resumed"] == 1
+    # a changed config on resume is refused with one clear line
+    changed = subprocess.run([*args, "--rounds", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2
+    assert "different config" in changed.stderr and "--overwrite" in changed.stderr
+    assert "Traceback" not in changed.stderr
