@@ -61,6 +61,7 @@ PROMPT_FLAGS: dict[str, Flag] = {
     "prompts_field": _flag("prompts.field", str, "--prompts-field"),
     "prompts_split": _flag("prompts.split", str, "--prompts-split"),
     "prompts_subset": _flag("prompts.subset", str, "--prompts-subset"),
+    "prompts_data_dir": _flag("prompts.data_dir", str, "--prompts-data-dir"),
     "limit": _flag("prompts.limit", int, "--limit"),
 }
 CRITIQUE_FLAGS: dict[str, Flag] = {

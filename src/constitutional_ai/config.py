@@ -26,9 +26,9 @@ class _Base(BaseModel):
 class GenerationParams(_Base):
     """Sampling parameters, named as in transformers' ``GenerationConfig`` and vLLM's ``SamplingParams``."""
 
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per completion.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings; cut from the output.")
 
@@ -40,11 +40,12 @@ class GenerationParams(_Base):
 class ModelConfig(_Base):
     """Which model to load and how. ``embedded:tiny-demo`` builds a tiny offline demo model."""
 
-    model_name_or_path: str = EMBEDDED_MODEL
-    backend: Literal["transformers"] = "transformers"
-    revision: str | None = None
+    model_name_or_path: str = Field(EMBEDDED_MODEL, description="Local model directory or Hugging Face model id.")
+    backend: Literal["transformers"] = Field("transformers", description="Generation backend.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass.")
     max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
@@ -56,12 +57,14 @@ class ModelConfig(_Base):
 class PromptSourceConfig(_Base):
     """Where prompts come from: a file, an embedded sample (``embedded:NAME``) or a hub dataset id."""
 
-    path: str = "embedded:red_team"
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hh", "hub"] = "auto"
+    path: str = Field("embedded:red_team", description="File, embedded:red_team|helpful, or hub dataset id.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hh", "hub"] = Field(
+        "auto", description="auto detects from the file suffix; hh parses Human:/Assistant: transcripts.")
     field: str | None = Field(None, description="Column with the prompt; auto-detected when unset.")
-    split: str = "train"
-    subset: str | None = Field(None, description="Hub dataset config name or data_dir.")
-    limit: int | None = Field(None, ge=1)
+    split: str = Field("train", description="Hub dataset split.")
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    data_dir: str | None = Field(None, description="Hub dataset data_dir (hh-rlhf: red-team-attempts, ...).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
 
 
 class CritiqueConfig(_Base):
@@ -89,11 +92,11 @@ class SFTExportConfig(_Base):
 class RunConfig(_Base):
     """The whole job. Each stage reads its own section plus the shared fields."""
 
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = Field("runs/default", description="Where every stage writes its records and models.")
+    seed: int = Field(0, description="Seeds principle sampling and generation; same seed, same data.")
     constitution: str = Field("default", description="default, a YAML/JSON file, or anthropic-paper:DIR.")
-    policy: ModelConfig = Field(default_factory=ModelConfig)
-    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
+    policy: ModelConfig = Field(default_factory=ModelConfig, description="The helpful model being aligned.")
+    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Red-team prompts.")
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     sft_export: SFTExportConfig = Field(default_factory=SFTExportConfig)
     resume: bool = Field(True, description="Continue a run found in output_dir.")

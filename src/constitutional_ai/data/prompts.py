@@ -165,7 +165,9 @@ def _hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
         disable_progress_bar()
         kwargs: dict[str, Any] = {"split": config.split}
         if config.subset:
-            kwargs["data_dir" if "/" in config.subset else "name"] = config.subset
+            kwargs["name"] = config.subset
+        if config.data_dir:
+            kwargs["data_dir"] = config.data_dir
         with quiet_hub_logs():
             ds = datasets.load_dataset(config.path, **kwargs)
     except Exception as exc:
