@@ -45,16 +45,22 @@ class StageProgress:
                  completed: int = 0):
         self.enabled = enabled
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}"), TextColumn("{task.fields[status]}", style="dim"),
+            BarColumn(), MofNCompleteColumn(),
             TextColumn(unit), _RateColumn(unit), _TokensColumn(), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed,
-                                             tokens=0, t0=time.monotonic())
+                                             tokens=0, t0=time.monotonic(), status="")
 
     def advance(self, n: int, tokens: int = 0) -> None:
         task = self._progress.tasks[0]
         self._progress.update(self._task, advance=n, tokens=task.fields["tokens"] + tokens)
+
+    def step(self, status: str, tokens: int) -> None:
+        """Count tokens and show the current step before a whole batch of items completes."""
+        task = self._progress.tasks[0]
+        self._progress.update(self._task, tokens=task.fields["tokens"] + tokens, status=status)
 
     def __enter__(self) -> StageProgress:
         self._progress.start()

@@ -12,7 +12,7 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,6 +66,7 @@ class CritiqueRevisionEngine:
         if backend.style == "raw":
             stops += [s for s in RAW_STOP if s not in stops]
         self.params: GenerationParams = config.generation.model_copy(update={"stop": stops})
+        self._on_step: Callable[[str, int], None] | None = None
 
     def principles_for(self, key: str) -> list[CritiqueRevisionPrinciple]:
         """The principles for one prompt: independent draws with replacement, reproducible from the
@@ -81,13 +82,21 @@ class CritiqueRevisionEngine:
         for i, g in enumerate(out):
             batch.tokens[i][0] += g.prompt_tokens
             batch.tokens[i][1] += g.completion_tokens
+        if self._on_step is not None:
+            self._on_step(step, sum(g.completion_tokens for g in out))
         return out
 
-    def run(self, items: Sequence[PromptItem]) -> list[dict[str, Any]]:
-        """Critique-revision records for ``items``, in order."""
+    def run(self, items: Sequence[PromptItem],
+            on_step: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
+        """Critique-revision records for ``items``, in order.
+
+        ``on_step(step_name, completion_tokens)`` is called after every batched generation step,
+        so a progress display can move while a large batch is still in flight.
+        """
         items = list(items)
         if not items:
             return []
+        self._on_step = on_step
         t0 = time.perf_counter()
         batch = _Batch(items, [], [[] for _ in items], {"batch_size": len(items)}, [[0, 0] for _ in items])
         initial = self._generate(batch, [it.messages for it in items], "initial")

@@ -99,9 +99,9 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
         with store, StageProgress("critique", total=len(items), completed=done_before,
                                   enabled=config.progress) as bar:
             for i in range(0, len(todo), bs):
-                records = engine.run(todo[i:i + bs])
+                records = engine.run(todo[i:i + bs], on_step=lambda step, tokens: bar.step(step, tokens))
                 written += store.write(records)
-                bar.advance(len(records), tokens=sum(r["tokens"]["completion"] for r in records))
+                bar.advance(len(records))
             store.close(complete=True, prompts=report.as_dict())
         return StageResult(STAGE, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
                            {"resumed_from": done_before, "constitution_hash": constitution.hash})
