@@ -58,11 +58,13 @@ class GenerateCounter:
         def generate(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            mask = kwargs.get("attention_mask")
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             new = sequences[:, input_ids.shape[1]:]
             per_row = (new != self.pad_token_id).sum(dim=1)
             self.calls += 1
             self.sequences += int(new.shape[0])
+            self.prompt_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
             self.tokens += int(per_row.sum())
             self.full_budget += int((per_row == self.max_new_tokens).sum())
             return out
@@ -70,11 +72,11 @@ class GenerateCounter:
         model.generate = generate
 
     def reset(self) -> None:
-        self.calls = self.sequences = self.tokens = self.full_budget = 0
+        self.calls = self.sequences = self.tokens = self.full_budget = self.prompt_tokens = 0
 
     def snapshot(self) -> dict[str, int]:
-        return {"generate_calls": self.calls, "sequences": self.sequences, "generated_tokens": self.tokens,
-                "full_budget_sequences": self.full_budget}
+        return {"generate_calls": self.calls, "sequences": self.sequences, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.tokens, "full_budget_sequences": self.full_budget}
 
 
 # -- the systems -------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             systems.append(LangChainConstitutional(model_dir, items, principles, args.max_new_tokens, stops))
         except ImportError as exc:
-            notes.append(f"langchain baseline skipped ({exc.name or exc} not installed; "
+            missing = (exc.name or str(exc)).split(".")[0]
+            notes.append(f"langchain baseline skipped ({missing} not installed; "
                          "pip install -e '.[bench]')")
     for note in notes:
         print(f"note: {note}")
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate = {name: len(items) / t for name, t in best.items()}
     print()
     header = (f"{'system':<12}{'best s':>9}{'runs s':>16}{'prompts/s':>11}{'gen/s':>9}{'tok/s':>9}"
-              f"{'calls':>7}{'seqs':>6}{'tokens':>8}{'full':>6}{'ours is':>9}")
+              f"{'calls':>7}{'seqs':>6}{'prompt tok':>11}{'gen tok':>8}{'full':>6}{'ours is':>9}")
     print(header)
     print("-" * len(header))
     for system in systems:
@@ -281,11 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         speedup = "" if name == "ours" else f"{rate['ours'] / rate[name]:.2f}x"
         print(f"{name:<12}{best[name]:>9.2f}{runs:>16}{rate[name]:>11.2f}{c['sequences'] / best[name]:>9.1f}"
               f"{c['generated_tokens'] / best[name]:>9.0f}{c['generate_calls']:>7}{c['sequences']:>6}"
-              f"{c['generated_tokens']:>8}{c['full_budget_sequences']:>6}{speedup:>9}")
+              f"{c['prompt_tokens']:>11}{c['generated_tokens']:>8}{c['full_budget_sequences']:>6}{speedup:>9}")
         if c["sequences"] != expected:
             print(f"  warning: {name} generated {c['sequences']} sequences, expected {expected}")
-    print("(gen/s: generations per second; tok/s: generated tokens per second; full: sequences that "
-          "used the whole token budget)")
+    print("(gen/s: generations per second; tok/s: generated tokens per second; prompt tok: unpadded "
+          "prompt tokens fed in; full: sequences that used the whole token budget)")
 
     baselines = {name: r for name, r in rate.items() if name != "ours"}
     ratio_key = {"naive_loop": "ratio_vs_naive", "langchain": "ratio_vs_langchain"}
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ours_prompts_per_s": round(rate["ours"], 3),
         **{f"{name}_prompts_per_s": round(r, 3) for name, r in baselines.items()},
         **ratios,
+        "prompt_tokens": {name: c["prompt_tokens"] for name, c in counts.items()},
         "generated_tokens": {name: c["generated_tokens"] for name, c in counts.items()},
         "ratio": round(rate["ours"] / max(baselines.values()), 3) if baselines else None,
         "baselines": sorted(baselines),

@@ -148,3 +148,12 @@ def test_unreachable_hub_id_is_a_one_line_error():
         TransformersBackend(ModelConfig(model_name_or_path="some-org/not-cached-model"))
     message = str(err.value)
     assert "hf download some-org/not-cached-model" in message and "\n" not in message
+
+
+def test_sampling_params_are_explicit_not_taken_from_the_models_generation_config(tiny_model_dir):
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    backend.model.generation_config.top_k = 1  # as if the model shipped a greedy-forcing default
+    backend.model.generation_config.repetition_penalty = 5.0
+    params = GenerationParams(max_new_tokens=8, temperature=1.0)
+    outputs = {backend.generate([PROMPTS[0]], params, seed=s)[0].text for s in range(6)}
+    assert len(outputs) > 1  # top_k=1 would make every seed give the same text

@@ -177,14 +177,20 @@ class TransformersBackend:
     def _gen_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig
 
+        # Every sampling knob is set explicitly: a value left unset would be filled from the model's
+        # generation_config.json (a repetition penalty, a top-k), and the records would no longer
+        # say how their text was sampled.
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "do_sample": not params.greedy,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.eos_token_ids or None,
+            "repetition_penalty": 1.0,
+            "top_k": params.top_k,  # 0 disables top-k
+            "top_p": params.top_p,
         }
         if not params.greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            kwargs["temperature"] = params.temperature
         if params.stop:
             kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
