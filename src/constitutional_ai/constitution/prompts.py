@@ -47,12 +47,13 @@ class CritiquePromptBuilder:
     def __init__(self, style: Style, examples: Sequence[CritiqueExample] = ()):
         self.style = style
         self.examples = list(examples)
-        self._raw_prefix = "".join(self._raw_example(e) for e in self.examples)
+        self._raw_prefix = "".join(self.raw_example(e) for e in self.examples)
         self._chat_prefix: Conversation = [m for e in self.examples for m in self._chat_example(e)]
 
     # -- few-shot -------------------------------------------------------------------------------
     @staticmethod
-    def _raw_example(e: CritiqueExample) -> str:
+    def raw_example(e: CritiqueExample) -> str:
+        """One worked example in the paper's raw format."""
         return (render_raw(e.messages, add_generation_prompt=False)
                 + f"\n\nCritiqueRequest: {e.critique_request}\n\nCritique: {e.critique}"
                 + f"\n\nRevisionRequest: {e.revision_request}\n\nRevision: {e.revision}")

@@ -14,23 +14,34 @@ import tempfile
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-DEMO_MODEL_VERSION = "v1"
+DEMO_MODEL_VERSION = "v2"
 
 
 def bundled_corpus() -> list[str]:
-    """Text shipped with the package (constitution and prompts), used to train demo tokenizers."""
-    root = resources.files("constitutional_ai") / "resources"
-    texts = [(root / "constitution.yaml").read_text(encoding="utf-8")]
-    prompts = root / "prompts"
+    """The package's own text (constitution, worked examples, embedded prompts and helpful answers)
+    rendered in the paper's dialogue format: what the demo tokenizer and model are trained on."""
+    from constitutional_ai.chat_format import render_raw
+    from constitutional_ai.constitution.loaders import load_default
+    from constitutional_ai.constitution.prompts import CritiquePromptBuilder
+
+    constitution = load_default()
+    texts = [CritiquePromptBuilder.raw_example(e) for e in constitution.critique_examples]
+    texts += [render_raw([*e.messages, {"role": "assistant", "content": e.chosen}], False)
+              for e in constitution.feedback_examples]
+    texts += [f"\n\nCritiqueRequest: {p.critique_request}\n\nRevisionRequest: {p.revision_request}"
+              for p in constitution.critique_revision]
+    prompts = resources.files("constitutional_ai") / "resources" / "prompts"
     for name in ("red_team.jsonl", "helpful.jsonl"):
-        ref = prompts / name
-        if ref.is_file():
-            texts.extend(ref.read_text(encoding="utf-8").splitlines())
+        for line in (prompts / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            texts.append(render_raw(messages, add_generation_prompt=False))
     return texts
 
 
@@ -82,13 +93,7 @@ def build_tiny_causal_lm(path: str | Path, *, corpus: Iterable[str] | None = Non
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     path.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(path)
-    finally:
-        hf_logging.enable_progress_bar()
+    _save_quietly(model, path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -97,15 +102,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAI_CACHE_DIR", Path.home() / ".cache" / "constitutional_ai"))
 
 
+def pretrain_on_corpus(path: str | Path, corpus: list[str], steps: int = 300, seq_len: int = 96,
+                       batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
+    """A few hundred next-token steps on ``corpus`` so the demo model writes words, not bytes.
+
+    It learns the bundled text's vocabulary and phrasing in seconds; it is not aligned and not a
+    language model anyone should use, only enough for the offline demo to read like the real thing.
+    Returns the final training loss.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tokenizer("\n\n".join(corpus), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    _save_quietly(model, path)
+    return float(loss)
+
+
+def _save_quietly(model: Any, path: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def ensure_demo_model() -> Path:
-    """Build the offline demo model once (a few seconds) and reuse it; atomic against concurrent runs."""
+    """Build the offline demo model once (about half a minute on a laptop CPU) and reuse it.
+
+    Built in a temporary directory and renamed into place, so concurrent runs and a kill halfway
+    never leave a broken model in the cache.
+    """
     target = cache_dir() / f"tiny-demo-{DEMO_MODEL_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-demo-", dir=target.parent))
-    build_tiny_causal_lm(tmp, hidden_size=128, num_layers=4, num_heads=4, initializer_range=0.1)
-    (tmp / "DEMO_MODEL.json").write_text(json.dumps({"note": "random weights, offline demo only"}))
+    corpus = bundled_corpus()
+    build_tiny_causal_lm(tmp, corpus=corpus, hidden_size=128, num_layers=4, num_heads=4)
+    loss = pretrain_on_corpus(tmp, corpus)
+    (tmp / "DEMO_MODEL.json").write_text(json.dumps({
+        "note": "offline demo model: random init, a few hundred steps on the package's own text; not aligned",
+        "final_loss": round(loss, 3)}))
     try:
         tmp.rename(target)
     except OSError:  # another process won the race
