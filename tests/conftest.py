@@ -12,7 +12,7 @@ import pytest
 from constitutional_ai.backends.base import Generation
 from constitutional_ai.config import GenerationParams
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 
 import torch
 
@@ -61,15 +61,17 @@ class ScriptedBackend:
         self.calls: list[list[Any]] = []
         self.params: list[GenerationParams] = []
         self._answer = answer or (lambda prompt, n: f" answer {n}")
+        self.finish = "stop"
 
     def count_tokens(self, prompts: Sequence[Any]) -> list[int]:
         return [len(str(p)) // 4 for p in prompts]
 
-    def generate(self, prompts: Sequence[Any], params: GenerationParams, seed: int | None = None) -> list[Generation]:
+    def generate(self, prompts: Sequence[Any], params: GenerationParams,
+                 seeds: Sequence[int] | None = None) -> list[Generation]:
         self.calls.append(list(prompts))
         self.params.append(params)
         n = len(self.calls)
-        return [Generation(self._answer(p, n), "stop", 1, 3) for p in prompts]
+        return [Generation(self._answer(p, n), self.finish, 1, 3) for p in prompts]
 
     def score_choices(self, prompts: Sequence[Any], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         return [[0.0] * len(c) for c in choices]

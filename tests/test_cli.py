@@ -60,6 +60,23 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.exit_code == 2 and "no such directory" in result.output
     result = runner.invoke(app, ["constitution", "validate", str(tmp_path / "c.yaml")])
     assert result.exit_code == 2 and "unknown field" in result.output
+    result = runner.invoke(app, ["critique", "--device", "gpu0"])
+    assert result.exit_code == 2 and "policy.device" in result.output
+
+
+def test_an_unexpected_error_is_one_line_and_names_the_debug_switch(monkeypatch):
+    import constitutional_ai.critique.stage as stage
+
+    def boom(config, backend=None):
+        raise RuntimeError("something deep inside a library\nwith a second line")
+
+    monkeypatch.setattr(stage, "run_critique", boom)
+    monkeypatch.delenv("CAI_DEBUG", raising=False)
+    result = runner.invoke(app, ["critique"])
+    assert result.exit_code == 1
+    assert "unexpected RuntimeError: something deep inside a library" in result.output
+    assert "CAI_DEBUG=1" in result.output and "second line" not in result.output
+    assert "Traceback" not in result.output
 
 
 def test_constitution_commands():
@@ -110,8 +127,18 @@ def test_sigkill_mid_run_then_rerun_finishes_with_no_prompt_lost_or_duplicated(t
     assert manifest["status"] == "running"
     finish = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr[-2000:]
-    keys = [r["key"] for r in read_records(records)]
+    resumed = list(read_records(records))
+    keys = [r["key"] for r in resumed]
     assert len(keys) == 40 and len(set(keys)) == 40
+    # and the data is exactly what an uninterrupted run writes: principles and sampled text depend
+    # on the seed and the prompt alone, not on where the kill fell or how batches were formed
+    clean = tmp_path / "clean"
+    result = runner.invoke(app, [a if a != str(out) else str(clean) for a in args[3:]] + ["--batch-size", "7"])
+    assert result.exit_code == 0, result.output
+    def by_key(rows):
+        return {r["key"]: {k: v for k, v in r.items() if k != "timings"} for r in rows}
+
+    assert by_key(resumed) == by_key(read_records(clean / "critique" / "records.jsonl"))
     manifest = json.loads((out / "critique" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["resumed"] == 1
     # a changed config on resume is refused with one clear line

@@ -8,7 +8,7 @@ from constitutional_ai.constitution import Constitution
 from constitutional_ai.critique.stage import run_critique
 from constitutional_ai.data.export import critique_to_sft
 from constitutional_ai.data.store import read_records
-from constitutional_ai.errors import ConfigError, ResumeError
+from constitutional_ai.errors import ConfigError, DataError, ResumeError
 
 
 def _config(tmp_path, **overrides):
@@ -39,10 +39,15 @@ def test_rerun_is_a_no_op_and_a_changed_config_is_refused(tmp_path):
     edited = Constitution.default().model_dump()
     edited["critique_revision"][0]["critique_request"] += " Be specific."
     Constitution.model_validate(edited).save(str(tmp_path / "edited.yaml"))
-    with pytest.raises(ResumeError, match="different config, constitution"):
+    with pytest.raises(ResumeError, match="different constitution;"):
         run_critique(_config(tmp_path, constitution=str(tmp_path / "edited.yaml")), backend=ScriptedBackend())
+    # the same constitution from another file is not a change; a higher limit extends the run
+    Constitution.default().save(str(tmp_path / "copy.json"))
+    more = run_critique(_config(tmp_path, constitution=str(tmp_path / "copy.json"), **{"prompts.limit": 8}),
+                        backend=ScriptedBackend())
+    assert (more.written, more.total, more.extra["resumed_from"]) == (2, 8, 6)
     fresh = run_critique(_config(tmp_path, **{"critique.n_rounds": 3}, overwrite=True), backend=ScriptedBackend())
-    assert fresh.written == 6
+    assert fresh.written == 6 and fresh.extra["resumed_from"] == 0
 
 
 def test_over_long_prompts_are_skipped_and_counted(tmp_path):
@@ -53,6 +58,12 @@ def test_over_long_prompts_are_skipped_and_counted(tmp_path):
                           backend=backend)
     assert result.written == 2
     assert result.prompt_report["skipped"] == {"too_long": 1}
+
+
+def test_max_new_tokens_that_fill_the_context_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="lower --max-new-tokens"):
+        run_critique(_config(tmp_path, **{"critique.generation.max_new_tokens": 200}),
+                     backend=ScriptedBackend(context_length=512))
 
 
 def test_few_shot_beyond_the_constitution_is_a_config_error(tmp_path):
@@ -91,3 +102,37 @@ def test_export_final_only_and_helpfulness_mixing(tmp_path):
     again = critique_to_sft(result.output, tmp_path / "c.jsonl",
                             _config(tmp_path, **{"sft_export.helpful_fraction": 0.25}).sft_export, seed=1)
     assert list(read_records(again.output)) == rows  # deterministic for a seed
+
+
+def test_export_leaves_out_prompts_the_model_never_revised(tmp_path):
+    # every revision of the first prompt comes back empty: its unrevised initial response must not
+    # be exported as if it were a revision
+    def answer(prompt, n):
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        return "" if ("question number 0" in text and text.rstrip().endswith("Revision:")) else f" ok {n}"
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}?"}) + "\n" for i in range(3)))
+    result = run_critique(_config(tmp_path, **{"prompts.path": str(prompts)}), backend=ScriptedBackend(answer=answer))
+    for revisions in ("final", "all"):
+        out = critique_to_sft(result.output, tmp_path / f"{revisions}.jsonl",
+                              _config(tmp_path, **{"sft_export.revisions": revisions}).sft_export)
+        rows = list(read_records(out.output))
+        assert all("question number 0" not in r["messages"][0]["content"] for r in rows)
+        assert out.skipped["empty_revision"] == 2
+    assert out.critique_examples == 4
+
+
+def test_export_can_drop_truncated_revisions_and_refuses_unfinished_runs(tmp_path):
+    backend = ScriptedBackend()
+    backend.finish = "length"
+    result = run_critique(_config(tmp_path), backend=backend)
+    kept = critique_to_sft(result.output, tmp_path / "a.jsonl", _config(tmp_path).sft_export)
+    dropped = critique_to_sft(result.output, tmp_path / "b.jsonl",
+                              _config(tmp_path, **{"sft_export.drop_truncated": True}).sft_export)
+    assert kept.critique_examples == 12 and dropped.critique_examples == 0
+    assert dropped.skipped["truncated_revision"] == 12
+    manifest = result.output.parent / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete"', '"running"'))
+    with pytest.raises(DataError, match="not finished"):
+        critique_to_sft(result.output, tmp_path / "c.jsonl", _config(tmp_path).sft_export)

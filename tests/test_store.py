@@ -3,7 +3,7 @@ import json
 import pytest
 
 from constitutional_ai.data.store import RecordStore, read_records
-from constitutional_ai.errors import ResumeError
+from constitutional_ai.errors import DataError, ResumeError
 
 ID = {"stage": "t", "config": "sha256:a", "constitution": "sha256:b"}
 
@@ -48,3 +48,25 @@ def test_no_resume_refuses_existing_records(tmp_path):
         store.write([{"key": "a"}])
     with pytest.raises(ResumeError, match="resume is off"):
         RecordStore(tmp_path, ID, resume=False)
+
+
+def test_a_bad_line_mid_file_is_an_error_not_a_silent_truncation(tmp_path):
+    with RecordStore(tmp_path, ID) as store:
+        store.write([{"key": "a"}, {"key": "b"}, {"key": "c"}])
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "{oops\n" + "".join(lines[1:]))
+    with pytest.raises(DataError, match=r"records.jsonl:2: not valid JSON"):
+        RecordStore(tmp_path, ID)
+    assert path.read_text().count("\n") == 4  # nothing was cut
+    path.write_text(lines[0] + "[1, 2]\n" + "".join(lines[1:]))
+    with pytest.raises(DataError, match=r"records.jsonl:2: not a record with a 'key' field"):
+        RecordStore(tmp_path, ID)
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    first = RecordStore(tmp_path, ID)
+    with pytest.raises(ResumeError, match="another process is writing"):
+        RecordStore(tmp_path, ID)
+    first.close()
+    RecordStore(tmp_path, ID).close()  # released on close

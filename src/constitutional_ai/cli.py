@@ -11,17 +11,20 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.table import Table
 
 from constitutional_ai.config import RunConfig
-from constitutional_ai.errors import CAIError
+from constitutional_ai.errors import CAIError, first_line
 from constitutional_ai.progress import console
 
 
@@ -79,6 +82,7 @@ EXPORT_FLAGS: dict[str, Flag] = {
     "revisions": _flag("sft_export.revisions", str, "--revisions"),
     "helpful": _flag("sft_export.helpful.path", str, "--helpful"),
     "helpful_fraction": _flag("sft_export.helpful_fraction", float, "--helpful-fraction"),
+    "drop_truncated": _flag("sft_export.drop_truncated", bool, "--drop-truncated/--keep-truncated"),
 }
 
 
@@ -95,22 +99,40 @@ def _field_help(path: str) -> str:
     return f"{description} [config: {path}]".strip()
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors reach the user as one line, never a traceback from deep inside a library.
+
+    A :class:`CAIError` says what to fix (exit 2). Anything else is unexpected: one line naming it,
+    and ``CAI_DEBUG=1`` shows the traceback for a bug report (exit 1).
+    """
+    try:
+        yield
+    except CAIError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: run the same command again to resume where it stopped")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as exc:
+        if os.environ.get("CAI_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {first_line(exc)} "
+                      "(rerun with CAI_DEBUG=1 for the traceback and report it)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 def _build_command(func: Callable[[RunConfig], Any], flags: dict[str, Flag]) -> Callable[..., Any]:
     """Give ``func(config)`` a CLI signature made from ``flags`` plus ``--config``."""
 
     def command(**kwargs: Any) -> None:
         config_file = kwargs.pop("config", None)
         overrides = {flags[k].path: v for k, v in kwargs.items() if v is not None}
-        try:
+        with user_errors():
             base = RunConfig.from_yaml(config_file) if config_file else RunConfig()
-            config = base.with_overrides(overrides) if overrides else base
-            func(config)
-        except CAIError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: run the same command again to resume where it stopped")
-            raise typer.Exit(130) from None
+            func(base.with_overrides(overrides) if overrides else base)
 
     params = [inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -161,14 +183,14 @@ def run(config: RunConfig) -> None:
     """The whole pipeline on one config (today: critique, then the SFT export)."""
     from constitutional_ai.critique.stage import run_critique
     from constitutional_ai.data.export import critique_to_sft
+    from constitutional_ai.data.store import write_atomic
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    result = run_critique(config)  # refuses a changed config before anything in out/ is touched
     config.to_yaml(out / "config.yaml")
-    result = run_critique(config)
     export = critique_to_sft(result.output, out / "sft" / "train.jsonl", config.sft_export, seed=config.seed)
     summary = {"critique": result.as_dict(), "sft_export": export.as_dict()}
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))
     _print_summary("run", {**result.as_dict(), "sft_examples": export.critique_examples + export.helpful_examples,
                            "sft_output": str(export.output)})
 
@@ -197,11 +219,8 @@ def show_config(output: Annotated[Optional[Path], typer.Option("--output", "-o",
 def _load_constitution(spec: str) -> Any:
     from constitutional_ai.constitution import Constitution
 
-    try:
+    with user_errors():
         return Constitution.load(spec)
-    except CAIError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 @constitution_app.command("validate")
@@ -234,7 +253,8 @@ def constitution_convert(spec: Annotated[str, typer.Argument(help="File, 'defaul
                          output: Annotated[Path, typer.Argument(help="Output .yaml or .json file.")]) -> None:
     """Convert a constitution (for example the paper's JSON files) to our YAML or JSON format."""
     c = _load_constitution(spec)
-    c.save(str(output))
+    with user_errors():
+        c.save(str(output))
     console.print(f"wrote {output} ({c.hash})", highlight=False)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from constitutional_ai.errors import ConfigError, format_validation_error
+from constitutional_ai.errors import ConfigError, first_line, format_validation_error
 
 EMBEDDED_MODEL = "embedded:tiny-demo"
 
@@ -43,7 +43,8 @@ class ModelConfig(_Base):
     model_name_or_path: str = Field(EMBEDDED_MODEL, description="Local model directory or Hugging Face model id.")
     backend: Literal["transformers"] = Field("transformers", description="Generation backend.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$",
+                        description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
@@ -87,6 +88,7 @@ class SFTExportConfig(_Base):
         description="Helpfulness conversations to mix in; null to disable.",
     )
     helpful_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of helpfulness examples in the mix.")
+    drop_truncated: bool = Field(False, description="Leave out revisions cut off by max_new_tokens.")
 
 
 class RunConfig(_Base):
@@ -114,12 +116,12 @@ class RunConfig(_Base):
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: config file not found")
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass a YAML file (`cai config` prints one)")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -129,7 +131,7 @@ class RunConfig(_Base):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(source, exc) + "; fix that field or flag") from None
+            raise ConfigError(format_validation_error(source, exc, raw) + "; fix that field or flag") from None
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -151,18 +153,17 @@ class RunConfig(_Base):
         return RunConfig.from_dict(data, source=source)
 
     def fingerprint(self, sections: tuple[str, ...]) -> str:
-        """Hash of the fields that change a stage's output; runtime knobs are left out.
+        """Hash of the fields that change what a stage writes; runtime knobs are left out.
 
-        Batch sizes, device, dtype, progress and resume flags may change between a crash and its
-        resume without changing what the records mean.
+        Left out: batch sizes, device, dtype and progress (they may change between a crash and its
+        resume), ``prompts.limit`` (raising it extends a run), and the constitution's location
+        (its content hash is checked on its own, so moving the file is not a change).
         """
-        runtime = {"output_dir", "resume", "overwrite", "progress"}
-        data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections and k not in runtime}
-        for model_key in ("policy",):
-            if model_key in data:
-                for knob in ("device", "dtype", "batch_size"):
-                    data[model_key].pop(knob, None)
-        if "critique" in data:
-            data["critique"].pop("batch_size", None)
+        data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections}
+        data.pop("constitution", None)
+        for knob in ("device", "dtype", "batch_size"):
+            data.get("policy", {}).pop(knob, None)
+        data.get("critique", {}).pop("batch_size", None)
+        data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

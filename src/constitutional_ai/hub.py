@@ -9,15 +9,25 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
 
-def hub_offline_reason(timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached right now, or None when it can."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set"
+def looks_like_path(name: str, suffixes: Iterable[str] = ()) -> bool:
+    """A filesystem path rather than a hub id (``name`` or ``org/name``): it starts like a path,
+    has more than one slash, or ends with one of ``suffixes`` (``.jsonl``...)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or any(name.lower().endswith(s) for s in suffixes))
+
+
+def hub_offline_reason(timeout: float = 3.0, offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE",)) -> str | None:
+    """Why the Hub cannot be reached right now, or None when it can (or when a proxy decides)."""
+    for var in offline_vars:
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; let the download try
     try:
         from huggingface_hub import constants
 

@@ -47,8 +47,13 @@ class LanguageModel(Protocol):
         ...
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
-                 seed: int | None = None) -> list[Generation]:
-        """Complete every prompt; the backend batches as it sees fit and keeps the input order."""
+                 seeds: Sequence[int] | None = None) -> list[Generation]:
+        """Complete every prompt; the backend batches as it sees fit and keeps the input order.
+
+        ``seeds`` gives each prompt its own sampling seed (as vLLM's and OpenAI's per-request
+        ``seed``): a backend should make a prompt's sample depend on its seed alone, so that
+        batching and resuming cannot change the data.
+        """
         ...
 
     def score_choices(self, prompts: Sequence[Prompt],

@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from constitutional_ai.backends.base import Generation
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
 from constitutional_ai.constitution.prompts import Prompt
-from constitutional_ai.errors import ModelLoadError
-from constitutional_ai.hub import hub_offline_reason, quiet_hub_logs
+from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
+from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_hub_logs
 
 log = logging.getLogger(__name__)
 
+#: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,19 +51,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _looks_local(name: str) -> bool:
-    """A filesystem path rather than a hub id (``org/name`` or ``name``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def _no_such_directory(name: str) -> ModelLoadError:
     return ModelLoadError(f"model {name!r}: no such directory; pass a local model directory "
                           "(config.json + *.safetensors) or a Hugging Face model id")
 
 
 def _load_error(name: str, exc: Exception) -> ModelLoadError:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if _looks_local(name) and not Path(name).expanduser().exists():
+    text = first_line(exc)
+    if looks_like_path(name) and not Path(name).expanduser().exists():
         return _no_such_directory(name)
     lowered = text.lower()
     if any(k in lowered for k in ("connect", "offline", "resolve", "couldn't find", "not a local folder",
@@ -80,7 +78,7 @@ def _load_error(name: str, exc: Exception) -> ModelLoadError:
 
 def _check_hub_model(name: str, revision: str | None) -> None:
     """Fail at once, in one line, when a hub id is neither cached nor downloadable."""
-    if _looks_local(name):
+    if looks_like_path(name):
         raise _no_such_directory(name)
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -131,7 +129,11 @@ class TransformersBackend:
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
-        self.model.to(self.device)
+        try:
+            self.model.to(self.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ModelLoadError(f"model {name!r} cannot be moved to device {self.device} ({first_line(exc)}); "
+                                 "choose another --device (auto, cpu, cuda, cuda:N, mps)") from None
         self.model.eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -143,9 +145,28 @@ class TransformersBackend:
             "chat" if (config.chat_format == "chat_template"
                        or (config.chat_format == "auto" and has_template)) else "raw")
         self.context_length = config.max_context or self._read_context_length()
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = gen_eos if gen_eos is not None else self.tokenizer.eos_token_id
-        self.eos_token_ids: list[int] = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        self.eos_token_ids = self._end_token_ids()
+        self.revision = getattr(self.model.config, "_commit_hash", None)
+        # The model's own generation_config.json may carry sampling defaults (min_p, a repetition
+        # penalty, top-k...) that transformers would silently apply to every knob we leave unset;
+        # our GenerationParams are the whole truth, so start from a config with token ids only.
+        from transformers import GenerationConfig
+
+        self.model_generation_defaults = self.model.generation_config
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_token_ids or None,
+            pad_token_id=self.tokenizer.pad_token_id)
+
+    def _end_token_ids(self) -> list[int]:
+        """Every token that ends a reply: the model's and the tokenizer's end-of-sequence tokens and,
+        for chat models, the usual end-of-turn tokens the template writes."""
+        ids: list[int] = []
+        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            ids += value if isinstance(value, list) else [value]
+        if self.style == "chat":
+            vocab = self.tokenizer.get_vocab()
+            ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+        return sorted({i for i in ids if i is not None})
 
     def _read_context_length(self) -> int:
         cfg = self.model.config
@@ -161,14 +182,20 @@ class TransformersBackend:
         """The exact text the model sees for a prompt."""
         if isinstance(prompt, str):
             return prompt
-        if self.style == "chat":
+        if self.style == "raw":
+            return render_raw(prompt, add_generation_prompt=True)
+        try:
             return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        return render_raw(prompt, add_generation_prompt=True)
+        except Exception as exc:  # jinja's TemplateError and friends, raised by the model's own template
+            raise DataError(f"model {self.model_id!r}: its chat template rejects this conversation "
+                            f"({first_line(exc)}); fix the prompt's roles or use --chat-format raw") from None
+
+    def _add_special(self, prompt: Prompt) -> bool:
+        # A chat template writes its own special tokens; raw text gets the tokenizer's BOS.
+        return isinstance(prompt, str) or self.style == "raw"
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        # A chat template writes its own special tokens; raw text gets the tokenizer's BOS.
-        add_special = isinstance(prompt, str) or self.style == "raw"
-        return self.tokenizer(self.format(prompt), add_special_tokens=add_special)["input_ids"]
+        return self.tokenizer(self.format(prompt), add_special_tokens=self._add_special(prompt))["input_ids"]
 
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
         return [len(self._encode(p)) for p in prompts]
@@ -177,26 +204,20 @@ class TransformersBackend:
     def _gen_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig
 
-        # Every sampling knob is set explicitly: a value left unset would be filled from the model's
-        # generation_config.json (a repetition penalty, a top-k), and the records would no longer
-        # say how their text was sampled.
+        # Decoding is greedy as far as transformers knows: sampling happens in _SeededSampler, so
+        # that every prompt draws from its own seed and batching cannot change what it samples.
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
-            "do_sample": not params.greedy,
+            "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.eos_token_ids or None,
-            "repetition_penalty": 1.0,
-            "top_k": params.top_k,  # 0 disables top-k
-            "top_p": params.top_p,
         }
-        if not params.greedy:
-            kwargs["temperature"] = params.temperature
+        if params.stop:
+            kwargs["stop_strings"] = list(params.stop)
         if self.device.type == "cpu":
             # A preallocated KV cache spares the per-token concatenation that dominates small
             # models on CPU (about 7% of a critique run); GPUs keep the default dynamic cache.
             kwargs["cache_implementation"] = "static"
-        if params.stop:
-            kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
 
     @staticmethod
@@ -204,23 +225,35 @@ class TransformersBackend:
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
-                 seed: int | None = None) -> list[Generation]:
+                 seeds: Sequence[int] | None = None) -> list[Generation]:
+        try:
+            return self._generate(prompts, params, seeds)
+        except torch.OutOfMemoryError:
+            raise CAIError(f"out of memory generating with {self.model_id!r}; lower --model-batch-size "
+                           f"(now {self.config.batch_size}) or --max-new-tokens") from None
+
+    @torch.inference_mode()
+    def _generate(self, prompts: Sequence[Prompt], params: GenerationParams,
+                  seeds: Sequence[int] | None) -> list[Generation]:
         if not prompts:
             return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError("generate needs one seed per prompt")
         encoded = [self._encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         gen_config = self._gen_config(params)
         out: list[Generation | None] = [None] * len(prompts)
         bs = self.config.batch_size
-        for chunk_index, start in enumerate(range(0, len(order), bs)):
+        for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            if seed is not None:
-                torch.manual_seed(seed + chunk_index)
-            sequences = self.model.generate(**batch, generation_config=gen_config,
+            processors = None
+            if not params.greedy:
+                row_seeds = [seeds[i] if seeds is not None else int(torch.randint(0, 2**62, ())) for i in idx]
+                processors = LogitsProcessorList([_SeededSampler(params, row_seeds)])
+            sequences = self.model.generate(**batch, generation_config=gen_config, logits_processor=processors,
                                             tokenizer=self.tokenizer if params.stop else None)
             new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
             for row, i in enumerate(idx):
@@ -230,28 +263,44 @@ class TransformersBackend:
                     if tok in self.eos_token_ids:
                         n, hit_eos = pos, True
                         break
-                if not hit_eos and self.tokenizer.pad_token_id not in self.eos_token_ids:
+                if not hit_eos:
                     while n and tokens[n - 1] == self.tokenizer.pad_token_id:
                         n -= 1
                 text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
                 text, hit_stop = self._cut_at_stop(text, params.stop)
-                finished = hit_eos or hit_stop
-                out[i] = Generation(text=text, finish_reason="stop" if finished else "length",
+                out[i] = Generation(text=text, finish_reason="stop" if hit_eos or hit_stop else "length",
                                     prompt_tokens=len(encoded[i]), completion_tokens=n)
         return [g for g in out if g is not None]
 
     # -- scoring ---------------------------------------------------------------------------------
     def _split_ids(self, prompt: Prompt, choice: str) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt and of the continuation, tokenized as the model would see them."""
+        """Token ids of the prompt and of the continuation, tokenized together as the model reads them.
+
+        Where the prompt's last token merges with the choice's first, the split falls at the longest
+        common prefix, so the merged token is scored as part of the continuation.
+        """
         context = self._encode(prompt)
-        add_special = isinstance(prompt, str) or self.style == "raw"
-        full = self.tokenizer(self.format(prompt) + choice, add_special_tokens=add_special)["input_ids"]
-        if full[:len(context)] == context and len(full) > len(context):
-            return context, full[len(context):]
-        return context, self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(self.format(prompt) + choice, add_special_tokens=self._add_special(prompt))["input_ids"]
+        common = 0
+        for a, b in zip(context, full, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == 0:
+            raise ValueError("score_choices needs a non-empty prompt")
+        if common == len(full):  # an empty choice
+            return full, []
+        return full[:common], full[common:]
+
+    def score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        try:
+            return self._score_choices(prompts, choices)
+        except torch.OutOfMemoryError:
+            raise CAIError(f"out of memory scoring with {self.model_id!r}; lower --model-batch-size "
+                           f"(now {self.config.batch_size})") from None
 
     @torch.inference_mode()
-    def score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+    def _score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         if len(prompts) != len(choices):
             raise ValueError("score_choices needs one list of choices per prompt")
         items = [(i, j, *self._split_ids(p, c))
@@ -269,14 +318,53 @@ class TransformersBackend:
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, (i, j, ctx, cont) in enumerate(chunk):
-                positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logprobs.device)
-                targets = torch.tensor(cont, device=logprobs.device)
-                scores[i][j] = float(logprobs[row, positions, targets].sum())
+                if not cont:
+                    continue
+                # only the continuation's positions go through log_softmax: batch x width x vocab
+                # in fp32 would not fit for large vocabularies
+                rows = logits[row, len(ctx) - 1:len(ctx) + len(cont) - 1].float().log_softmax(-1)
+                targets = torch.tensor(cont, device=rows.device)
+                scores[i][j] = float(rows.gather(1, targets[:, None]).sum())
         return scores
 
     def close(self) -> None:
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _SeededSampler(LogitsProcessor):
+    """Temperature/top-k/top-p sampling with one random stream per sequence (the Gumbel-max trick).
+
+    Adding Gumbel noise to the warped log-probabilities and taking the argmax is an exact sample
+    from them; drawing each row's noise from a generator seeded for that prompt makes the sample
+    depend on the prompt's seed alone, not on which batch it ran in or what else was in it, so a
+    resumed or re-batched run writes the same records as an uninterrupted one (as vLLM's per-request
+    ``seed`` does).
+    """
+
+    def __init__(self, params: GenerationParams, seeds: Sequence[int]):
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.warpers: list[Any] = [TemperatureLogitsWarper(params.temperature)]
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s % 2**63) for s in self.seeds]
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+        return scores.float().log_softmax(-1) + gumbel

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from constitutional_ai.chat_format import parse_raw, split_blocks
 from constitutional_ai.constitution.model import Constitution
-from constitutional_ai.errors import ConstitutionError
+from constitutional_ai.errors import ConstitutionError, first_line, format_validation_error
 
 PAPER_FILES = {
     "critique_revision": "CritiqueRevisionInstructions.json",
@@ -26,21 +26,6 @@ PAPER_FILES = {
 PAPER_SCHEME = "anthropic-paper:"
 
 
-def _describe_loc(raw: Any, loc: tuple[Any, ...]) -> str:
-    """``critique_revision[3] (id 'privacy').revision_request`` rather than pydantic's tuple."""
-    out, node = "", raw
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-            if isinstance(node, dict) and "id" in node:
-                out += f" (id {node['id']!r})"
-        else:
-            out += f".{part}" if out else str(part)
-            node = node.get(part) if isinstance(node, dict) else None
-    return out
-
-
 def constitution_from_dict(raw: Any, source: str) -> Constitution:
     """Validate raw data, turning pydantic's report into one line that names file, entry, field."""
     if not isinstance(raw, dict):
@@ -48,15 +33,7 @@ def constitution_from_dict(raw: Any, source: str) -> Constitution:
     try:
         return Constitution.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = _describe_loc(raw, tuple(err.get("loc", ())))
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        if err.get("type") == "missing":
-            msg = "field required; add it"
-        elif err.get("type") == "extra_forbidden":
-            msg = "unknown field; remove it or check its spelling"
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConstitutionError(f"{source}: {where or 'constitution'}: {msg}{more}") from None
+        raise ConstitutionError(format_validation_error(source, exc, raw)) from None
 
 
 def load_constitution_file(path: str | Path) -> Constitution:
@@ -72,7 +49,7 @@ def load_constitution_file(path: str | Path) -> Constitution:
         line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
         at = f" (line {line + 1 if hasattr(exc, 'problem_mark') else line})" if line is not None else ""
         raise ConstitutionError(f"{path}{at}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{first_line(exc)}") from None
     return constitution_from_dict(raw, str(path))
 
 

@@ -13,7 +13,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from constitutional_ai.backends.base import Generation, LanguageModel
@@ -24,15 +24,18 @@ from constitutional_ai.constitution.prompts import CritiquePromptBuilder, Critiq
 from constitutional_ai.data.prompts import PromptItem
 
 _LEADING_LABEL = re.compile(r"^\s*(?:" + "|".join(BLOCK_LABELS) + r")\s*:\s*", re.IGNORECASE)
-_NEXT_TURN = re.compile(r"\n\s*(?:" + "|".join(BLOCK_LABELS) + r")\s*:", re.IGNORECASE)
+_NEXT_TURN = re.compile(r"\n+(?:" + "|".join(BLOCK_LABELS) + r"):")
 
 
-def clean_completion(text: str) -> str:
-    """Strip an echoed label (``Revision: ...``) and cut where the model starts the next turn."""
+def clean_completion(text: str, style: str = "raw") -> str:
+    """Strip an echoed label (``Revision: ...``) and, in the raw format, cut where the model starts
+    the next block (``\nHuman:``, ``\nCritiqueRequest:``...). Chat models end their turn with a
+    token instead, so their text is never cut: a reply may legitimately quote such a label."""
     text = _LEADING_LABEL.sub("", text, count=1)
-    match = _NEXT_TURN.search(text)
-    if match:
-        text = text[:match.start()]
+    if style == "raw":
+        match = _NEXT_TURN.search(text)
+        if match:
+            text = text[:match.start()]
     return text.strip()
 
 
@@ -49,6 +52,7 @@ class _Batch:
     rounds: list[list[dict[str, Any]]]
     timings: dict[str, Any]
     tokens: list[list[int]]
+    last: list[Generation] = field(default_factory=list)
 
 
 class CritiqueRevisionEngine:
@@ -74,17 +78,19 @@ class CritiqueRevisionEngine:
         rng = random.Random(derive_seed(self.seed, "principles", key))
         return [rng.choice(self.constitution.critique_revision) for _ in range(self.config.n_rounds)]
 
-    def _generate(self, batch: _Batch, prompts: Sequence[Any], step: str) -> list[Generation]:
+    def _generate(self, batch: _Batch, prompts: Sequence[Any], step: str) -> list[str]:
+        """One batched generation step; returns cleaned texts and keeps the raw results in ``batch``."""
         start = time.perf_counter()
-        seed = derive_seed(self.seed, step, *(it.key for it in batch.items))
-        out = self.backend.generate(prompts, self.params, seed=seed)
+        seeds = [derive_seed(self.seed, step, it.key) for it in batch.items]
+        out = self.backend.generate(prompts, self.params, seeds=seeds)
+        batch.last = out
         batch.timings[step] = round(time.perf_counter() - start, 4)
         for i, g in enumerate(out):
             batch.tokens[i][0] += g.prompt_tokens
             batch.tokens[i][1] += g.completion_tokens
         if self._on_step is not None:
             self._on_step(step, sum(g.completion_tokens for g in out))
-        return out
+        return [clean_completion(g.text, self.backend.style) for g in out]
 
     def run(self, items: Sequence[PromptItem],
             on_step: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
@@ -99,8 +105,8 @@ class CritiqueRevisionEngine:
         self._on_step = on_step
         t0 = time.perf_counter()
         batch = _Batch(items, [], [[] for _ in items], {"batch_size": len(items)}, [[0, 0] for _ in items])
-        initial = self._generate(batch, [it.messages for it in items], "initial")
-        batch.responses = [clean_completion(g.text) for g in initial]
+        batch.responses = self._generate(batch, [it.messages for it in items], "initial")
+        initial = list(batch.responses)
         principles = [self.principles_for(it.key) for it in items]
         for r in range(self.config.n_rounds):
             steps = [CritiqueStep(p[r].critique_request, p[r].revision_request) for p in principles]
@@ -108,13 +114,12 @@ class CritiqueRevisionEngine:
             if not self.config.skip_critique:
                 prompts = [self.builder.critique(it.messages, resp, s)
                            for it, resp, s in zip(items, batch.responses, steps, strict=True)]
-                critiques = [clean_completion(g.text) for g in self._generate(batch, prompts, f"critique_{r + 1}")]
+                critiques = list(self._generate(batch, prompts, f"critique_{r + 1}"))
                 steps = [replace(s, critique=c) for s, c in zip(steps, critiques, strict=True)]
             prompts = [self.builder.revision(it.messages, resp, s)
                        for it, resp, s in zip(items, batch.responses, steps, strict=True)]
             revisions = self._generate(batch, prompts, f"revision_{r + 1}")
-            for i, g in enumerate(revisions):
-                text = clean_completion(g.text)
+            for i, (text, g) in enumerate(zip(revisions, batch.last, strict=True)):
                 batch.rounds[i].append({
                     "round": r + 1, "principle_id": principles[i][r].id,
                     "critique_request": steps[i].critique_request, "critique": critiques[i],
@@ -126,12 +131,12 @@ class CritiqueRevisionEngine:
         batch.timings["total"] = round(time.perf_counter() - t0, 4)
         return [self._record(batch, i, initial[i]) for i in range(len(items))]
 
-    def _record(self, batch: _Batch, i: int, initial: Generation) -> dict[str, Any]:
+    def _record(self, batch: _Batch, i: int, initial: str) -> dict[str, Any]:
         item = batch.items[i]
         return {
             "key": item.key,
             "prompt": item.messages,
-            "initial_response": clean_completion(initial.text),
+            "initial_response": initial,
             "rounds": batch.rounds[i],
             "final_response": batch.responses[i],
             "model_id": self.backend.model_id,

@@ -57,6 +57,10 @@ def filter_too_long(items: list[PromptItem], backend: LanguageModel, engine: Cri
     worst = [engine.builder.revision(it.messages, "", step) for it in items]
     lengths = backend.count_tokens(worst)
     budget = backend.context_length - params.max_new_tokens * (3 if not engine.config.skip_critique else 2)
+    if budget <= 0:
+        raise ConfigError(f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"{backend.context_length}-token context (a critique chain holds up to 3 completions); "
+                          "lower --max-new-tokens")
     kept = []
     for item, n in zip(items, lengths, strict=True):
         if n > budget:
@@ -79,32 +83,33 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
                           f"{config.constitution!r} has {len(constitution.critique_examples)} critique_examples; "
                           "lower --few-shot")
     items, report = load_prompts(config.prompts)
-    owns_backend = backend is None
-    backend = backend or load_backend(config.policy)
-    try:
-        engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
-        items = filter_too_long(items, backend, engine, report)
-        directory = stage_dir(config)
-        identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}
-        info = {"constitution": {"name": constitution.name, "version": constitution.version,
-                                 "hash": constitution.hash},
-                "model_id": backend.model_id, "prompt_style": backend.style}
-        store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info)
+    directory = stage_dir(config)
+    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}
+    info = {"constitution": {"name": constitution.name, "version": constitution.version, "hash": constitution.hash}}
+    # The store is opened (and a changed config refused) before the model is loaded: a refusal
+    # should cost a second, not a model load.
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info) as store:
         config.to_yaml(directory / "config.yaml")
         constitution.save(str(directory / "constitution.yaml"))
-        todo = [it for it in items if it.key not in store]
-        done_before = len(items) - len(todo)
-        written = 0
-        bs = config.critique.batch_size
-        with store, StageProgress("critique", total=len(items), completed=done_before,
-                                  enabled=config.progress) as bar:
-            for i in range(0, len(todo), bs):
-                records = engine.run(todo[i:i + bs], on_step=lambda step, tokens: bar.step(step, tokens))
-                written += store.write(records)
-                bar.advance(len(records))
+        owns_backend = backend is None
+        backend = backend or load_backend(config.policy)
+        try:
+            store.update_manifest(model_id=backend.model_id, model_revision=getattr(backend, "revision", None),
+                                  prompt_style=backend.style)
+            engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
+            items = filter_too_long(items, backend, engine, report)
+            todo = [it for it in items if it.key not in store]
+            done_before = len(items) - len(todo)
+            written = 0
+            bs = config.critique.batch_size
+            with StageProgress("critique", total=len(items), completed=done_before, enabled=config.progress) as bar:
+                for i in range(0, len(todo), bs):
+                    records = engine.run(todo[i:i + bs], on_step=lambda step, tokens: bar.step(step, tokens))
+                    written += store.write(records)
+                    bar.advance(len(records))
             store.close(complete=True, prompts=report.as_dict())
-        return StageResult(STAGE, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
-                           {"resumed_from": done_before, "constitution_hash": constitution.hash})
-    finally:
-        if owns_backend:
-            backend.close()
+        finally:
+            if owns_backend:
+                backend.close()
+    return StageResult(STAGE, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
+                       {"resumed_from": done_before, "constitution_hash": constitution.hash})

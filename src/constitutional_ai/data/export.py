@@ -8,15 +8,15 @@ helpfulness conversations so the fine-tuned model stays helpful.
 from __future__ import annotations
 
 import json
-import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from constitutional_ai.config import PromptSourceConfig, SFTExportConfig
-from constitutional_ai.data.prompts import PromptReport, _rows, conversation_key
-from constitutional_ai.data.store import read_records
+from constitutional_ai.data.prompts import PromptReport, conversation_key, iter_rows, row_conversation
+from constitutional_ai.data.store import MANIFEST, read_records, write_atomic
 from constitutional_ai.errors import DataError
 
 
@@ -25,71 +25,59 @@ class ExportResult:
     output: Path
     critique_examples: int
     helpful_examples: int
-    skipped_empty: int
+    skipped: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
         return {"output": str(self.output), "critique_examples": self.critique_examples,
-                "helpful_examples": self.helpful_examples, "skipped_empty_revisions": self.skipped_empty}
+                "helpful_examples": self.helpful_examples, "skipped": self.skipped}
 
 
 def load_conversations(config: PromptSourceConfig) -> tuple[list[list[dict[str, str]]], PromptReport]:
-    """Whole conversations ending with an assistant turn (for example helpfulness demonstrations).
-
-    Rows may hold ``messages`` or hh-rlhf ``chosen`` transcripts; others are reported and skipped.
-    """
-    from constitutional_ai.chat_format import parse_raw
-
+    """Whole conversations ending with a non-empty assistant turn (helpfulness demonstrations):
+    ``messages`` rows or hh-rlhf ``chosen`` transcripts; other rows are reported and skipped."""
     report = PromptReport(source=config.path)
     out = []
-    for n, row in _rows(config, report):
+    for n, row in iter_rows(config, report):
         report.read += 1
-        messages: Any = None
-        if isinstance(row, dict):
-            field = config.field or ("messages" if "messages" in row else "chosen" if "chosen" in row else None)
-            value = row.get(field) if field else None
-            messages = parse_raw(value) if isinstance(value, str) else value
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
-                and messages[-1].get("role") == "assistant" and str(messages[-1].get("content", "")).strip()):
+        messages = row_conversation(row, config)
+        if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             report.skip("malformed", f"{config.path}:{n}")
             continue
-        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        out.append(messages)
         if config.limit and len(out) >= config.limit:
             break
     report.kept = len(out)
     return out, report
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write all rows, then rename: readers never see a half-written dataset."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def critique_to_sft(records_path: str | Path, output_path: str | Path, config: SFTExportConfig,
                     seed: int = 0) -> ExportResult:
-    """Write the SFT dataset for ``records_path`` to ``output_path`` (JSONL, ``messages`` rows)."""
+    """Write the SFT dataset for ``records_path`` to ``output_path`` (JSONL, ``messages`` rows).
+
+    Only text the model revised is exported: a prompt whose every revision came back empty
+    would otherwise contribute its unrevised (possibly harmful) initial response.
+    """
     records_path, output_path = Path(records_path), Path(output_path)
     if not records_path.exists():
-        raise DataError(f"{records_path}: no critique records; run `cai critique` first or pass --input")
+        raise DataError(f"{records_path}: no critique records; run `cai critique` with the same --output-dir first")
+    manifest_path = records_path.parent / MANIFEST
+    if manifest_path.exists() and json.loads(manifest_path.read_text(encoding="utf-8")).get("status") != "complete":
+        raise DataError(f"{records_path.parent}: the critique run is not finished; run the same `cai critique` "
+                        "command again to complete it, then export")
     rows: list[dict[str, Any]] = []
-    skipped = 0
+    skipped: Counter = Counter()
     for record in read_records(records_path):
+        rounds = [r for r in record["rounds"] if r["revision"].strip()]
+        skipped["empty_revision"] += len(record["rounds"]) - len(rounds)
+        if config.drop_truncated:
+            kept = [r for r in rounds if r.get("finish_reason") != "length"]
+            skipped["truncated_revision"] += len(rounds) - len(kept)
+            rounds = kept
         if config.revisions == "final":
-            steps = [(len(record["rounds"]), record["final_response"])]
-        else:
-            steps = [(r["round"], r["revision"]) for r in record["rounds"]]
-        for round_no, text in steps:
-            if not text.strip():
-                skipped += 1
-                continue
-            rows.append({"messages": [*record["prompt"], {"role": "assistant", "content": text}],
-                         "source": "critique", "key": f"{record['key']}:r{round_no}",
+            rounds = rounds[-1:]
+        for r in rounds:
+            rows.append({"messages": [*record["prompt"], {"role": "assistant", "content": r["revision"]}],
+                         "source": "critique", "key": f"{record['key']}:r{r['round']}",
                          "constitution_hash": record["constitution_hash"]})
     n_critique = len(rows)
     n_helpful = 0
@@ -106,5 +94,5 @@ def critique_to_sft(records_path: str | Path, output_path: str | Path, config: S
                  for m in picked]
         n_helpful = len(picked)
         random.Random(seed + 1).shuffle(rows)
-    write_jsonl_atomic(output_path, rows)
-    return ExportResult(output_path, n_critique, n_helpful, skipped)
+    write_atomic(output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return ExportResult(output_path, n_critique, n_helpful, dict(skipped))

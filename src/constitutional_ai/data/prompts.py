@@ -19,9 +19,11 @@ from typing import Any
 
 from constitutional_ai.chat_format import parse_raw
 from constitutional_ai.config import PromptSourceConfig
-from constitutional_ai.errors import DataError
+from constitutional_ai.errors import DataError, first_line
+from constitutional_ai.hub import looks_like_path
 
 EMBEDDED = "embedded:"
+FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 TEXT_FIELDS = ("prompt", "text", "question", "instruction", "input", "query", "content")
 Conversation = list[dict[str, str]]
 
@@ -99,21 +101,20 @@ def _detect_format(path: Path, fmt: str) -> str:
     if fmt not in ("auto", "hh"):
         return fmt
     suffix = path.suffix.lower()
-    known = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-    if suffix in known:
-        return known[suffix]
+    if suffix in FILE_FORMATS:
+        return FILE_FORMATS[suffix]
     raise DataError(f"{path}: unknown file type {suffix!r}; set prompts.format to jsonl, json, csv, parquet or text")
 
 
-def _rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[int, Any]]:
+def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[int, Any]]:
     """Yield ``(row number, row)``; rows that cannot be parsed are reported, not raised."""
     spec = config.path
     path = _embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else Path(spec).expanduser()
     if not path.exists():
-        if config.format in ("auto", "hub", "hh") and not spec.startswith((".", "/", "~")) and spec.count("/") <= 1:
+        if config.format in ("auto", "hub", "hh") and not looks_like_path(spec, FILE_FORMATS):
             yield from _hub_rows(config)
             return
-        raise DataError(f"{spec}: prompt file not found; pass a file, embedded:red_team, or a hub dataset id")
+        raise DataError(f"{spec}: file not found; pass an existing file, embedded:red_team, or a hub dataset id")
     fmt = _detect_format(path, config.format)
     try:
         if fmt == "jsonl":
@@ -144,17 +145,18 @@ def _rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[in
         else:
             raise DataError(f"{path}: format {fmt!r} needs a hub dataset id, not a file")
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as exc:
-        raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{path}: cannot be read as {fmt}: {first_line(exc)}") from None
     except Exception as exc:  # pyarrow raises its own types
         if type(exc).__module__.startswith("pyarrow"):
-            raise DataError(f"{path}: cannot be read as parquet: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"{path}: cannot be read as parquet: {first_line(exc)}") from None
         raise
 
 
 def _hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
     from constitutional_ai.hub import hub_offline_reason, quiet_hub_logs
 
-    reason = None if _hub_dataset_cached(config.path) else hub_offline_reason()
+    reason = None if _hub_dataset_cached(config.path) else hub_offline_reason(
+        offline_vars=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if reason:
         raise DataError(f"{config.path}: not a local file, and the Hugging Face dataset cannot be downloaded "
                         f"({reason}); download it where there is network access or pass a local file")
@@ -171,9 +173,8 @@ def _hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
         with quiet_hub_logs():
             ds = datasets.load_dataset(config.path, **kwargs)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{config.path}: not a local file and cannot be loaded as a Hugging Face dataset "
-                        f"({first}); download it where there is network or pass a local file") from None
+                        f"({first_line(exc)}); download it where there is network or pass a local file") from None
     yield from enumerate(ds, 1)
 
 
@@ -189,8 +190,12 @@ def _hub_dataset_cached(name: str) -> bool:
 
 
 # -- rows to conversations ----------------------------------------------------------------------------
-def _to_conversation(row: Any, config: PromptSourceConfig) -> Conversation | None:
-    """A row's prompt as a conversation, or None when the row has no usable prompt field."""
+def row_conversation(row: Any, config: PromptSourceConfig) -> Conversation | None:
+    """The conversation a row holds, whole (a trailing assistant turn included), or None.
+
+    ``config.field`` names the column; unset, ``messages``, then hh-rlhf ``chosen``, then the
+    usual text columns are tried. Strings holding ``Human:/Assistant:`` transcripts are parsed.
+    """
     if isinstance(row, str):
         return [{"role": "user", "content": row}]
     if not isinstance(row, dict):
@@ -203,24 +208,27 @@ def _to_conversation(row: Any, config: PromptSourceConfig) -> Conversation | Non
             name = "chosen"
         else:
             name = next((f for f in TEXT_FIELDS if f in row), None)
-    if name is None or name not in row:
-        return None
-    value = row[name]
+    value = row.get(name) if name is not None else None
     if isinstance(value, list):
-        messages = []
-        for m in value:
-            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                    and isinstance(m.get("content"), str)):
-                return None
-            messages.append({"role": m["role"], "content": m["content"]})
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        return messages
+        if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                   and isinstance(m.get("content"), str) for m in value):
+            return None
+        return [{"role": m["role"], "content": m["content"]} for m in value]
     if not isinstance(value, str):
         return None
     if config.format == "hh" or "\n\nHuman:" in value:
-        return hh_prompt(value)
+        return parse_raw(value)
     return [{"role": "user", "content": value}]
+
+
+def _prompt_of(row: Any, config: PromptSourceConfig) -> Conversation | None:
+    """A row's prompt: its conversation up to the last user turn."""
+    messages = row_conversation(row, config)
+    if messages is None:
+        return None
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages
 
 
 def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptReport]:
@@ -228,10 +236,10 @@ def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptRe
     report = PromptReport(source=config.path)
     items: list[PromptItem] = []
     seen: set[str] = set()
-    for n, row in _rows(config, report):
+    for n, row in iter_rows(config, report):
         report.read += 1
         where = f"{config.path}:{n}"
-        messages = _to_conversation(row, config)
+        messages = _prompt_of(row, config)
         if messages is None:
             report.skip("malformed", where)
             continue

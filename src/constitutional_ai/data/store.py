@@ -8,9 +8,9 @@ already on disk are skipped on resume. Every stage gets exactly-once output from
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,23 +26,72 @@ def _dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry must reach the disk too."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file, then rename it into place: readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _scan(path: Path, key_field: str | None = None) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """``(end offset, record)`` for each complete line; ``record`` is None for a blank line.
+
+    Only an unterminated (or unparseable) *last* line is a crash leftover and is silently
+    ignored; a bad line with good lines after it means the file was edited or corrupted, and
+    that is an error rather than a reason to drop everything after it.
+    """
+    offset = 0
+    with path.open("rb") as f:
+        lines = iter(f)
+        line = next(lines, None)
+        n = 0
+        while line is not None:
+            n += 1
+            following = next(lines, None)
+            last = following is None
+            if not line.endswith(b"\n"):
+                return  # torn by a crash mid-write: the caller cuts it
+            record: Any = None
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if last:
+                        return
+                    raise DataError(f"{path}:{n}: not valid JSON; fix or delete that line, or pass --overwrite "
+                                    "to start fresh") from None
+                if not isinstance(record, dict) or (key_field is not None and key_field not in record):
+                    raise DataError(f"{path}:{n}: not a record with a {key_field or 'JSON object'!r} field; fix or "
+                                    "delete that line, or pass --overwrite to start fresh")
+            offset += len(line)
+            yield offset, record
+            line = following
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Complete records of a JSONL file; a torn last line (a crash mid-write) is ignored."""
-    with Path(path).open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                return
-            if line.strip():
-                yield json.loads(line)
+    for _, record in _scan(Path(path)):
+        if record is not None:
+            yield record
 
 
 class RecordStore:
@@ -61,10 +110,11 @@ class RecordStore:
         self.identity = identity
         self.key_field = key_field
         self._keys: set[str] = set()
-        if overwrite and self.directory.exists():
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if overwrite:
             for name in (RECORDS, MANIFEST):
                 (self.directory / name).unlink(missing_ok=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
         manifest = self._read_manifest()
         if manifest is not None:
             self._check_identity(manifest, resume)
@@ -77,7 +127,7 @@ class RecordStore:
                              "resumed": 0, **(info or {})}
         self._repair_and_load_keys()
         self.manifest.update({"status": "running", "updated": time.time(), "records": len(self._keys)})
-        _write_json_atomic(self.manifest_path, self.manifest)
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, ensure_ascii=False))
         self._file = self.path.open("ab")
 
     # -- opening ---------------------------------------------------------------------------------
@@ -105,20 +155,22 @@ class RecordStore:
         if not self.path.exists():
             return
         good = 0
-        with self.path.open("rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    record = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    break
-                good += len(line)
-                if record is not None:
-                    self._keys.add(record[self.key_field])
+        for good, record in _scan(self.path, self.key_field):  # noqa: B007 - the last offset is kept
+            if record is not None:
+                self._keys.add(record[self.key_field])
         if good != self.path.stat().st_size:
             with self.path.open("r+b") as f:
                 f.truncate(good)
+
+    def _lock(self) -> None:
+        """One writer per stage directory: two processes appending the same keys would duplicate them."""
+        self._lock_file = (self.directory / ".lock").open("w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise ResumeError(f"{self.directory}: another process is writing this run; wait for it to finish "
+                              "or choose another --output-dir") from None
 
     # -- writing ---------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
@@ -149,13 +201,14 @@ class RecordStore:
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields, updated=time.time(), records=len(self._keys))
-        _write_json_atomic(self.manifest_path, self.manifest)
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, ensure_ascii=False))
 
     def close(self, complete: bool = False, **fields: Any) -> None:
         if self._file.closed:
             return
         self._file.close()
         self.update_manifest(status="complete" if complete else "incomplete", **fields)
+        self._lock_file.close()  # releases the lock
 
     def __enter__(self) -> RecordStore:
         return self
@@ -165,7 +218,3 @@ class RecordStore:
 
     def records(self) -> Iterator[dict[str, Any]]:
         return read_records(self.path)
-
-
-def remove_run(directory: str | Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
