@@ -139,3 +139,15 @@ def test_batched_and_one_at_a_time_runs_give_the_same_records_under_greedy(tiny_
     batched, single = strip(run(6)), strip(run(1))
     assert batched == single
     assert len({r["final_response"] for r in batched}) > 1
+
+
+def test_a_system_prompt_stays_first_ahead_of_the_few_shot_examples():
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello?"}]
+    item = PromptItem(key=conversation_key(messages), messages=messages, index=0)
+    chat, raw = ScriptedBackend(style="chat"), ScriptedBackend(style="raw")
+    _engine(chat, n_rounds=1, few_shot=1).run([item])
+    _engine(raw, n_rounds=1, few_shot=1).run([item])
+    for (prompt,) in chat.calls[1:]:
+        assert [m["role"] for m in prompt].count("system") == 1 and prompt[0]["role"] == "system"
+    for (prompt,) in raw.calls[1:]:
+        assert prompt.startswith("You are terse.\n\nHuman: ")

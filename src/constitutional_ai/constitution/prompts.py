@@ -64,21 +64,34 @@ class CritiquePromptBuilder:
                 _msg("user", e.revision_request), _msg("assistant", e.revision)]
 
     # -- requests -------------------------------------------------------------------------------
+    def _dialogue(self, conversation: Conversation, response: str) -> tuple[Conversation, Conversation]:
+        """``(system messages, few-shot + dialogue with the response)``: a conversation's system
+        prompt stays first, ahead of the few-shot examples, where chat templates require it."""
+        system = [m for m in conversation if m["role"] == "system"]
+        rest = [m for m in conversation if m["role"] != "system"]
+        return system, [*rest, _msg("assistant", response)]
+
+    def _raw_head(self, conversation: Conversation, response: str) -> str:
+        system, dialogue = self._dialogue(conversation, response)
+        preamble = "\n\n".join(m["content"].strip() for m in system)
+        return preamble + self._raw_prefix + render_raw(dialogue, add_generation_prompt=False)
+
     def critique(self, conversation: Conversation, response: str, step: CritiqueStep) -> Prompt:
         if self.style == "raw":
-            return (self._raw_prefix + render_raw([*conversation, _msg("assistant", response)], False)
+            return (self._raw_head(conversation, response)
                     + f"\n\nCritiqueRequest: {step.critique_request}\n\nCritique:")
-        return [*self._chat_prefix, *conversation, _msg("assistant", response),
-                _msg("user", step.critique_request)]
+        system, dialogue = self._dialogue(conversation, response)
+        return [*system, *self._chat_prefix, *dialogue, _msg("user", step.critique_request)]
 
     def revision(self, conversation: Conversation, response: str, step: CritiqueStep) -> Prompt:
         """The revision prompt; without a critique (the ablation) it asks for the revision directly."""
         if self.style == "raw":
-            text = self._raw_prefix + render_raw([*conversation, _msg("assistant", response)], False)
+            text = self._raw_head(conversation, response)
             if step.critique is not None:
                 text += f"\n\nCritiqueRequest: {step.critique_request}\n\nCritique: {step.critique}"
             return text + f"\n\nRevisionRequest: {step.revision_request}\n\nRevision:"
-        messages = [*self._chat_prefix, *conversation, _msg("assistant", response)]
+        system, dialogue = self._dialogue(conversation, response)
+        messages = [*system, *self._chat_prefix, *dialogue]
         if step.critique is not None:
             messages += [_msg("user", step.critique_request), _msg("assistant", step.critique)]
         return [*messages, _msg("user", step.revision_request)]
