@@ -79,6 +79,39 @@ class CritiqueConfig(_Base):
                                                                                    temperature=0.7))
 
 
+class PairsConfig(_Base):
+    """RL-CAI step 1: sample responses from the policy and pair them for comparison."""
+
+    n_responses: int = Field(2, ge=2, description="Responses sampled per prompt; every pair of them is compared.")
+    batch_size: int = Field(64, ge=1, description="Prompts sampled together and flushed to disk at once.")
+    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
+                                                                                   temperature=1.0))
+
+
+class FeedbackConfig(_Base):
+    """RL-CAI step 2: a feedback model labels each pair under comparison principles (soft labels)."""
+
+    model: ModelConfig | None = Field(None, description="The feedback model; null uses the policy model.")
+    principles: Literal["sample", "k", "all"] = Field(
+        "sample", description="One sampled principle per comparison (paper), the mean over k, or over all.")
+    k: int = Field(4, ge=1, description="Principles averaged per comparison when principles is k.")
+    both_orders: bool = Field(False, description="Score (A,B) and (B,A) and average: removes position bias.")
+    few_shot: int = Field(0, ge=0, description="Few-shot feedback examples before each question.")
+    chain_of_thought: bool = Field(False, description="Generate a step-by-step rationale before scoring.")
+    clamp: tuple[float, float] = Field((0.4, 0.6), description="Chain-of-thought labels are clamped to this range.")
+    rationale: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
+                                                                                  temperature=0.0),
+                                        description="Sampling for chain-of-thought rationales.")
+    batch_size: int = Field(64, ge=1, description="Comparisons scored together and flushed to disk at once.")
+
+    @field_validator("clamp")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= 0.5 <= v[1] <= 1.0:
+            raise ValueError("must be (low, high) with 0 <= low <= 0.5 <= high <= 1")
+        return v
+
+
 class SFTExportConfig(_Base):
     """Turning critique records into conversational SFT data (TRL's ``messages`` format)."""
 
@@ -101,6 +134,8 @@ class RunConfig(_Base):
     prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Red-team prompts.")
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     sft_export: SFTExportConfig = Field(default_factory=SFTExportConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")
@@ -163,7 +198,10 @@ class RunConfig(_Base):
         data.pop("constitution", None)
         for knob in ("device", "dtype", "batch_size"):
             data.get("policy", {}).pop(knob, None)
-        data.get("critique", {}).pop("batch_size", None)
+        for section in ("critique", "pairs", "feedback"):
+            data.get(section, {}).pop("batch_size", None)
+        for knob in ("device", "dtype", "batch_size"):
+            (data.get("feedback", {}).get("model") or {}).pop(knob, None)
         data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.config import RunConfig
@@ -15,29 +13,12 @@ from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, PromptReport, load_prompts
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.errors import ConfigError
-from constitutional_ai.progress import StageProgress
+from constitutional_ai.stage_runner import StageResult, stream_batches
 
 log = logging.getLogger(__name__)
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.
 SECTIONS = ("seed", "constitution", "policy", "prompts", "critique")
-
-
-@dataclass
-class StageResult:
-    """What a stage did, for the CLI summary and for callers chaining stages."""
-
-    stage: str
-    output: Path
-    written: int
-    total: int
-    seconds: float
-    prompt_report: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "output": str(self.output), "written": self.written, "total": self.total,
-                "seconds": round(self.seconds, 3), "prompts": self.prompt_report, **self.extra}
 
 
 def stage_dir(config: RunConfig) -> Path:
@@ -98,15 +79,9 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
                                   prompt_style=backend.style)
             engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
             items = filter_too_long(items, backend, engine, report)
-            todo = [it for it in items if it.key not in store]
-            done_before = len(items) - len(todo)
-            written = 0
-            bs = config.critique.batch_size
-            with StageProgress("critique", total=len(items), completed=done_before, enabled=config.progress) as bar:
-                for i in range(0, len(todo), bs):
-                    records = engine.run(todo[i:i + bs], on_step=lambda step, tokens: bar.step(step, tokens))
-                    written += store.write(records)
-                    bar.advance(len(records))
+            written, done_before = stream_batches(
+                store, items, lambda it: it.key, config.critique.batch_size,
+                lambda batch, on_step: engine.run(batch, on_step=on_step), STAGE, "prompts", config.progress)
             store.close(complete=True, prompts=report.as_dict())
         finally:
             if owns_backend:

@@ -1,0 +1,200 @@
+"""AI feedback labels: the feedback model answers a multiple-choice question under comparison
+principles, and the normalised probabilities of ``(A)``/``(B)`` become soft preference labels.
+
+No text is generated for a label: each question is one ``score_choices`` call (batched), and the
+label is ``p(A) = exp(l_A) / (exp(l_A) + exp(l_B))``. Options: one sampled principle per
+comparison (the paper), the mean over k or all principles; both option orders averaged (Lee et
+al. 2023); a chain-of-thought rationale first, with the label clamped (paper: 40-60%).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from constitutional_ai.backends.base import LanguageModel
+from constitutional_ai.config import FeedbackConfig
+from constitutional_ai.constitution.model import ComparisonPrinciple, Constitution
+from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.critique.engine import clean_completion, derive_seed
+from constitutional_ai.feedback.prompts import FeedbackPromptBuilder, FeedbackQuestion
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two responses to the same conversation; ``response_a`` and ``response_b`` in stored order."""
+
+    key: str
+    prompt: Conversation
+    response_a: str
+    response_b: str
+
+
+def normalise(logprob_a: float, logprob_b: float) -> float:
+    """P(A) from the two continuations' log-probabilities, computed stably."""
+    top = max(logprob_a, logprob_b)
+    ea, eb = math.exp(logprob_a - top), math.exp(logprob_b - top)
+    return ea / (ea + eb)
+
+
+def clamp(p: float, bounds: tuple[float, float]) -> float:
+    return min(max(p, bounds[0]), bounds[1])
+
+
+class FeedbackLabeler:
+    """Labels batches of comparisons; stateless between batches, reproducible from the seed."""
+
+    def __init__(self, backend: LanguageModel, constitution: Constitution, config: FeedbackConfig, seed: int = 0):
+        if not constitution.comparison:
+            raise ValueError("the constitution has no comparison principles")
+        self.backend = backend
+        self.constitution = constitution
+        self.config = config
+        self.seed = seed
+        self.builder = FeedbackPromptBuilder(backend.style, constitution.comparison,
+                                             constitution.feedback_examples[:config.few_shot])
+        self.truncated = 0
+        self.too_long = 0
+
+    def principles_for(self, key: str) -> list[ComparisonPrinciple]:
+        """The principles one comparison is judged under, drawn from the seed and its key alone."""
+        pool = self.constitution.comparison
+        if self.config.principles == "all":
+            return list(pool)
+        rng = random.Random(derive_seed(self.seed, "comparison-principles", key))
+        if self.config.principles == "k":
+            return rng.sample(pool, min(self.config.k, len(pool)))
+        return [rng.choice(pool)]
+
+    def _orders(self) -> tuple[str, ...]:
+        return ("ab", "ba") if self.config.both_orders else ("ab",)
+
+    def _fit(self, comparison: Comparison,
+             make: Callable[[Conversation], Any]) -> tuple[Any, bool, Conversation] | None:
+        """Build the prompt, dropping the oldest turns (then the start of the first one) until it fits
+        the context; the principle, the options and the answer are never cut."""
+        reserve = 16 + (self.config.rationale.max_new_tokens if self.config.chain_of_thought else 0)
+        budget = self.backend.context_length - reserve
+        conversation = list(comparison.prompt)
+        cut = False
+        while True:
+            built = make(conversation)
+            prompt = built.prompt if isinstance(built, FeedbackQuestion) else built
+            if self.backend.count_tokens([prompt])[0] <= budget:
+                return built, cut, conversation
+            if len(conversation) > 1:
+                conversation = conversation[1:]
+            else:
+                text = conversation[0]["content"]
+                if len(text) < 32:
+                    return None
+                conversation = [{**conversation[0], "content": "..." + text[len(text) // 4:]}]
+            cut = True
+
+    def label(self, comparisons: Sequence[Comparison]) -> list[dict[str, Any] | None]:
+        """One record per comparison (None when it cannot fit the context even truncated)."""
+        jobs = []  # (comparison index, principle, order, rng seed)
+        for ci, comp in enumerate(comparisons):
+            for principle in self.principles_for(comp.key):
+                for order in self._orders():
+                    jobs.append((ci, principle, order))
+        fitted: list[tuple[Any, bool, Conversation] | None] = []
+        rationales: list[str | None] = [None] * len(jobs)
+        for ci, principle, order in jobs:
+            comp = comparisons[ci]
+            a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
+            seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
+            if self.config.chain_of_thought:
+                fitted.append(self._fit(comp, lambda conv, p=principle, a=a, b=b, s=seed:
+                                        self.builder.rationale_prompt(conv, p.text, a, b, random.Random(s))))
+            else:
+                fitted.append(self._fit(comp, lambda conv, p=principle, a=a, b=b, s=seed:
+                                        self.builder.build(conv, p.text, a, b, random.Random(s))))
+        if self.config.chain_of_thought:
+            live = [i for i, f in enumerate(fitted) if f is not None]
+            seeds = [derive_seed(self.seed, "rationale", comparisons[jobs[i][0]].key, jobs[i][1].id, jobs[i][2])
+                     for i in live]
+            outs = self.backend.generate([fitted[i][0] for i in live], self.config.rationale, seeds=seeds)
+            for i, g in zip(live, outs, strict=True):
+                rationales[i] = clean_completion(g.text, self.backend.style)
+            questions: list[FeedbackQuestion | None] = []
+            for j, (ci, principle, order) in enumerate(jobs):
+                if fitted[j] is None:
+                    questions.append(None)
+                    continue
+                comp = comparisons[ci]
+                a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
+                seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
+                questions.append(self.builder.build(fitted[j][2], principle.text, a, b, random.Random(seed),
+                                                    prefix=rationales[j] or ""))
+        else:
+            questions = [f[0] if f is not None else None for f in fitted]
+        live = [i for i, q in enumerate(questions) if q is not None]
+        scores = self.backend.score_choices([questions[i].prompt for i in live],  # type: ignore[union-attr]
+                                            [list(questions[i].choices) for i in live])  # type: ignore[union-attr]
+        p_slot_a: dict[int, float] = {i: normalise(*s) for i, s in zip(live, scores, strict=True)}
+        return self._records(comparisons, jobs, fitted, p_slot_a, rationales)
+
+    def _records(self, comparisons: Sequence[Comparison], jobs: list[tuple[int, ComparisonPrinciple, str]],
+                 fitted: list[Any], p_slot_a: dict[int, float], rationales: list[str | None]) -> list[dict | None]:
+        per: dict[int, dict[str, dict[str, Any]]] = {}
+        truncated: dict[int, bool] = {}
+        failed: set[int] = set()
+        for j, (ci, principle, order) in enumerate(jobs):
+            if j not in p_slot_a:
+                failed.add(ci)
+                continue
+            truncated[ci] = truncated.get(ci, False) or bool(fitted[j][1])
+            p = p_slot_a[j]
+            if self.config.chain_of_thought:
+                p = clamp(p, self.config.clamp)
+            entry = per.setdefault(ci, {}).setdefault(principle.id, {"id": principle.id})
+            entry["p_a_ab" if order == "ab" else "p_a_ba"] = p if order == "ab" else 1.0 - p
+            if rationales[j] is not None:
+                entry[f"rationale_{order}"] = rationales[j]
+        records: list[dict[str, Any] | None] = []
+        for ci, comp in enumerate(comparisons):
+            if ci in failed:
+                self.too_long += 1
+                records.append(None)
+                continue
+            self.truncated += int(truncated.get(ci, False))
+            principles = list(per[ci].values())
+            for entry in principles:
+                orders = [entry[k] for k in ("p_a_ab", "p_a_ba") if k in entry]
+                entry["p_a"] = sum(orders) / len(orders)
+                entry.setdefault("p_a_ba", None)
+            p_a = sum(e["p_a"] for e in principles) / len(principles)
+            a_wins = p_a >= 0.5
+            records.append({
+                "key": comp.key,
+                "prompt": comp.prompt,
+                "response_a": comp.response_a,
+                "response_b": comp.response_b,
+                "chosen": comp.response_a if a_wins else comp.response_b,
+                "rejected": comp.response_b if a_wins else comp.response_a,
+                "p_chosen": p_a if a_wins else 1.0 - p_a,
+                "p_a": p_a,
+                "principles": principles,
+                "labeler_id": self.backend.model_id,
+                "constitution_hash": self.constitution.hash,
+                "seed": self.seed,
+                "chain_of_thought": self.config.chain_of_thought,
+                "truncated": truncated.get(ci, False),
+            })
+        return records
+
+
+def position_pairs(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """``(P(slot A wins) in order AB, P(slot A wins) in order BA)`` over every principle scored in
+    both orders: the input of the position-bias rate."""
+    first, second = [], []
+    for record in records:
+        for entry in record["principles"]:
+            if entry.get("p_a_ba") is not None:
+                first.append(entry["p_a_ab"])
+                second.append(1.0 - entry["p_a_ba"])
+    return first, second

@@ -1,0 +1,114 @@
+"""The feedback model's multiple-choice question (Bai et al. 2022, section 4.1).
+
+    Consider the following conversation between a human (H) and an assistant (A):
+    H: ...  A: ...
+    <comparison principle>
+    Options:
+     (A) [[[response one]]]
+     (B) [[[response two]]]
+    The answer is: (A|B)
+
+Responses sit inside ``[[[ ]]]`` delimiters with any delimiter or turn marker inside them
+defanged, so text in a response (``(B)``, ``The answer is``, a fake options block, an instruction
+to the judge) cannot change which option a letter refers to. The inner conversation uses
+``H:``/``A:`` labels so that it cannot be read as turns of the outer dialogue.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from constitutional_ai.chat_format import render_raw
+from constitutional_ai.constitution.model import ComparisonPrinciple, FeedbackExample
+from constitutional_ai.constitution.prompts import Conversation, Prompt, as_messages
+
+INTRO = "Consider the following conversation between a human (H) and an assistant (A):"
+ANSWER = "The answer is:"
+LETTERS = ("A", "B")
+_DEFANG = {"[[[": "[ [ [", "]]]": "] ] ]", "\n\nHuman:": "\n\nhuman:", "\n\nAssistant:": "\n\nassistant:"}
+
+
+def defang(text: str) -> str:
+    """Neutralise delimiters and outer turn markers inside a response (idempotent)."""
+    for raw, safe in _DEFANG.items():
+        text = text.replace(raw, safe)
+    return text.strip()
+
+
+def render_inner(conversation: Conversation) -> str:
+    labels = {"user": "H", "assistant": "A", "system": "System"}
+    return "\n\n".join(f"{labels[m['role']]}: {defang(m['content'])}" for m in conversation)
+
+
+def question(conversation: Conversation, principle: str, option_a: str, option_b: str) -> str:
+    return (f"{INTRO}\n\n{render_inner(conversation)}\n\n{principle.strip()}\nOptions:\n"
+            f" (A) [[[{defang(option_a)}]]]\n (B) [[[{defang(option_b)}]]]")
+
+
+@dataclass(frozen=True)
+class FeedbackQuestion:
+    """One scored question: the prompt and the two answer continuations, A first."""
+
+    prompt: Prompt
+    choices: tuple[str, str]
+
+
+class FeedbackPromptBuilder:
+    """Renders questions in the paper's raw format or as chat messages.
+
+    Raw: ``Human: <question>`` then ``Assistant: The answer is:``, scored on `` (A)``/`` (B)``.
+    Chat: the question as the user's turn; the two choices are the whole assistant replies
+    ``The answer is: (A)``/``(B)``: their shared prefix cancels when the two are normalised.
+    Few-shot examples each get an independently sampled principle and a random option order.
+    """
+
+    def __init__(self, style: str, principles: Sequence[ComparisonPrinciple],
+                 examples: Sequence[FeedbackExample] = ()):
+        self.style = style
+        self.principles = list(principles)
+        self.examples = list(examples)
+
+    def choices(self) -> tuple[str, str]:
+        if self.style == "raw":
+            return (" (A)", " (B)")
+        return (f"{ANSWER} (A)", f"{ANSWER} (B)")
+
+    def _shots(self, rng: random.Random) -> list[tuple[str, str]]:
+        shots = []
+        for example in self.examples:
+            principle = example.principle or rng.choice(self.principles).text
+            chosen_first = rng.random() < 0.5
+            a, b = (example.chosen, example.rejected) if chosen_first else (example.rejected, example.chosen)
+            shots.append((question(as_messages(example.messages), principle, a, b), "A" if chosen_first else "B"))
+        return shots
+
+    def build(self, conversation: Conversation, principle: str, option_a: str, option_b: str,
+              rng: random.Random, prefix: str = "") -> FeedbackQuestion:
+        """The question for one comparison; ``prefix`` is text the assistant has already said
+        (a chain-of-thought rationale) before the answer."""
+        q = question(conversation, principle, option_a, option_b)
+        shots = self._shots(rng)
+        if self.style == "raw":
+            text = "".join(render_raw([{"role": "user", "content": sq}], False) + f"\n\nAssistant: {ANSWER} ({letter})"
+                           for sq, letter in shots)
+            text += render_raw([{"role": "user", "content": q}], True)
+            text += f" {prefix.strip()}\n{ANSWER}" if prefix else f" {ANSWER}"
+            return FeedbackQuestion(text, self.choices())
+        messages: Conversation = []
+        for sq, letter in shots:
+            messages += [{"role": "user", "content": sq}, {"role": "assistant", "content": f"{ANSWER} ({letter})"}]
+        messages.append({"role": "user", "content": q})
+        if prefix:
+            return FeedbackQuestion(messages, tuple(f"{prefix.strip()}\n{c}" for c in self.choices()))  # type: ignore[arg-type]
+        return FeedbackQuestion(messages, self.choices())
+
+    def rationale_prompt(self, conversation: Conversation, principle: str, option_a: str, option_b: str,
+                         rng: random.Random) -> Prompt:
+        """The prompt a chain-of-thought rationale is generated from (the paper's
+        ``Let's think step by step:``)."""
+        q = question(conversation, principle, option_a, option_b)
+        if self.style == "raw":
+            return render_raw([{"role": "user", "content": q}], True) + " Let's think step by step:"
+        return [{"role": "user", "content": q + "\n\nLet's think step by step, then give the answer."}]

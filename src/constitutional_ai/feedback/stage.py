@@ -1,0 +1,159 @@
+"""``cai sample-pairs`` and ``cai label``: response pairs from the policy, then AI soft labels."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.config import RunConfig
+from constitutional_ai.constitution.model import Constitution
+from constitutional_ai.critique.engine import clean_completion, derive_seed
+from constitutional_ai.data.prompts import PromptItem, load_prompts
+from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
+from constitutional_ai.errors import ConfigError, DataError
+from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
+from constitutional_ai.feedback.metrics import position_bias_rate
+from constitutional_ai.stage_runner import StageResult, stream_batches
+
+PAIRS, LABELS = "pairs", "labels"
+PAIRS_SECTIONS = ("seed", "policy", "prompts", "pairs")
+LABEL_SECTIONS = (*PAIRS_SECTIONS, "constitution", "feedback")
+
+
+def stage_path(config: RunConfig, stage: str) -> Path:
+    return Path(config.output_dir) / stage
+
+
+# -- sample-pairs ---------------------------------------------------------------------------------------
+def sample_responses(backend: LanguageModel, items: list[PromptItem], config: RunConfig) -> list[dict[str, Any]]:
+    """K responses per prompt, each from its own seed, in one batched ``generate``."""
+    k = config.pairs.n_responses
+    prompts = [it.messages for it in items for _ in range(k)]
+    seeds = [derive_seed(config.seed, "pairs", it.key, j) for it in items for j in range(k)]
+    params = config.pairs.generation
+    if backend.style == "raw":
+        from constitutional_ai.chat_format import RAW_STOP
+
+        params = params.model_copy(update={"stop": [*params.stop, *(s for s in RAW_STOP if s not in params.stop)]})
+    outs = backend.generate(prompts, params, seeds=seeds)
+    records = []
+    for n, item in enumerate(items):
+        gens = outs[n * k:(n + 1) * k]
+        responses = [clean_completion(g.text, backend.style) for g in gens]
+        records.append({
+            "key": item.key, "prompt": item.messages, "responses": responses,
+            "finish_reasons": [g.finish_reason for g in gens],
+            "pairs": [list(p) for p in itertools.combinations(range(k), 2)],
+            "policy_id": backend.model_id, "sampling": params.model_dump(), "seed": config.seed,
+        })
+    return records
+
+
+def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
+    start = time.perf_counter()
+    items, report = load_prompts(config.prompts)
+    identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS)}
+    directory = stage_path(config, PAIRS)
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+        config.to_yaml(directory / "config.yaml")
+        owns = backend is None
+        backend = backend or load_backend(config.policy)
+        try:
+            store.update_manifest(policy_id=backend.model_id, model_revision=getattr(backend, "revision", None))
+            written, done_before = stream_batches(
+                store, items, lambda it: it.key, config.pairs.batch_size,
+                lambda batch, _: sample_responses(backend, batch, config), PAIRS, "prompts", config.progress)
+            store.close(complete=True, prompts=report.as_dict())
+        finally:
+            if owns:
+                backend.close()
+    return StageResult(PAIRS, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
+                       {"resumed_from": done_before})
+
+
+# -- label ----------------------------------------------------------------------------------------------
+def comparisons_from_pairs(path: Path) -> list[Comparison]:
+    if not path.exists():
+        raise DataError(f"{path}: no response pairs; run `cai sample-pairs` with the same --output-dir first")
+    manifest = path.parent / MANIFEST
+    if manifest.exists() and '"complete"' not in manifest.read_text(encoding="utf-8"):
+        raise DataError(f"{path.parent}: sampling is not finished; run the same `cai sample-pairs` again first")
+    out = []
+    for record in read_records(path):
+        for i, j in record["pairs"]:
+            a, b = record["responses"][i], record["responses"][j]
+            if a.strip() == b.strip():
+                continue  # identical responses carry no preference
+            out.append(Comparison(f"{record['key']}:{i}-{j}", record["prompt"], a, b))
+    return out
+
+
+def run_label(config: RunConfig, backend: LanguageModel | None = None,
+              comparisons: list[Comparison] | None = None) -> StageResult:
+    """Label every comparison (by default, the pairs stage's output) with the feedback model."""
+    start = time.perf_counter()
+    constitution = Constitution.load(config.constitution)
+    if not constitution.comparison:
+        raise ConfigError(f"constitution {config.constitution!r} has no comparison principles; the feedback "
+                          "stage needs at least one")
+    if config.feedback.few_shot > len(constitution.feedback_examples):
+        raise ConfigError(f"feedback.few_shot={config.feedback.few_shot} but the constitution has "
+                          f"{len(constitution.feedback_examples)} feedback_examples; lower --feedback-few-shot")
+    comparisons = comparisons if comparisons is not None else comparisons_from_pairs(
+        stage_path(config, PAIRS) / "records.jsonl")
+    identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
+    directory = stage_path(config, LABELS)
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+        config.to_yaml(directory / "config.yaml")
+        constitution.save(str(directory / "constitution.yaml"))
+        owns = backend is None
+        backend = backend or load_backend(config.feedback.model or config.policy)
+        try:
+            labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
+            store.update_manifest(labeler_id=backend.model_id, model_revision=getattr(backend, "revision", None))
+            written, done_before = stream_batches(
+                store, comparisons, lambda c: c.key, config.feedback.batch_size,
+                lambda batch, _: labeler.label(batch), LABELS, "pairs", config.progress)
+            summary = label_summary(list(store.records()), labeler)
+            store.close(complete=True, summary=summary)
+        finally:
+            if owns:
+                backend.close()
+    return StageResult(LABELS, store.path, written, len(comparisons), time.perf_counter() - start, {},
+                       {"resumed_from": done_before, **summary})
+
+
+def label_summary(records: list[dict[str, Any]], labeler: FeedbackLabeler) -> dict[str, Any]:
+    """Run figures: label count, mean confidence, position-bias rate, truncations."""
+    first, second = position_pairs(records)
+    return {
+        "labels": len(records),
+        "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / len(records), 4) if records else None,
+        "position_bias_rate": round(position_bias_rate(first, second), 4) if first else None,
+        "truncated_conversations": sum(1 for r in records if r.get("truncated")),
+        "skipped_too_long": labeler.too_long,
+    }
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def labels_to_preferences(records_path: Path, output_path: Path) -> int:
+    """TRL's conversational preference format: ``prompt``, ``chosen``, ``rejected`` as message
+    lists, plus our ``p_chosen`` soft label and the constitution hash for traceability."""
+    if not records_path.exists():
+        raise DataError(f"{records_path}: no labels; run `cai label` with the same --output-dir first")
+    rows = []
+    for r in read_records(records_path):
+        rows.append({
+            "prompt": r["prompt"],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            "p_chosen": r["p_chosen"], "key": r["key"], "labeler_id": r["labeler_id"],
+            "constitution_hash": r["constitution_hash"],
+        })
+    import json
+
+    write_atomic(output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return len(rows)
