@@ -13,6 +13,7 @@ from constitutional_ai.backends.base import Generation
 from constitutional_ai.config import GenerationParams
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: steady on a shared CPU
 
 import torch
 

@@ -17,11 +17,13 @@ runner = CliRunner()
 
 
 def _resolve(path):
-    node = RunConfig().model_dump()
+    model = RunConfig
     for part in path.split("."):
-        assert isinstance(node, dict) and part in node, f"flag target {path} is not a config field"
-        node = node[part] if node[part] is not None else {}
-    return node
+        assert model is not None and part in model.model_fields, f"flag target {path} is not a config field"
+        annotation = model.model_fields[part].annotation
+        model = next((c for c in getattr(annotation, "__args__", (annotation,)) if hasattr(c, "model_fields")),
+                     None)
+
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -8,10 +8,16 @@ field descriptions, so the CLI and the YAML can never drift apart.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting make torch on a busy CPU 30x slower (measured on a
+# shared 2-core machine); passive waiting costs nothing when the CPU is free. It must be set
+# before torch is imported, and an explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import inspect
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,6 +89,30 @@ EXPORT_FLAGS: dict[str, Flag] = {
     "helpful": _flag("sft_export.helpful.path", str, "--helpful"),
     "helpful_fraction": _flag("sft_export.helpful_fraction", float, "--helpful-fraction"),
     "drop_truncated": _flag("sft_export.drop_truncated", bool, "--drop-truncated/--keep-truncated"),
+}
+
+
+PAIRS_FLAGS: dict[str, Flag] = {
+    "n_responses": _flag("pairs.n_responses", int, "--n-responses"),
+    "pairs_batch_size": _flag("pairs.batch_size", int, "--pairs-batch-size"),
+    "pairs_max_new_tokens": _flag("pairs.generation.max_new_tokens", int, "--pairs-max-new-tokens"),
+    "pairs_temperature": _flag("pairs.generation.temperature", float, "--pairs-temperature"),
+}
+FEEDBACK_FLAGS: dict[str, Flag] = {
+    "feedback_model": _flag("feedback.model.model_name_or_path", str, "--feedback-model"),
+    "principles": _flag("feedback.principles", str, "--principles"),
+    "k": _flag("feedback.k", int, "--k"),
+    "both_orders": _flag("feedback.both_orders", bool, "--both-orders/--one-order"),
+    "feedback_few_shot": _flag("feedback.few_shot", int, "--feedback-few-shot"),
+    "chain_of_thought": _flag("feedback.chain_of_thought", bool, "--chain-of-thought/--no-chain-of-thought"),
+    "clamp": _flag("feedback.clamp", tuple[float, float], "--clamp"),
+    "feedback_batch_size": _flag("feedback.batch_size", int, "--feedback-batch-size"),
+}
+EVAL_FLAGS: dict[str, Flag] = {
+    "data": _flag("eval_labeler.data", str, "--data"),
+    "data_format": _flag("eval_labeler.format", str, "--data-format"),
+    "eval_limit": _flag("eval_labeler.limit", int, "--eval-limit"),
+    "bins": _flag("eval_labeler.n_bins", int, "--bins"),
 }
 
 
@@ -179,29 +209,73 @@ def export_sft(config: RunConfig) -> None:
     _print_summary("export-sft", result.as_dict())
 
 
+def sample_pairs(config: RunConfig) -> None:
+    """RL-CAI: sample K responses per prompt from the policy and pair them, resumable."""
+    from constitutional_ai.feedback.stage import run_sample_pairs
+
+    _print_summary("sample-pairs", run_sample_pairs(config).as_dict())
+
+
+def label(config: RunConfig) -> None:
+    """RL-CAI: soft preference labels from the feedback model under the constitution, resumable."""
+    from constitutional_ai.feedback.stage import run_label
+
+    _print_summary("label", run_label(config).as_dict())
+
+
+def export_preferences(config: RunConfig) -> None:
+    """Export labels as a TRL preference dataset (prompt/chosen/rejected messages + p_chosen)."""
+    from constitutional_ai.feedback.stage import LABELS, labels_to_preferences, stage_path
+
+    out = Path(config.output_dir) / "preferences" / "train.jsonl"
+    n = labels_to_preferences(stage_path(config, LABELS) / "records.jsonl", out)
+    _print_summary("export-preferences", {"output": str(out), "pairs": n})
+
+
+def eval_labeler(config: RunConfig) -> None:
+    """Measure a feedback configuration on data with known answers: accuracy, ECE, reliability, bias."""
+    from constitutional_ai.feedback.evaluate import run_eval_labeler
+
+    _print_summary("eval-labeler", run_eval_labeler(config).as_dict())
+
+
 def run(config: RunConfig) -> None:
-    """The whole pipeline on one config (today: critique, then the SFT export)."""
+    """The whole pipeline on one config (today: SL-CAI data and its SFT export, then response pairs,
+    AI feedback labels and their preference export)."""
     from constitutional_ai.critique.stage import run_critique
     from constitutional_ai.data.export import critique_to_sft
     from constitutional_ai.data.store import write_atomic
+    from constitutional_ai.feedback.stage import labels_to_preferences, run_label, run_sample_pairs
 
     out = Path(config.output_dir)
     result = run_critique(config)  # refuses a changed config before anything in out/ is touched
     config.to_yaml(out / "config.yaml")
     export = critique_to_sft(result.output, out / "sft" / "train.jsonl", config.sft_export, seed=config.seed)
-    summary = {"critique": result.as_dict(), "sft_export": export.as_dict()}
+    pairs = run_sample_pairs(config)
+    labels = run_label(config)
+    n_prefs = labels_to_preferences(labels.output, out / "preferences" / "train.jsonl")
+    summary = {"critique": result.as_dict(), "sft_export": export.as_dict(), "pairs": pairs.as_dict(),
+               "labels": labels.as_dict(), "preferences": n_prefs}
     write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))
-    _print_summary("run", {**result.as_dict(), "sft_examples": export.critique_examples + export.helpful_examples,
-                           "sft_output": str(export.output)})
+    _print_summary("run", {"critique_records": result.written + result.extra["resumed_from"],
+                           "sft_examples": export.critique_examples + export.helpful_examples,
+                           "sft_output": str(export.output), "labels": labels.extra["labels"],
+                           "mean_p_chosen": labels.extra["mean_p_chosen"],
+                           "preferences_output": str(out / "preferences" / "train.jsonl"),
+                           "seconds": round(result.seconds + pairs.seconds + labels.seconds, 1)})
 
 
-STAGE_FLAGS = {**COMMON_FLAGS, **MODEL_FLAGS, **PROMPT_FLAGS, **CRITIQUE_FLAGS}
+STAGE_FLAGS = {**COMMON_FLAGS, **MODEL_FLAGS, **PROMPT_FLAGS}
 #: Command name -> (function, flags). Tests check every flag maps onto a real config field.
 COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
-    "critique": (critique, STAGE_FLAGS),
+    "critique": (critique, {**STAGE_FLAGS, **CRITIQUE_FLAGS}),
     "export-sft": (export_sft, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
                                 **EXPORT_FLAGS}),
-    "run": (run, {**STAGE_FLAGS, **EXPORT_FLAGS}),
+    "sample-pairs": (sample_pairs, {**STAGE_FLAGS, **PAIRS_FLAGS}),
+    "label": (label, {**STAGE_FLAGS, **FEEDBACK_FLAGS}),
+    "export-preferences": (export_preferences, {"output_dir": COMMON_FLAGS["output_dir"]}),
+    "eval-labeler": (eval_labeler, {**COMMON_FLAGS, **MODEL_FLAGS, **FEEDBACK_FLAGS, **EVAL_FLAGS}),
+    "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
 }
 for _name, (_func, _flags) in COMMANDS.items():
     app.command(_name, help=_func.__doc__)(_build_command(_func, _flags))

@@ -112,6 +112,16 @@ class FeedbackConfig(_Base):
         return v
 
 
+class LabelerEvalConfig(_Base):
+    """``cai eval-labeler``: a feedback configuration against data with known answers."""
+
+    data: str = Field("", description="JSONL: paper-style multiple choice (prompt/corrects/incorrects) or "
+                                      "pairwise chosen/rejected transcripts (hh-rlhf).")
+    format: Literal["auto", "multiple_choice", "pairwise"] = Field("auto", description="How to read data.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many items.")
+    n_bins: int = Field(10, ge=1, description="Confidence bins for ECE and the reliability diagram.")
+
+
 class SFTExportConfig(_Base):
     """Turning critique records into conversational SFT data (TRL's ``messages`` format)."""
 
@@ -136,6 +146,7 @@ class RunConfig(_Base):
     sft_export: SFTExportConfig = Field(default_factory=SFTExportConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    eval_labeler: LabelerEvalConfig = Field(default_factory=LabelerEvalConfig)
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")

@@ -40,7 +40,8 @@ class _RateColumn(ProgressColumn):
 class _TokensColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         elapsed = max(time.monotonic() - task.fields.get("t0", time.monotonic()), 1e-9)
-        return Text(f"{task.fields.get('tokens', 0) / elapsed:,.0f} tok/s", style="progress.data.speed")
+        tokens = task.fields.get("tokens", 0)
+        return Text(f"{tokens / elapsed:,.0f} tok/s" if tokens else "", style="progress.data.speed")
 
 
 def _clock(seconds: float) -> str:

@@ -28,7 +28,8 @@ def stage_path(config: RunConfig, stage: str) -> Path:
 
 
 # -- sample-pairs ---------------------------------------------------------------------------------------
-def sample_responses(backend: LanguageModel, items: list[PromptItem], config: RunConfig) -> list[dict[str, Any]]:
+def sample_responses(backend: LanguageModel, items: list[PromptItem], config: RunConfig,
+                     on_step: Any = None) -> list[dict[str, Any]]:
     """K responses per prompt, each from its own seed, in one batched ``generate``."""
     k = config.pairs.n_responses
     prompts = [it.messages for it in items for _ in range(k)]
@@ -39,6 +40,8 @@ def sample_responses(backend: LanguageModel, items: list[PromptItem], config: Ru
 
         params = params.model_copy(update={"stop": [*params.stop, *(s for s in RAW_STOP if s not in params.stop)]})
     outs = backend.generate(prompts, params, seeds=seeds)
+    if on_step is not None:
+        on_step("sample", sum(g.completion_tokens for g in outs))
     records = []
     for n, item in enumerate(items):
         gens = outs[n * k:(n + 1) * k]
@@ -65,7 +68,8 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
             store.update_manifest(policy_id=backend.model_id, model_revision=getattr(backend, "revision", None))
             written, done_before = stream_batches(
                 store, items, lambda it: it.key, config.pairs.batch_size,
-                lambda batch, _: sample_responses(backend, batch, config), PAIRS, "prompts", config.progress)
+                lambda batch, on_step: sample_responses(backend, batch, config, on_step), PAIRS, "prompts",
+                config.progress)
             store.close(complete=True, prompts=report.as_dict())
         finally:
             if owns:

@@ -133,7 +133,7 @@ def pretrain_on_corpus(path: str | Path, corpus: list[str], steps: int = 300, se
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     _save_quietly(model, path)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _save_quietly(model: Any, path: Path) -> None:

@@ -1,0 +1,351 @@
+"""Feedback-label throughput: our scored labeler against generate-and-parse judges.
+
+One tiny random-weight Llama model (a few million parameters, built locally, nothing downloaded),
+64 comparisons built from the package's embedded red-team prompts and helpful answers (1-4
+sentence responses), one sampled comparison principle each. Every system asks the model the same
+question text (our :class:`FeedbackPromptBuilder` output, with the principle and few-shot draw our
+labeler uses for that comparison):
+
+* ``ours``: :class:`FeedbackLabeler` over :class:`TransformersBackend`; the question ends in
+  ``Assistant: The answer is:`` and the label is read from the log-probabilities of `` (A)`` and
+  `` (B)`` (``score_choices``, batched forward passes, nothing generated);
+* ``generate_loop``: the LLM-as-a-judge loop: ``model.generate(max_new_tokens=3, greedy)`` on one
+  question at a time (batch size 1), then a regex pulls ``A`` or ``B`` out of the generated text;
+* ``generate_batched``: the same judge batched (left padding, ``--judge-batch-size`` questions per
+  ``generate``, questions sorted by length so batches carry little padding).
+
+The random model rarely writes a letter, so most generated answers do not parse; a parse failure
+still counts as a processed label (it costs the same model work) and its rate is reported.
+Throughput is comparisons labelled per second; each system is timed ``--repeats`` times,
+interleaved, and its best run is reported. Every forward pass is counted (calls, rows, token
+positions computed, padding included) and every ``generate`` call (calls, sequences, unpadded
+prompt tokens, generated tokens), and all systems are checked to have asked the same questions.
+
+Run: ``PYTHONPATH=src python benchmarks/bench_label.py``. The last line printed is one JSON
+object; its ``ratio`` is our throughput over the strongest (fastest) baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from constitutional_ai.backends.transformers_backend import TransformersBackend
+from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
+from constitutional_ai.constitution.model import Constitution
+from constitutional_ai.critique.engine import derive_seed
+from constitutional_ai.data.export import load_conversations
+from constitutional_ai.data.prompts import load_prompts
+from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler
+from constitutional_ai.models.tiny import build_tiny_causal_lm
+
+#: What a judge wrapper accepts as an answer: the first standalone A or B, e.g. ``(A)``, `` B``.
+ANSWER_RE = re.compile(r"\b([AB])\b")
+
+
+class WorkCounter:
+    """Counts one model instance's forward passes and, when wrapped, its ``generate`` calls."""
+
+    def __init__(self, model: Any, pad_token_id: int, wrap_generate: bool):
+        self.pad_token_id = pad_token_id
+        self.reset()
+
+        def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                return
+            self.forwards += 1
+            self.forward_rows += int(ids.shape[0])
+            self.positions += int(ids.numel())
+
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if not wrap_generate:
+            return
+        original = model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            mask = kwargs.get("attention_mask")
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            new = sequences[:, input_ids.shape[1]:]
+            self.calls += 1
+            self.sequences += int(new.shape[0])
+            self.prompt_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
+            self.tokens += int((new != self.pad_token_id).sum())
+            return out
+
+        model.generate = generate
+
+    def reset(self) -> None:
+        self.forwards = self.forward_rows = self.positions = 0
+        self.calls = self.sequences = self.tokens = self.prompt_tokens = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"forwards": self.forwards, "forward_rows": self.forward_rows, "positions": self.positions,
+                "generate_calls": self.calls, "sequences": self.sequences, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.tokens}
+
+
+# -- the systems -------------------------------------------------------------------------------------
+class Ours:
+    name = "ours"
+
+    def __init__(self, model_dir: Path, constitution: Constitution, feedback: FeedbackConfig, batch_size: int):
+        self.backend = TransformersBackend(ModelConfig(model_name_or_path=str(model_dir), device="cpu",
+                                                       dtype="float32", batch_size=batch_size))
+        self.labeler = FeedbackLabeler(self.backend, constitution, feedback, seed=0)
+        self.counter = WorkCounter(self.backend.model, self.backend.tokenizer.pad_token_id, wrap_generate=False)
+        self.parse_failures = 0
+        self.asked: list[str] = []  # the question texts of the last run, as score_choices received them
+        score_choices = self.backend.score_choices
+
+        def recording(prompts: Any, choices: Any) -> list[list[float]]:
+            self.asked += list(prompts)
+            return score_choices(prompts, choices)
+
+        self.backend.score_choices = recording  # type: ignore[method-assign]
+
+    def questions(self, comparisons: list[Comparison]) -> list[str]:
+        """The question texts our labeler scores, in job order (the baselines ask these)."""
+        out = []
+        builder, orders = self.labeler.builder, ("ab", "ba") if self.labeler.config.both_orders else ("ab",)
+        for comp in comparisons:
+            for principle in self.labeler.principles_for(comp.key):
+                for order in orders:
+                    a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
+                    seed = derive_seed(self.labeler.seed, "feedback-shots", comp.key, principle.id, order)
+                    out.append(builder.build(list(comp.prompt), principle.text, a, b, random.Random(seed)).prompt)
+        return out
+
+    def run(self, comparisons: list[Comparison]) -> list[Any]:
+        self.asked = []
+        records = self.labeler.label(comparisons)
+        assert all(r is not None for r in records), "a comparison did not fit the context"
+        return [r["p_a"] for r in records]  # type: ignore[index]
+
+
+class GenerateJudge:
+    """Generate a few tokens after the question and regex the letter out, ``batch_size`` at a time."""
+
+    def __init__(self, name: str, model_dir: Path, questions: list[str], batch_size: int, max_new_tokens: int,
+                 questions_per_comparison: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.questions = questions
+        self.per_comparison = questions_per_comparison
+        self.batch_size = batch_size
+        self.gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
+                           "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        self.counter = WorkCounter(self.model, self.tokenizer.pad_token_id, wrap_generate=True)
+        self.parse_failures = 0
+
+    @staticmethod
+    def parse(text: str) -> str | None:
+        match = ANSWER_RE.search(text)
+        return match.group(1) if match else None
+
+    @torch.inference_mode()
+    def _answers(self, texts: list[str]) -> list[str]:
+        if self.batch_size == 1:
+            out = []
+            for text in texts:
+                enc = self.tokenizer(text, return_tensors="pt")
+                seq = self.model.generate(**enc, **self.gen_kwargs)
+                out.append(self.tokenizer.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            return out
+        encoded = self.tokenizer(texts)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+        answers: list[str] = [""] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            seq = self.model.generate(**batch, **self.gen_kwargs)
+            for row, text in zip(idx, self.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:],
+                                                                   skip_special_tokens=True), strict=True):
+                answers[row] = text
+        return answers
+
+    def run(self, comparisons: list[Comparison]) -> list[Any]:
+        questions = self.questions if len(comparisons) * self.per_comparison == len(self.questions) else \
+            self.questions[:len(comparisons) * self.per_comparison]
+        letters = [self.parse(a) for a in self._answers(questions)]
+        self.parse_failures = sum(letter is None for letter in letters)
+        # a comparison's label: the share of its parsed questions that preferred (A) (None when none parsed)
+        labels = []
+        for ci in range(len(comparisons)):
+            mine = [x for x in letters[ci * self.per_comparison:(ci + 1) * self.per_comparison] if x is not None]
+            labels.append(sum(x == "A" for x in mine) / len(mine) if mine else None)
+        return labels
+
+
+# -- workload ------------------------------------------------------------------------------------------
+def build_comparisons(n: int) -> list[Comparison]:
+    """``n`` comparisons: red-team prompts (cycled, each copy keyed apart) with two helpful answers."""
+    items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team"))
+    conversations, _ = load_conversations(PromptSourceConfig(path="embedded:helpful"))
+    answers = [c[-1]["content"] for c in conversations]
+    out = []
+    for k in range(n):
+        item = items[k % len(items)]
+        a = answers[k % len(answers)]
+        b = answers[(7 * k + 3) % len(answers)]
+        if b == a:
+            b = answers[(k + 1) % len(answers)]
+        out.append(Comparison(key=f"{item.key}:{k}", prompt=item.messages, response_a=a, response_b=b))
+    return out
+
+
+def time_run(system: Any, comparisons: list[Comparison]) -> tuple[float, dict[str, int]]:
+    system.counter.reset()
+    start = time.perf_counter()
+    labels = system.run(comparisons)
+    seconds = time.perf_counter() - start
+    assert len(labels) == len(comparisons), f"{system.name} returned {len(labels)} labels"
+    return seconds, {**system.counter.snapshot(), "parse_failures": system.parse_failures}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comparisons", type=int, default=64)
+    ap.add_argument("--both-orders", action="store_true", help="score each comparison in both option orders")
+    ap.add_argument("--few-shot", type=int, default=0, help="few-shot feedback examples before each question")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is reported")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is 2 cores)")
+    ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
+    ap.add_argument("--judge-batch-size", type=int, default=32, help="questions per generate in generate_batched")
+    ap.add_argument("--judge-max-new-tokens", type=int, default=3)
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--skip-loop", action="store_true", help="leave out the batch-size-1 generate loop")
+    ap.add_argument("--skip-batched", action="store_true", help="leave out the batched generate judge")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    wall_start = time.perf_counter()
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-label-")
+    model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=args.vocab_size,
+                                     hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
+    constitution = Constitution.default()
+    feedback = FeedbackConfig(principles="sample", both_orders=args.both_orders, few_shot=args.few_shot)
+    comparisons = build_comparisons(args.comparisons)
+
+    ours = Ours(model_dir, constitution, feedback, args.batch_size)
+    hf_logging.disable_progress_bar()  # our backend restores the bars after loading
+    params = sum(p.numel() for p in ours.backend.model.parameters())
+    questions = ours.questions(comparisons)
+    per_comparison = len(questions) // len(comparisons)
+    systems: list[Any] = [ours]
+    if not args.skip_loop:
+        systems.append(GenerateJudge("generate_loop", model_dir, questions, 1, args.judge_max_new_tokens,
+                                     per_comparison))
+    if not args.skip_batched:
+        systems.append(GenerateJudge("generate_batched", model_dir, questions, args.judge_batch_size,
+                                     args.judge_max_new_tokens, per_comparison))
+
+    question_tokens = ours.backend.count_tokens(questions)
+    print(f"model: Llama, {params / 1e6:.2f}M params (vocab {len(ours.backend.tokenizer)}, hidden "
+          f"{args.hidden_size}, {args.layers} layers), random weights, float32, CPU")
+    print(f"work: {len(comparisons)} comparisons x {per_comparison} question(s) (principles=sample, "
+          f"both_orders={args.both_orders}, few_shot={args.few_shot}); question tokens mean "
+          f"{sum(question_tokens) / len(question_tokens):.0f} (min {min(question_tokens)}, max "
+          f"{max(question_tokens)}); judges generate {args.judge_max_new_tokens} tokens, greedy")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (cpu_count {os.cpu_count()}), "
+          f"python {platform.python_version()}, best of {args.repeats}")
+
+    # Warm-up, and the check that everyone asks the same questions: ours on the whole workload
+    # (recording what score_choices is given), the judges on a few comparisons.
+    ours.run(comparisons)
+    assert ours.asked and sorted(ours.asked) == sorted(questions), "the baselines would ask other questions"
+    for system in systems[1:]:
+        system.run(comparisons[:2])
+
+    times: dict[str, list[float]] = {s.name: [] for s in systems}
+    counts: dict[str, dict[str, int]] = {}
+    for _ in range(args.repeats):
+        for system in systems:  # interleaved, so a noisy spell does not hit a single system
+            seconds, count = time_run(system, comparisons)
+            times[system.name].append(seconds)
+            counts[system.name] = count
+
+    best = {name: min(ts) for name, ts in times.items()}
+    rate = {name: len(comparisons) / t for name, t in best.items()}
+    print()
+    header = (f"{'system':<18}{'best s':>8}{'runs s':>16}{'labels/s':>10}{'fwd':>6}{'rows':>6}{'positions':>11}"
+              f"{'gen calls':>10}{'prompt tok':>11}{'gen tok':>8}{'unparsed':>10}{'ours is':>9}")
+    print(header)
+    print("-" * len(header))
+    for system in systems:
+        name, c = system.name, counts[system.name]
+        runs = "/".join(f"{t:.2f}" for t in times[name])
+        speedup = "" if name == "ours" else f"{rate['ours'] / rate[name]:.2f}x"
+        unparsed = "-" if name == "ours" else f"{c['parse_failures'] / len(questions):.0%}"
+        prompt_tok = sum(question_tokens) if name == "ours" else c["prompt_tokens"]
+        print(f"{name:<18}{best[name]:>8.3f}{runs:>16}{rate[name]:>10.1f}{c['forwards']:>6}{c['forward_rows']:>6}"
+              f"{c['positions']:>11}{c['generate_calls']:>10}{prompt_tok:>11}{c['generated_tokens']:>8}"
+              f"{unparsed:>10}{speedup:>9}")
+        if name != "ours" and (c["sequences"] != len(questions) or c["prompt_tokens"] != sum(question_tokens)):
+            print(f"  warning: {name} answered {c['sequences']} questions of {c['prompt_tokens']} tokens, expected "
+                  f"{len(questions)} of {sum(question_tokens)}")
+    print("(fwd: model forward passes; rows: sequences in them; positions: token positions computed, padding "
+          "included; prompt tok: unpadded question tokens; unparsed: generated answers with no A/B in them, "
+          "still counted as labelled)")
+
+    baselines = {name: r for name, r in rate.items() if name != "ours"}
+    result: dict[str, Any] = {
+        "benchmark": "label",
+        "comparisons": len(comparisons),
+        "questions": len(questions),
+        "both_orders": args.both_orders,
+        "few_shot": args.few_shot,
+        "question_tokens_mean": round(sum(question_tokens) / len(question_tokens), 1),
+        "judge_max_new_tokens": args.judge_max_new_tokens,
+        "params": params,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "ours_labels_per_s": round(rate["ours"], 3),
+        **{f"{name}_labels_per_s": round(r, 3) for name, r in baselines.items()},
+        **{f"ratio_vs_{name}": round(rate["ours"] / r, 3) for name, r in baselines.items()},
+        "parse_failure_rate": {name: round(counts[name]["parse_failures"] / len(questions), 3) for name in baselines},
+        "positions": {name: c["positions"] for name, c in counts.items()},
+        "ratio": round(rate["ours"] / max(baselines.values()), 3) if baselines else None,
+        "baselines": sorted(baselines),
+        "wall_s": round(time.perf_counter() - wall_start, 1),
+    }
+    tmp.cleanup()
+    print()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

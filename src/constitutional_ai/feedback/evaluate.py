@@ -1,0 +1,169 @@
+"""``cai eval-labeler``: how good is a feedback configuration on data with known answers?
+
+Two formats. The paper's multiple-choice eval records (``prompt`` ending in ``The answer is:``,
+``corrects``/``incorrects`` answer strings) are scored directly with ``score_choices``; their
+optional ``text_correct``/``text_incorrect`` transcripts, and pairwise ``chosen``/``rejected``
+transcripts such as hh-rlhf's, are wrapped in the constitution's comparison question and
+labelled by :class:`FeedbackLabeler`. Which response sits in slot A is decided by a seeded coin
+per item, so a judge that favours a slot cannot score above chance by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.chat_format import parse_raw
+from constitutional_ai.config import RunConfig
+from constitutional_ai.constitution.model import Constitution
+from constitutional_ai.critique.engine import derive_seed
+from constitutional_ai.data.prompts import conversation_key, hh_split
+from constitutional_ai.data.store import RecordStore, read_records, write_atomic
+from constitutional_ai.errors import ConfigError, DataError
+from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
+from constitutional_ai.feedback.metrics import calibration_summary, position_bias_rate, reliability_diagram
+from constitutional_ai.stage_runner import StageResult, stream_batches
+
+STAGE = "eval_labeler"
+SECTIONS = ("seed", "policy", "constitution", "feedback", "eval_labeler")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    key: str
+    kind: str  # "multiple_choice" or "pairwise"
+    prompt: Any  # raw text (multiple choice) or a conversation (pairwise)
+    correct: list[str]
+    incorrect: list[str]
+
+
+def _is_multiple_choice(row: dict[str, Any]) -> bool:
+    return (isinstance(row.get("prompt"), str) and row["prompt"].rstrip().endswith("The answer is:")
+            and bool(row.get("corrects")) and bool(row.get("incorrects")))
+
+
+def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> list[EvalItem]:
+    """Read eval data; rows that fit neither format are a one-line error naming the line."""
+    file = Path(path)
+    if not path or not file.is_file():
+        raise DataError(f"{path or '(none)'}: eval data not found; pass --data FILE.jsonl")
+    if file.suffix == ".json":  # the paper's few-shot files are JSON lists
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{file}: expected a JSON list of records")
+    else:
+        rows = list(read_records(file))
+    items: list[EvalItem] = []
+    for n, row in enumerate(rows, 1):
+        where = f"{file}:{n}"
+        if (fmt in ("auto", "multiple_choice")) and _is_multiple_choice(row):
+            items.append(EvalItem(f"mc{n}", "multiple_choice", row["prompt"], list(row["corrects"]),
+                                  list(row["incorrects"])))
+            if row.get("text_correct") and row.get("text_incorrect"):
+                prompt, good = hh_split(row["text_correct"])
+                _, bad = hh_split(row["text_incorrect"])
+                items.append(EvalItem(f"mc{n}-text", "pairwise", prompt, [good], [bad]))
+        elif fmt in ("auto", "pairwise") and isinstance(row.get("chosen"), str) \
+                and isinstance(row.get("rejected"), str):
+            prompt, good = hh_split(row["chosen"])
+            _, bad = hh_split(row["rejected"])
+            if not prompt or not good.strip() or not bad.strip() or good.strip() == bad.strip():
+                continue  # nothing to compare
+            items.append(EvalItem(f"p{n}-{conversation_key(prompt)[:8]}", "pairwise", prompt, [good], [bad]))
+        elif fmt in ("auto", "pairwise") and isinstance(row.get("prompt"), str) and row.get("corrects") \
+                and row.get("incorrects"):
+            # the paper's feedback few-shot file: a conversation with correct/incorrect responses
+            items.append(EvalItem(f"p{n}", "pairwise", parse_raw(row["prompt"]), [row["corrects"][0].strip()],
+                                  [row["incorrects"][0].strip()]))
+        else:
+            raise DataError(f"{where}: neither a multiple-choice record (prompt ending 'The answer is:', corrects, "
+                            "incorrects) nor a chosen/rejected pair; fix the line or pass --data-format")
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise DataError(f"{file}: no evaluable records")
+    return items[:limit] if limit else items
+
+
+def _softmax_mass(scores: list[float], n_correct: int) -> float:
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    return sum(weights[:n_correct]) / sum(weights)
+
+
+def evaluate_batch(items: list[EvalItem], backend: LanguageModel, labeler: FeedbackLabeler,
+                   seed: int) -> list[dict[str, Any] | None]:
+    """Per item: the probability the configuration gives the correct answer, and its details."""
+    out: dict[str, dict[str, Any] | None] = {}
+    mc = [it for it in items if it.kind == "multiple_choice"]
+    if mc:
+        scores = backend.score_choices([it.prompt for it in mc], [it.correct + it.incorrect for it in mc])
+        for it, s in zip(mc, scores, strict=True):
+            out[it.key] = {"key": it.key, "kind": it.kind, "p_correct": _softmax_mass(s, len(it.correct))}
+    pairwise = [it for it in items if it.kind == "pairwise"]
+    flips = {it.key: random.Random(derive_seed(seed, "eval-slot", it.key)).random() < 0.5 for it in pairwise}
+    comparisons = [Comparison(it.key, it.prompt, it.incorrect[0] if flips[it.key] else it.correct[0],
+                              it.correct[0] if flips[it.key] else it.incorrect[0]) for it in pairwise]
+    for it, record in zip(pairwise, labeler.label(comparisons), strict=True):
+        if record is None:
+            out[it.key] = None
+            continue
+        p_correct = 1.0 - record["p_a"] if flips[it.key] else record["p_a"]
+        out[it.key] = {"key": it.key, "kind": it.kind, "p_correct": p_correct, "correct_in_slot": "B" if flips[
+            it.key] else "A", "principles": record["principles"], "truncated": record["truncated"]}
+    return [out[it.key] for it in items]
+
+
+def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
+    start = time.perf_counter()
+    constitution = Constitution.load(config.constitution)
+    if not constitution.comparison:
+        raise ConfigError(f"constitution {config.constitution!r} has no comparison principles")
+    items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
+    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
+                "data": str(Path(config.eval_labeler.data).resolve())}
+    directory = Path(config.output_dir) / STAGE
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+        owns = backend is None
+        backend = backend or load_backend(config.feedback.model or config.policy)
+        try:
+            labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
+            written, _ = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
+                                        lambda batch, _: evaluate_batch(batch, backend, labeler, config.seed),
+                                        "eval-labeler", "items", config.progress)
+            results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
+                                labeler_id=backend.model_id, constitution_hash=constitution.hash)
+            results["skipped_too_long"] = labeler.too_long
+            write_atomic(directory / "results.json", json.dumps(results, indent=2))
+            store.close(complete=True)
+        finally:
+            if owns:
+                backend.close()
+    return StageResult(STAGE, directory / "results.json", written, len(items), time.perf_counter() - start, {},
+                       {k: v for k, v in results.items() if k != "bins"})
+
+
+def summarise(records: list[dict[str, Any]], directory: Path, n_bins: int, **meta: Any) -> dict[str, Any]:
+    """Accuracy, ECE, reliability diagram and position bias over all items and per kind."""
+    if not records:
+        raise DataError(f"{directory}: no item could be evaluated (all too long for the context?)")
+    p = [r["p_correct"] for r in records]
+    results: dict[str, Any] = {**meta, **calibration_summary(p, n_bins)}
+    for kind in ("multiple_choice", "pairwise"):
+        subset = [r["p_correct"] for r in records if r["kind"] == kind]
+        if subset and len(subset) != len(p):
+            results[kind] = {k: v for k, v in calibration_summary(subset, n_bins).items() if k != "bins"}
+    first, second = position_pairs([r for r in records if r["kind"] == "pairwise"])
+    results["position_bias_rate"] = position_bias_rate(first, second) if first else None
+    results["reliability_diagram"] = str(reliability_diagram(p, directory / "reliability.png", n_bins=n_bins,
+                                                             title="AI feedback labeler reliability"))
+    return results
