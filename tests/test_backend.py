@@ -149,14 +149,30 @@ def test_score_choices_matches_unbatched_reference(which, request):
             assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
 
 
-def test_score_choices_uses_one_forward_pass_per_batch(raw_backend):
+def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend):
     calls = []
-    handle = raw_backend.model.register_forward_hook(lambda *a: calls.append(1))
+    handle = raw_backend.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
+        kwargs["input_ids"].shape), with_kwargs=True)
     try:
-        raw_backend.score_choices(["one", "two"], [[" (A)", " (B)"], [" (A)", " (B)"]])  # 4 rows, batch_size 4
+        prompts = ["one " * 30, "two " * 40]
+        raw_backend.score_choices(prompts, [[" (A)", " (B)", " (C)"], [" (A)", " (B)", " (C)"]])
     finally:
         handle.remove()
-    assert len(calls) == 1
+    # one pass over the 2 prompts (not 6 rows), then one pass over the 6 choices' own short suffixes
+    assert len(calls) == 2
+    assert calls[0][0] == 2 and calls[1][0] == 6
+    assert calls[1][1] <= 3 < calls[0][1]
+
+
+def test_score_choices_falls_back_to_one_row_per_choice(raw_backend, monkeypatch):
+    prompts, choices = ["The answer is:"], [[" (A)", " (B)"]]
+    shared = raw_backend.score_choices(prompts, choices)
+
+    def no_cache(*a, **k):
+        raise NotImplementedError
+
+    monkeypatch.setattr(raw_backend, "_score_shared_prefix", no_cache)
+    assert raw_backend.score_choices(prompts, choices)[0] == pytest.approx(shared[0], abs=1e-4)
 
 
 def test_missing_local_model_is_a_one_line_error(tmp_path):

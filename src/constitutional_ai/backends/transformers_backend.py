@@ -7,6 +7,7 @@ stops on its own at end-of-sequence or a stop string.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,30 +304,101 @@ class TransformersBackend:
     def _score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         if len(prompts) != len(choices):
             raise ValueError("score_choices needs one list of choices per prompt")
-        items = [(i, j, *self._split_ids(p, c))
-                 for i, (p, cs) in enumerate(zip(prompts, choices, strict=True)) for j, c in enumerate(cs)]
+        groups = [[self._split_ids(p, c) for c in cs] for p, cs in zip(prompts, choices, strict=True)]
         scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
-        items.sort(key=lambda it: -(len(it[2]) + len(it[3])))
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(items), self.config.batch_size):
-            chunk = items[start:start + self.config.batch_size]
-            width = max(len(c) + len(x) for _, _, c, x in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (_, _, ctx, cont) in enumerate(chunk):
-                seq = ctx + cont
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for row, (i, j, ctx, cont) in enumerate(chunk):
-                if not cont:
-                    continue
-                # only the continuation's positions go through log_softmax: batch x width x vocab
-                # in fp32 would not fit for large vocabularies
-                rows = logits[row, len(ctx) - 1:len(ctx) + len(cont) - 1].float().log_softmax(-1)
-                targets = torch.tensor(cont, device=rows.device)
-                scores[i][j] = float(rows.gather(1, targets[:, None]).sum())
+        order = sorted(range(len(groups)), key=lambda g: -max((len(c) + len(x) for c, x in groups[g]), default=0))
+        for start in range(0, len(order), self.config.batch_size):
+            chunk = [g for g in order[start:start + self.config.batch_size] if groups[g]]
+            if not chunk:
+                continue
+            try:
+                results = self._score_shared_prefix([groups[g] for g in chunk])
+            except (TypeError, ValueError, AttributeError, NotImplementedError):
+                # a model whose cache cannot be reused: one full row per choice instead
+                results = self._score_rows([groups[g] for g in chunk])
+            for g, row in zip(chunk, results, strict=True):
+                scores[g] = row
         return scores
+
+    def _logprob_sum(self, logits: torch.Tensor, first: int, targets: list[int]) -> float:
+        """Sum of log p(targets[t] | position first + t); log_softmax only over those positions."""
+        if not targets:
+            return 0.0
+        rows = logits[first:first + len(targets)].float().log_softmax(-1)
+        return float(rows.gather(1, torch.tensor(targets, device=rows.device)[:, None]).sum())
+
+    def _right_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _score_rows(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[float]]:
+        """The plain way: every (prompt, choice) as its own row of one forward pass."""
+        flat = [pair for group in groups for pair in group]
+        ids, mask = self._right_padded([ctx + cont for ctx, cont in flat])
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        flat_scores = [self._logprob_sum(logits[r], len(ctx) - 1, cont) for r, (ctx, cont) in enumerate(flat)]
+        out, k = [], 0
+        for group in groups:
+            out.append(flat_scores[k:k + len(group)])
+            k += len(group)
+        return out
+
+    def _score_shared_prefix(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[float]]:
+        """Read the shared prefix of a prompt's choices (few-shot block, conversation, principle,
+        and any tokens the choices share, like `` (``) once, then only the choices' own suffixes
+        with the prefix's KV cache repeated per choice: two forward passes per batch, and the long
+        part of the text is computed once instead of once per option."""
+        prefixes, suffixes = [], []
+        for group in groups:
+            fulls = [ctx + cont for ctx, cont in group]
+            shared = 0
+            limit = min(len(f) for f in fulls) - 1  # every choice keeps at least one token of its own
+            while shared < limit and all(f[shared] == fulls[0][shared] for f in fulls):
+                shared += 1
+            if shared == 0:
+                raise ValueError("no shared prefix")
+            prefixes.append(fulls[0][:shared])
+            suffixes.append([f[shared:] for f in fulls])
+        ids, mask = self._right_padded(prefixes)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        # transformers 5.x renamed past_key_values to cache; accept either
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        prefix_logits = out.logits
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            raise NotImplementedError("the model returns no reusable cache")
+        rows = [g for g, group in enumerate(groups) for _ in group]
+        cache.batch_select_indices(torch.tensor(rows, device=ids.device))
+        flat_suffix = [s for group in suffixes for s in group]
+        s_ids, s_mask = self._right_padded(flat_suffix)
+        lengths = torch.tensor([len(prefixes[g]) for g in rows], device=ids.device)
+        positions = lengths[:, None] + torch.arange(s_ids.shape[1], device=ids.device)[None, :]
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        suffix_logits = self.model(input_ids=s_ids, attention_mask=torch.cat([mask[rows], s_mask], dim=1),
+                                   position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
+        results: list[list[float]] = []
+        r = 0
+        for g, group in enumerate(groups):
+            shared = len(prefixes[g])
+            row_scores = []
+            for (ctx, _), suffix in zip(group, suffixes[g], strict=True):
+                # Only the choice's own tokens (from len(ctx) on) count. Those inside the shared
+                # prefix and the first suffix token are read from the prefix pass, the rest from the
+                # suffix pass. Where a choice merged with the prompt's last token, its context
+                # ends inside the suffix, and the suffix tokens before it are skipped.
+                skip = max(len(ctx) - shared, 0)
+                score = self._logprob_sum(prefix_logits[g], len(ctx) - 1, prefixes[g][len(ctx):shared])
+                if skip == 0:
+                    score += self._logprob_sum(prefix_logits[g], shared - 1, suffix[:1])
+                score += self._logprob_sum(suffix_logits[r], max(skip, 1) - 1, suffix[max(skip, 1):])
+                row_scores.append(score)
+                r += 1
+            results.append(row_scores)
+        return results
 
     def close(self) -> None:
         self.model = None
