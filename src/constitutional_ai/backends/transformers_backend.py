@@ -274,14 +274,17 @@ class TransformersBackend:
         return [g for g in out if g is not None]
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _split_ids(self, prompt: Prompt, choice: str) -> tuple[list[int], list[int]]:
+    def _split_ids(self, prompt: Prompt, choice: str, context: list[int] | None = None,
+                   text: str | None = None) -> tuple[list[int], list[int]]:
         """Token ids of the prompt and of the continuation, tokenized together as the model reads them.
 
         Where the prompt's last token merges with the choice's first, the split falls at the longest
-        common prefix, so the merged token is scored as part of the continuation.
+        common prefix, so the merged token is scored as part of the continuation. ``context`` and
+        ``text`` (the prompt's ids and formatted text) may be passed to avoid recomputing them.
         """
-        context = self._encode(prompt)
-        full = self.tokenizer(self.format(prompt) + choice, add_special_tokens=self._add_special(prompt))["input_ids"]
+        text = self.format(prompt) if text is None else text
+        context = self._encode(prompt) if context is None else context
+        full = self.tokenizer(text + choice, add_special_tokens=self._add_special(prompt))["input_ids"]
         common = 0
         for a, b in zip(context, full, strict=False):
             if a != b:
@@ -304,7 +307,11 @@ class TransformersBackend:
     def _score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         if len(prompts) != len(choices):
             raise ValueError("score_choices needs one list of choices per prompt")
-        groups = [[self._split_ids(p, c) for c in cs] for p, cs in zip(prompts, choices, strict=True)]
+        groups = []
+        for p, cs in zip(prompts, choices, strict=True):
+            text = self.format(p)
+            context = self.tokenizer(text, add_special_tokens=self._add_special(p))["input_ids"]
+            groups.append([self._split_ids(p, c, context, text) for c in cs])
         scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
         order = sorted(range(len(groups)), key=lambda g: -max((len(c) + len(x) for c, x in groups[g]), default=0))
         for start in range(0, len(order), self.config.batch_size):
@@ -364,11 +371,24 @@ class TransformersBackend:
                 raise ValueError("no shared prefix")
             prefixes.append(fulls[0][:shared])
             suffixes.append([f[shared:] for f in fulls])
-        ids, mask = self._right_padded(prefixes)
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        # Prefixes are left-padded so that every row ends in the same column: then only the last
+        # `keep` positions need logits (the letters' predictions), not batch x length x vocab.
+        width = max(len(p) for p in prefixes)
+        ids = torch.full((len(prefixes), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            ids[row, width - len(prefix):] = torch.tensor(prefix)
+            mask[row, width - len(prefix):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        own = [len(prefixes[g]) - len(ctx) + 1 for g, group in enumerate(groups) for ctx, _ in group]
+        keep = min(width, max(1, *own))
+        forward_args = inspect.signature(self.model.forward).parameters
+        extra = {"logits_to_keep": keep} if "logits_to_keep" in forward_args else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, **extra)
         # transformers 5.x renamed past_key_values to cache; accept either
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        prefix_logits = out.logits
+        prefix_logits = out.logits[:, -keep:]
         if cache is None or not hasattr(cache, "batch_select_indices"):
             raise NotImplementedError("the model returns no reusable cache")
         rows = [g for g, group in enumerate(groups) for _ in group]
@@ -377,7 +397,7 @@ class TransformersBackend:
         s_ids, s_mask = self._right_padded(flat_suffix)
         lengths = torch.tensor([len(prefixes[g]) for g in rows], device=ids.device)
         positions = lengths[:, None] + torch.arange(s_ids.shape[1], device=ids.device)[None, :]
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         suffix_logits = self.model(input_ids=s_ids, attention_mask=torch.cat([mask[rows], s_mask], dim=1),
                                    position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
         results: list[list[float]] = []
@@ -391,9 +411,10 @@ class TransformersBackend:
                 # suffix pass. Where a choice merged with the prompt's last token, its context
                 # ends inside the suffix, and the suffix tokens before it are skipped.
                 skip = max(len(ctx) - shared, 0)
-                score = self._logprob_sum(prefix_logits[g], len(ctx) - 1, prefixes[g][len(ctx):shared])
+                base = keep - shared  # kept logits column of prefix position t is t + base
+                score = self._logprob_sum(prefix_logits[g], len(ctx) - 1 + base, prefixes[g][len(ctx):shared])
                 if skip == 0:
-                    score += self._logprob_sum(prefix_logits[g], shared - 1, suffix[:1])
+                    score += self._logprob_sum(prefix_logits[g], shared - 1 + base, suffix[:1])
                 score += self._logprob_sum(suffix_logits[r], max(skip, 1) - 1, suffix[max(skip, 1):])
                 row_scores.append(score)
                 r += 1
