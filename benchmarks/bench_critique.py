@@ -28,14 +28,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
+from _common import add_model_args, setup
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.chat_format import RAW_STOP, render_raw
 from constitutional_ai.config import CritiqueConfig, GenerationParams, ModelConfig, PromptSourceConfig
@@ -43,7 +44,6 @@ from constitutional_ai.constitution.model import Constitution, CritiqueRevisionP
 from constitutional_ai.constitution.prompts import CritiquePromptBuilder, CritiqueStep
 from constitutional_ai.critique.engine import CritiqueRevisionEngine, clean_completion
 from constitutional_ai.data.prompts import PromptItem, load_prompts
-from constitutional_ai.models.tiny import build_tiny_causal_lm
 
 
 class GenerateCounter:
@@ -199,32 +199,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per system; the best is reported")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is 2 cores)")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
-    ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--hidden-size", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--skip-langchain", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
+    add_model_args(ap)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    tmp, model_dir = setup(args, "critique")
     wall_start = time.perf_counter()
-
-    tmp = tempfile.TemporaryDirectory(prefix="bench-critique-")
-    model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=args.vocab_size,
-                                     hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
     constitution = Constitution.default()
     items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team", limit=args.prompts))
     critique = CritiqueConfig(n_rounds=args.rounds, batch_size=max(len(items), 1),

@@ -34,14 +34,14 @@ import platform
 import random
 import re
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
+from _common import add_model_args, setup
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution
@@ -49,7 +49,6 @@ from constitutional_ai.critique.engine import derive_seed
 from constitutional_ai.data.export import load_conversations
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler
-from constitutional_ai.models.tiny import build_tiny_causal_lm
 
 #: What a judge wrapper accepts as an answer: the first standalone A or B, e.g. ``(A)``, `` B``.
 ANSWER_RE = re.compile(r"\b([AB])\b")
@@ -227,34 +226,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--both-orders", action="store_true", help="score each comparison in both option orders")
     ap.add_argument("--few-shot", type=int, default=0, help="few-shot feedback examples before each question")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is reported")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is 2 cores)")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
     ap.add_argument("--judge-batch-size", type=int, default=32, help="questions per generate in generate_batched")
     ap.add_argument("--judge-max-new-tokens", type=int, default=3)
-    ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--hidden-size", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--skip-loop", action="store_true", help="leave out the batch-size-1 generate loop")
     ap.add_argument("--skip-batched", action="store_true", help="leave out the batched generate judge")
+    add_model_args(ap)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    tmp, model_dir = setup(args, "label")
     wall_start = time.perf_counter()
-
-    tmp = tempfile.TemporaryDirectory(prefix="bench-label-")
-    model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=args.vocab_size,
-                                     hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
     constitution = Constitution.default()
     feedback = FeedbackConfig(principles="sample", both_orders=args.both_orders, few_shot=args.few_shot)
     comparisons = build_comparisons(args.comparisons)
