@@ -203,3 +203,16 @@ def test_sampling_params_are_explicit_not_taken_from_the_models_generation_confi
     params = GenerationParams(max_new_tokens=8, temperature=1.0)
     outputs = {backend.generate([PROMPTS[0]], params, seeds=[s])[0].text for s in range(6)}
     assert len(outputs) > 1  # top_k=1 or min_p=0.999 would make every seed give the same text
+
+
+def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=3,
+                                              max_batch_tokens=100))
+    length = {0: 40, 1: 30, 2: 30, 3: 10, 4: 10, 5: 10, 6: 10, 7: 200}
+    order = sorted(length, key=lambda g: -length[g])
+    chunks = backend._token_budget_chunks(order, length)
+    assert sorted(g for c in chunks for g in c) == sorted(length)
+    for chunk in chunks:
+        assert len(chunk) <= 3
+        assert len(chunk) == 1 or len(chunk) * max(length[g] for g in chunk) <= 100
+    assert chunks[0] == [7]  # longer than the budget alone: still scored, on its own

@@ -49,6 +49,9 @@ class ModelConfig(_Base):
         "auto", description="auto: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None, ge=64, description="Cap on padded tokens per scoring pass; unset: 4096 on CPU (cache-friendly), "
+                                 "no cap on accelerators.")
     max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
     chat_format: Literal["auto", "chat_template", "raw"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."
@@ -207,11 +210,11 @@ class RunConfig(_Base):
         """
         data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections}
         data.pop("constitution", None)
-        for knob in ("device", "dtype", "batch_size"):
+        for knob in ("device", "dtype", "batch_size", "max_batch_tokens"):
             data.get("policy", {}).pop(knob, None)
         for section in ("critique", "pairs", "feedback"):
             data.get(section, {}).pop("batch_size", None)
-        for knob in ("device", "dtype", "batch_size"):
+        for knob in ("device", "dtype", "batch_size", "max_batch_tokens"):
             (data.get("feedback", {}).get("model") or {}).pop(knob, None)
         data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
