@@ -8,7 +8,6 @@ stops on its own at end-of-sequence or a stop string.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,6 @@ from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConf
 from constitutional_ai.constitution.prompts import Prompt
 from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
 from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_hub_logs
-
-log = logging.getLogger(__name__)
 
 #: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from constitutional_ai.data.store import RecordStore
 from constitutional_ai.errors import ConfigError
 from constitutional_ai.stage_runner import StageResult, stream_batches
 
-log = logging.getLogger(__name__)
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.
 SECTIONS = ("seed", "constitution", "policy", "prompts", "critique")

@@ -71,12 +71,17 @@ def conversation_key(messages: Conversation) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
+def up_to_last_user_turn(messages: Conversation) -> Conversation:
+    """The prompt part of a conversation: everything before its trailing assistant turns."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return messages[:end]
+
+
 def hh_prompt(transcript: str) -> Conversation:
     """An hh-rlhf transcript without its final assistant turn: the prompt that response answered."""
-    messages = parse_raw(transcript)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages
+    return up_to_last_user_turn(parse_raw(transcript))
 
 
 def hh_split(transcript: str) -> tuple[Conversation, str]:
@@ -224,11 +229,7 @@ def row_conversation(row: Any, config: PromptSourceConfig) -> Conversation | Non
 def _prompt_of(row: Any, config: PromptSourceConfig) -> Conversation | None:
     """A row's prompt: its conversation up to the last user turn."""
     messages = row_conversation(row, config)
-    if messages is None:
-        return None
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages
+    return None if messages is None else up_to_last_user_turn(messages)
 
 
 def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptReport]:
