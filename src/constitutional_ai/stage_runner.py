@@ -8,10 +8,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from constitutional_ai.constitution.model import Constitution
 from constitutional_ai.data.store import RecordStore
+from constitutional_ai.errors import ConfigError
 from constitutional_ai.progress import StageProgress
 
 T = TypeVar("T")
+
+
+def load_stage_constitution(spec: str, principles: str, examples: str, few_shot: int, flag: str) -> Constitution:
+    """The run's constitution, checked for what a stage needs: at least one principle of the kind
+    it samples, and as many worked examples as the run asks to prepend."""
+    constitution = Constitution.load(spec)
+    if not getattr(constitution, principles):
+        raise ConfigError(f"constitution {spec!r} has no {principles} principles; this stage needs at least one")
+    available = len(getattr(constitution, examples))
+    if few_shot > available:
+        raise ConfigError(f"{flag.lstrip('-').replace('-', '_')}={few_shot} but constitution {spec!r} has "
+                          f"{available} {examples}; lower {flag}")
+    return constitution
 
 
 @dataclass

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.config import RunConfig
-from constitutional_ai.constitution.model import Constitution
 from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, PromptReport, load_prompts
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.errors import ConfigError
-from constitutional_ai.stage_runner import StageResult, stream_batches
+from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
 
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.
@@ -53,14 +52,8 @@ def filter_too_long(items: list[PromptItem], backend: LanguageModel, engine: Cri
 def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
     """Generate (or finish generating) the SL-CAI dataset described by ``config``."""
     start = time.perf_counter()
-    constitution = Constitution.load(config.constitution)
-    if not constitution.critique_revision:
-        raise ConfigError(f"constitution {config.constitution!r} has no critique_revision principles; "
-                          "the critique stage needs at least one")
-    if config.critique.few_shot > len(constitution.critique_examples):
-        raise ConfigError(f"critique.few_shot={config.critique.few_shot} but constitution "
-                          f"{config.constitution!r} has {len(constitution.critique_examples)} critique_examples; "
-                          "lower --few-shot")
+    constitution = load_stage_constitution(config.constitution, "critique_revision", "critique_examples",
+                                           config.critique.few_shot, "--few-shot")
     items, report = load_prompts(config.prompts)
     directory = stage_dir(config)
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}

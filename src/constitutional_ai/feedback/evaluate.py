@@ -21,14 +21,13 @@ from typing import Any
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.chat_format import parse_raw
 from constitutional_ai.config import RunConfig
-from constitutional_ai.constitution.model import Constitution
 from constitutional_ai.critique.engine import derive_seed
 from constitutional_ai.data.prompts import conversation_key, hh_split
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
-from constitutional_ai.errors import ConfigError, DataError
+from constitutional_ai.errors import DataError
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 from constitutional_ai.feedback.metrics import calibration_summary, position_bias_rate, reliability_diagram
-from constitutional_ai.stage_runner import StageResult, stream_batches
+from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
 
 STAGE = "eval_labeler"
 SECTIONS = ("seed", "policy", "constitution", "feedback", "eval_labeler")
@@ -125,9 +124,8 @@ def evaluate_batch(items: list[EvalItem], backend: LanguageModel, labeler: Feedb
 
 def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
     start = time.perf_counter()
-    constitution = Constitution.load(config.constitution)
-    if not constitution.comparison:
-        raise ConfigError(f"constitution {config.constitution!r} has no comparison principles")
+    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                           config.feedback.few_shot, "--feedback-few-shot")
     items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
                 "data": str(Path(config.eval_labeler.data).resolve())}

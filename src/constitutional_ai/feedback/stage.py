@@ -9,14 +9,13 @@ from typing import Any
 
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.config import RunConfig
-from constitutional_ai.constitution.model import Constitution
 from constitutional_ai.critique.engine import clean_completion, derive_seed
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
-from constitutional_ai.errors import ConfigError, DataError
+from constitutional_ai.errors import DataError
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 from constitutional_ai.feedback.metrics import position_bias_rate
-from constitutional_ai.stage_runner import StageResult, stream_batches
+from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
 
 PAIRS, LABELS = "pairs", "labels"
 PAIRS_SECTIONS = ("seed", "policy", "prompts", "pairs")
@@ -99,13 +98,8 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
               comparisons: list[Comparison] | None = None) -> StageResult:
     """Label every comparison (by default, the pairs stage's output) with the feedback model."""
     start = time.perf_counter()
-    constitution = Constitution.load(config.constitution)
-    if not constitution.comparison:
-        raise ConfigError(f"constitution {config.constitution!r} has no comparison principles; the feedback "
-                          "stage needs at least one")
-    if config.feedback.few_shot > len(constitution.feedback_examples):
-        raise ConfigError(f"feedback.few_shot={config.feedback.few_shot} but the constitution has "
-                          f"{len(constitution.feedback_examples)} feedback_examples; lower --feedback-few-shot")
+    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                           config.feedback.few_shot, "--feedback-few-shot")
     comparisons = comparisons if comparisons is not None else comparisons_from_pairs(
         stage_path(config, PAIRS) / "records.jsonl")
     identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
