@@ -272,7 +272,7 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "export-sft": (export_sft, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
                                 **EXPORT_FLAGS}),
     "sample-pairs": (sample_pairs, {**STAGE_FLAGS, **PAIRS_FLAGS}),
-    "label": (label, {**STAGE_FLAGS, **FEEDBACK_FLAGS}),
+    "label": (label, {**STAGE_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
     "export-preferences": (export_preferences, {"output_dir": COMMON_FLAGS["output_dir"]}),
     "eval-labeler": (eval_labeler, {**COMMON_FLAGS, **MODEL_FLAGS, **FEEDBACK_FLAGS, **EVAL_FLAGS}),
     "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
