@@ -24,6 +24,9 @@ from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_hub
 
 #: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+#: Turn markers of common chat templates, ends and starts.
+CHAT_MARKERS = (*END_OF_TURN_TOKENS, "<|im_start|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<start_of_turn>", "<|user|>", "<|assistant|>", "<|system|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,6 +147,10 @@ class TransformersBackend:
                        or (config.chat_format == "auto" and has_template)) else "raw")
         self.context_length = config.max_context or self._read_context_length()
         self.eos_token_ids = self._end_token_ids()
+        #: Strings that tokenize to control tokens: text from users or models must not smuggle them in.
+        vocab = self.tokenizer.get_vocab()
+        self.special_tokens: list[str] = sorted(
+            {*self.tokenizer.all_special_tokens, *(t for t in CHAT_MARKERS if t in vocab)}, key=len, reverse=True)
         self.revision = getattr(self.model.config, "_commit_hash", None)
         # The model's own generation_config.json may carry sampling defaults (min_p, a repetition
         # penalty, top-k...) that transformers would silently apply to every knob we leave unset;

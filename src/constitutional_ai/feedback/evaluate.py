@@ -24,7 +24,7 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import derive_seed
 from constitutional_ai.data.prompts import conversation_key, hh_split
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
-from constitutional_ai.errors import DataError
+from constitutional_ai.errors import DataError, first_line
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 from constitutional_ai.feedback.metrics import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
@@ -55,31 +55,43 @@ def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> l
     if file.suffix == ".json":  # the paper's few-shot files are JSON lists
         try:
             rows = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{file}: not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
         if not isinstance(rows, list):
             raise DataError(f"{file}: expected a JSON list of records")
     else:
-        rows = list(read_records(file))
+        try:
+            rows = list(read_records(file))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{file}: not a JSONL file ({first_line(exc)})") from None
     items: list[EvalItem] = []
+
+    def add_pair(key: str, better: str, worse: str) -> None:
+        prompt, good = hh_split(better)
+        _, bad = hh_split(worse)
+        if prompt and good.strip() and bad.strip() and good.strip() != bad.strip():  # else nothing to compare
+            items.append(EvalItem(key, "pairwise", prompt, [good], [bad]))
+
     for n, row in enumerate(rows, 1):
         where = f"{file}:{n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
         if (fmt in ("auto", "multiple_choice")) and _is_multiple_choice(row):
+            answers = (row["corrects"], row["incorrects"])
+            if not all(isinstance(a, list) and all(isinstance(x, str) for x in a) for a in answers):
+                raise DataError(f"{where}: corrects and incorrects must be lists of answer strings like [\" (A)\"]")
             items.append(EvalItem(f"mc{n}", "multiple_choice", row["prompt"], list(row["corrects"]),
                                   list(row["incorrects"])))
-            if row.get("text_correct") and row.get("text_incorrect"):
-                prompt, good = hh_split(row["text_correct"])
-                _, bad = hh_split(row["text_incorrect"])
-                items.append(EvalItem(f"mc{n}-text", "pairwise", prompt, [good], [bad]))
+            if isinstance(row.get("text_correct"), str) and isinstance(row.get("text_incorrect"), str):
+                add_pair(f"mc{n}-text", row["text_correct"], row["text_incorrect"])
         elif fmt in ("auto", "pairwise") and isinstance(row.get("chosen"), str) \
                 and isinstance(row.get("rejected"), str):
-            prompt, good = hh_split(row["chosen"])
-            _, bad = hh_split(row["rejected"])
-            if not prompt or not good.strip() or not bad.strip() or good.strip() == bad.strip():
-                continue  # nothing to compare
-            items.append(EvalItem(f"p{n}-{conversation_key(prompt)[:8]}", "pairwise", prompt, [good], [bad]))
-        elif fmt in ("auto", "pairwise") and isinstance(row.get("prompt"), str) and row.get("corrects") \
-                and row.get("incorrects"):
+            add_pair(f"p{n}-{conversation_key(hh_split(row['chosen'])[0])[:8]}", row["chosen"], row["rejected"])
+        elif fmt in ("auto", "pairwise") and isinstance(row.get("prompt"), str) \
+                and isinstance(row.get("corrects"), list) and isinstance(row.get("incorrects"), list) \
+                and row["corrects"] and row["incorrects"]:
             # the paper's feedback few-shot file: a conversation with correct/incorrect responses
             items.append(EvalItem(f"p{n}", "pairwise", parse_raw(row["prompt"]), [row["corrects"][0].strip()],
                                   [row["incorrects"][0].strip()]))
@@ -104,6 +116,13 @@ def evaluate_batch(items: list[EvalItem], backend: LanguageModel, labeler: Feedb
     """Per item: the probability the configuration gives the correct answer, and its details."""
     out: dict[str, dict[str, Any] | None] = {}
     mc = [it for it in items if it.kind == "multiple_choice"]
+    if mc:  # a question longer than the context cannot be scored honestly: count it, don't crash
+        lengths = backend.count_tokens([it.prompt for it in mc])
+        fits = [it for it, n in zip(mc, lengths, strict=True) if n + 16 <= backend.context_length]
+        for it in mc:
+            out[it.key] = None
+        labeler.too_long += len(mc) - len(fits)
+        mc = fits
     if mc:
         scores = backend.score_choices([it.prompt for it in mc], [it.correct + it.incorrect for it in mc])
         for it, s in zip(mc, scores, strict=True):

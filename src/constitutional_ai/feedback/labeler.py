@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from constitutional_ai.backends.base import LanguageModel
+from constitutional_ai.chat_format import RAW_STOP
 from constitutional_ai.config import FeedbackConfig
 from constitutional_ai.constitution.model import ComparisonPrinciple, Constitution
 from constitutional_ai.constitution.prompts import Conversation
@@ -55,7 +56,12 @@ class FeedbackLabeler:
         self.config = config
         self.seed = seed
         self.builder = FeedbackPromptBuilder(backend.style, constitution.comparison,
-                                             constitution.feedback_examples[:config.few_shot])
+                                             constitution.feedback_examples[:config.few_shot],
+                                             special_tokens=getattr(backend, "special_tokens", ()))
+        self.rationale_params = config.rationale
+        if backend.style == "raw":
+            stops = [s for s in RAW_STOP if s not in config.rationale.stop]
+            self.rationale_params = config.rationale.model_copy(update={"stop": [*config.rationale.stop, *stops]})
         self.truncated = 0
         self.too_long = 0
 
@@ -81,6 +87,8 @@ class FeedbackLabeler:
         conversation = list(comparison.prompt)
         cut = False
         while True:
+            if not conversation:
+                return None
             built = make(conversation)
             prompt = built.prompt if isinstance(built, FeedbackQuestion) else built
             if self.backend.count_tokens([prompt])[0] <= budget:
@@ -117,7 +125,7 @@ class FeedbackLabeler:
             live = [i for i, f in enumerate(fitted) if f is not None]
             seeds = [derive_seed(self.seed, "rationale", comparisons[jobs[i][0]].key, jobs[i][1].id, jobs[i][2])
                      for i in live]
-            outs = self.backend.generate([fitted[i][0] for i in live], self.config.rationale, seeds=seeds)
+            outs = self.backend.generate([fitted[i][0] for i in live], self.rationale_params, seeds=seeds)
             for i, g in zip(live, outs, strict=True):
                 rationales[i] = clean_completion(g.text, self.backend.style)
             questions: list[FeedbackQuestion | None] = []
@@ -128,8 +136,14 @@ class FeedbackLabeler:
                 comp = comparisons[ci]
                 a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
                 seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
-                questions.append(self.builder.build(fitted[j][2], principle.text, a, b, random.Random(seed),
-                                                    prefix=rationales[j] or ""))
+                # the question with its rationale (and any few-shot block) is fitted again: it is
+                # longer than the prompt the rationale was generated from
+                final = self._fit(Comparison(comp.key, fitted[j][2], a, b), lambda conv, p=principle, a=a, b=b,
+                                  s=seed, r=rationales[j] or "": self.builder.build(conv, p.text, a, b,
+                                                                                   random.Random(s), prefix=r))
+                if final is not None and final[1]:
+                    fitted[j] = (fitted[j][0], True, final[2])
+                questions.append(final[0] if final is not None else None)
         else:
             questions = [f[0] if f is not None else None for f in fitted]
         live = [i for i, q in enumerate(questions) if q is not None]
@@ -148,11 +162,12 @@ class FeedbackLabeler:
                 failed.add(ci)
                 continue
             truncated[ci] = truncated.get(ci, False) or bool(fitted[j][1])
-            p = p_slot_a[j]
+            # P(response_a is better): slot A holds response_a in order ab, response_b in order ba
+            p = p_slot_a[j] if order == "ab" else 1.0 - p_slot_a[j]
             if self.config.chain_of_thought:
                 p = clamp(p, self.config.clamp)
             entry = per.setdefault(ci, {}).setdefault(principle.id, {"id": principle.id})
-            entry["p_a_ab" if order == "ab" else "p_a_ba"] = p if order == "ab" else 1.0 - p
+            entry["p_a_ab" if order == "ab" else "p_a_ba"] = p
             if rationales[j] is not None:
                 entry[f"rationale_{order}"] = rationales[j]
         records: list[dict[str, Any] | None] = []

@@ -26,25 +26,34 @@ from constitutional_ai.constitution.prompts import Conversation, Prompt, as_mess
 
 INTRO = "Consider the following conversation between a human (H) and an assistant (A):"
 ANSWER = "The answer is:"
+THINK = "Let's think step by step:"
+CHAT_THINK = "\n\nLet's think step by step, then give the answer."
 LETTERS = ("A", "B")
 _DEFANG = {"[[[": "[ [ [", "]]]": "] ] ]", "\n\nHuman:": "\n\nhuman:", "\n\nAssistant:": "\n\nassistant:"}
 
 
-def defang(text: str) -> str:
-    """Neutralise delimiters and outer turn markers inside a response (idempotent)."""
+def defang(text: str, special_tokens: Sequence[str] = ()) -> str:
+    """Neutralise delimiters, outer turn markers and the model's special tokens (chat-template
+    markers such as ``<|im_start|>``) inside a response, so it cannot open a turn of its own.
+    Idempotent."""
     for raw, safe in _DEFANG.items():
         text = text.replace(raw, safe)
+    for token in special_tokens:
+        if len(token) > 1:
+            text = text.replace(token, f"{token[0]} {token[1:]}")
     return text.strip()
 
 
-def render_inner(conversation: Conversation) -> str:
+def render_inner(conversation: Conversation, special_tokens: Sequence[str] = ()) -> str:
     labels = {"user": "H", "assistant": "A", "system": "System"}
-    return "\n\n".join(f"{labels[m['role']]}: {defang(m['content'])}" for m in conversation)
+    return "\n\n".join(f"{labels[m['role']]}: {defang(m['content'], special_tokens)}" for m in conversation)
 
 
-def question(conversation: Conversation, principle: str, option_a: str, option_b: str) -> str:
-    return (f"{INTRO}\n\n{render_inner(conversation)}\n\n{principle.strip()}\nOptions:\n"
-            f" (A) [[[{defang(option_a)}]]]\n (B) [[[{defang(option_b)}]]]")
+def question(conversation: Conversation, principle: str, option_a: str, option_b: str,
+             special_tokens: Sequence[str] = ()) -> str:
+    a, b = defang(option_a, special_tokens), defang(option_b, special_tokens)
+    return (f"{INTRO}\n\n{render_inner(conversation, special_tokens)}\n\n{principle.strip()}\nOptions:\n"
+            f" (A) [[[{a}]]]\n (B) [[[{b}]]]")
 
 
 @dataclass(frozen=True)
@@ -65,10 +74,11 @@ class FeedbackPromptBuilder:
     """
 
     def __init__(self, style: str, principles: Sequence[ComparisonPrinciple],
-                 examples: Sequence[FeedbackExample] = ()):
+                 examples: Sequence[FeedbackExample] = (), special_tokens: Sequence[str] = ()):
         self.style = style
         self.principles = list(principles)
         self.examples = list(examples)
+        self.special_tokens = [t for t in special_tokens if t]
 
     def choices(self) -> tuple[str, str]:
         if self.style == "raw":
@@ -81,34 +91,37 @@ class FeedbackPromptBuilder:
             principle = example.principle or rng.choice(self.principles).text
             chosen_first = rng.random() < 0.5
             a, b = (example.chosen, example.rejected) if chosen_first else (example.rejected, example.chosen)
-            shots.append((question(as_messages(example.messages), principle, a, b), "A" if chosen_first else "B"))
+            shots.append((question(as_messages(example.messages), principle, a, b, self.special_tokens),
+                          "A" if chosen_first else "B"))
         return shots
 
     def build(self, conversation: Conversation, principle: str, option_a: str, option_b: str,
               rng: random.Random, prefix: str = "") -> FeedbackQuestion:
         """The question for one comparison; ``prefix`` is text the assistant has already said
         (a chain-of-thought rationale) before the answer."""
-        q = question(conversation, principle, option_a, option_b)
+        q = question(conversation, principle, option_a, option_b, self.special_tokens)
         shots = self._shots(rng)
         if self.style == "raw":
             text = "".join(render_raw([{"role": "user", "content": sq}], False) + f"\n\nAssistant: {ANSWER} ({letter})"
                            for sq, letter in shots)
             text += render_raw([{"role": "user", "content": q}], True)
-            text += f" {prefix.strip()}\n{ANSWER}" if prefix else f" {ANSWER}"
+            # a rationale is scored after the same cue it was generated from
+            text += f" {THINK} {prefix.strip()}\n{ANSWER}" if prefix else f" {ANSWER}"
             return FeedbackQuestion(text, self.choices())
         messages: Conversation = []
         for sq, letter in shots:
             messages += [{"role": "user", "content": sq}, {"role": "assistant", "content": f"{ANSWER} ({letter})"}]
-        messages.append({"role": "user", "content": q})
         if prefix:
+            messages.append({"role": "user", "content": q + CHAT_THINK})
             return FeedbackQuestion(messages, tuple(f"{prefix.strip()}\n{c}" for c in self.choices()))  # type: ignore[arg-type]
+        messages.append({"role": "user", "content": q})
         return FeedbackQuestion(messages, self.choices())
 
     def rationale_prompt(self, conversation: Conversation, principle: str, option_a: str, option_b: str,
                          rng: random.Random) -> Prompt:
         """The prompt a chain-of-thought rationale is generated from (the paper's
         ``Let's think step by step:``)."""
-        q = question(conversation, principle, option_a, option_b)
+        q = question(conversation, principle, option_a, option_b, self.special_tokens)
         if self.style == "raw":
-            return render_raw([{"role": "user", "content": q}], True) + " Let's think step by step:"
-        return [{"role": "user", "content": q + "\n\nLet's think step by step, then give the answer."}]
+            return render_raw([{"role": "user", "content": q}], True) + f" {THINK}"
+        return [{"role": "user", "content": q + CHAT_THINK}]

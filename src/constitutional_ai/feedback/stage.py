@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def comparisons_from_pairs(path: Path) -> list[Comparison]:
     if not path.exists():
         raise DataError(f"{path}: no response pairs; run `cai sample-pairs` with the same --output-dir first")
     manifest = path.parent / MANIFEST
-    if manifest.exists() and '"complete"' not in manifest.read_text(encoding="utf-8"):
+    if manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") != "complete":
         raise DataError(f"{path.parent}: sampling is not finished; run the same `cai sample-pairs` again first")
     out = []
     for record in read_records(path):
@@ -151,7 +152,5 @@ def labels_to_preferences(records_path: Path, output_path: Path) -> int:
             "p_chosen": r["p_chosen"], "key": r["key"], "labeler_id": r["labeler_id"],
             "constitution_hash": r["constitution_hash"],
         })
-    import json
-
     write_atomic(output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
