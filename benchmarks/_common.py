@@ -10,7 +10,9 @@ import argparse
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,3 +43,17 @@ def setup(args: argparse.Namespace, name: str) -> tuple[tempfile.TemporaryDirect
     model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=args.vocab_size,
                                      hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
     return tmp, model_dir
+
+
+def time_interleaved(systems: list[Any], repeats: int, measure: Callable[[Any], tuple[float, dict[str, Any]]],
+                     ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, float]]:
+    """Time every system ``repeats`` times, taking turns so that a noisy spell on a shared machine
+    does not hit a single system; returns all times, the last work counts, and each best time."""
+    times: dict[str, list[float]] = {s.name: [] for s in systems}
+    counts: dict[str, dict[str, Any]] = {}
+    for _ in range(repeats):
+        for system in systems:
+            seconds, count = measure(system)
+            times[system.name].append(seconds)
+            counts[system.name] = count
+    return times, counts, {name: min(ts) for name, ts in times.items()}

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, setup
+from _common import add_model_args, setup, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.chat_format import RAW_STOP, render_raw
 from constitutional_ai.config import CritiqueConfig, GenerationParams, ModelConfig, PromptSourceConfig
@@ -247,16 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for system in systems:
         system.run(warm)
 
-    times: dict[str, list[float]] = {s.name: [] for s in systems}
-    counts: dict[str, dict[str, int]] = {}
-    for _ in range(args.repeats):
-        for system in systems:  # interleaved, so a noisy spell does not hit a single system
-            seconds, count = time_run(system, items)
-            times[system.name].append(seconds)
-            counts[system.name] = count
+    times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, items))
 
     expected = len(items) * (1 + 2 * args.rounds)
-    best = {name: min(ts) for name, ts in times.items()}
     rate = {name: len(items) / t for name, t in best.items()}
     print()
     header = (f"{'system':<12}{'best s':>9}{'runs s':>16}{'prompts/s':>11}{'gen/s':>9}{'tok/s':>9}"

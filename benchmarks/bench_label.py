@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, setup
+from _common import add_model_args, setup, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution
@@ -273,15 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for system in systems[1:]:
         system.run(comparisons[:2])
 
-    times: dict[str, list[float]] = {s.name: [] for s in systems}
-    counts: dict[str, dict[str, int]] = {}
-    for _ in range(args.repeats):
-        for system in systems:  # interleaved, so a noisy spell does not hit a single system
-            seconds, count = time_run(system, comparisons)
-            times[system.name].append(seconds)
-            counts[system.name] = count
+    times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, comparisons))
 
-    best = {name: min(ts) for name, ts in times.items()}
     rate = {name: len(comparisons) / t for name, t in best.items()}
     print()
     header = (f"{'system':<18}{'best s':>8}{'runs s':>16}{'labels/s':>10}{'fwd':>6}{'rows':>6}{'positions':>11}"
