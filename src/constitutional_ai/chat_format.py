@@ -11,7 +11,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 
 #: Labels that start a new block in the paper's critique/revision and dialogue format.

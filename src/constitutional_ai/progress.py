@@ -66,7 +66,6 @@ class StageProgress:
 
     def __init__(self, description: str, total: int, unit: str = "prompts", enabled: bool = True,
                  completed: int = 0):
-        self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description}[/] [dim]{task.fields[status]}"), BarColumn(bar_width=8),
             MofNCompleteColumn(), _RateColumn(unit), _TokensColumn(), _TimeColumn(),

@@ -157,6 +157,8 @@ class TransformersBackend:
         # our GenerationParams are the whole truth, so start from a config with token ids only.
         from transformers import GenerationConfig
 
+        #: What this model's forward accepts (logits_to_keep, cache vs past_key_values), read once.
+        self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
         self.model_generation_defaults = self.model.generation_config
         self.model.generation_config = GenerationConfig(
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_token_ids or None,
@@ -403,7 +405,7 @@ class TransformersBackend:
         ids, mask = ids.to(self.device), mask.to(self.device)
         own = [len(prefixes[g]) - len(ctx) + 1 for g, group in enumerate(groups) for ctx, _ in group]
         keep = min(width, max(1, *own))
-        forward_args = inspect.signature(self.model.forward).parameters
+        forward_args = self._forward_args
         extra = {"logits_to_keep": keep} if "logits_to_keep" in forward_args else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, **extra)

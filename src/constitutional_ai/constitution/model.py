@@ -121,10 +121,6 @@ class Constitution(BaseModel):
         digest = hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
         return f"sha256:{digest}"
 
-    @property
-    def short_hash(self) -> str:
-        return self.hash.split(":", 1)[1][:12]
-
     # -- lookups --------------------------------------------------------------------------------
     def critique_principle(self, principle_id: str) -> CritiqueRevisionPrinciple:
         for principle in self.critique_revision:

@@ -34,6 +34,19 @@ class Comparison:
     response_b: str
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One question: comparison index, principle, option order, the two options in that order, and
+    the seed its few-shot block is drawn from."""
+
+    ci: int
+    principle: ComparisonPrinciple
+    order: str
+    a: str
+    b: str
+    seed: int
+
+
 def normalise(logprob_a: float, logprob_b: float) -> float:
     """P(A) from the two continuations' log-probabilities, computed stably."""
     top = max(logprob_a, logprob_b)
@@ -102,45 +115,44 @@ class FeedbackLabeler:
                 conversation = [{**conversation[0], "content": "..." + text[len(text) // 4:]}]
             cut = True
 
-    def label(self, comparisons: Sequence[Comparison]) -> list[dict[str, Any] | None]:
-        """One record per comparison (None when it cannot fit the context even truncated)."""
-        jobs = []  # (comparison index, principle, order, rng seed)
+    def _jobs(self, comparisons: Sequence[Comparison]) -> list[_Job]:
+        """One question per (comparison, principle, order), with its option order and few-shot seed."""
+        jobs = []
         for ci, comp in enumerate(comparisons):
             for principle in self.principles_for(comp.key):
                 for order in self._orders():
-                    jobs.append((ci, principle, order))
+                    a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
+                    seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
+                    jobs.append(_Job(ci, principle, order, a, b, seed))
+        return jobs
+
+    def label(self, comparisons: Sequence[Comparison]) -> list[dict[str, Any] | None]:
+        """One record per comparison (None when it cannot fit the context even truncated)."""
+        jobs = self._jobs(comparisons)
         fitted: list[tuple[Any, bool, Conversation] | None] = []
         rationales: list[str | None] = [None] * len(jobs)
-        for ci, principle, order in jobs:
-            comp = comparisons[ci]
-            a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
-            seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
-            if self.config.chain_of_thought:
-                fitted.append(self._fit(comp, lambda conv, p=principle, a=a, b=b, s=seed:
-                                        self.builder.rationale_prompt(conv, p.text, a, b, random.Random(s))))
-            else:
-                fitted.append(self._fit(comp, lambda conv, p=principle, a=a, b=b, s=seed:
-                                        self.builder.build(conv, p.text, a, b, random.Random(s))))
+        for job in jobs:
+            make = self.builder.rationale_prompt if self.config.chain_of_thought else self.builder.build
+            fitted.append(self._fit(comparisons[job.ci], lambda conv, job=job, make=make:
+                                    make(conv, job.principle.text, job.a, job.b, random.Random(job.seed))))
         if self.config.chain_of_thought:
             live = [i for i, f in enumerate(fitted) if f is not None]
-            seeds = [derive_seed(self.seed, "rationale", comparisons[jobs[i][0]].key, jobs[i][1].id, jobs[i][2])
-                     for i in live]
+            seeds = [derive_seed(self.seed, "rationale", comparisons[jobs[i].ci].key, jobs[i].principle.id,
+                                 jobs[i].order) for i in live]
             outs = self.backend.generate([fitted[i][0] for i in live], self.rationale_params, seeds=seeds)
             for i, g in zip(live, outs, strict=True):
                 rationales[i] = clean_completion(g.text, self.backend.style)
             questions: list[FeedbackQuestion | None] = []
-            for j, (ci, principle, order) in enumerate(jobs):
+            for j, job in enumerate(jobs):
                 if fitted[j] is None:
                     questions.append(None)
                     continue
-                comp = comparisons[ci]
-                a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
-                seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
                 # the question with its rationale (and any few-shot block) is fitted again: it is
                 # longer than the prompt the rationale was generated from
-                final = self._fit(Comparison(comp.key, fitted[j][2], a, b), lambda conv, p=principle, a=a, b=b,
-                                  s=seed, r=rationales[j] or "": self.builder.build(conv, p.text, a, b,
-                                                                                   random.Random(s), prefix=r))
+                comp = comparisons[job.ci]
+                final = self._fit(Comparison(comp.key, fitted[j][2], job.a, job.b),
+                                  lambda conv, job=job, r=rationales[j] or "": self.builder.build(
+                                      conv, job.principle.text, job.a, job.b, random.Random(job.seed), prefix=r))
                 if final is not None and final[1]:
                     fitted[j] = (fitted[j][0], True, final[2])
                 questions.append(final[0] if final is not None else None)
@@ -152,12 +164,13 @@ class FeedbackLabeler:
         p_slot_a: dict[int, float] = {i: normalise(*s) for i, s in zip(live, scores, strict=True)}
         return self._records(comparisons, jobs, fitted, p_slot_a, rationales)
 
-    def _records(self, comparisons: Sequence[Comparison], jobs: list[tuple[int, ComparisonPrinciple, str]],
+    def _records(self, comparisons: Sequence[Comparison], jobs: list[_Job],
                  fitted: list[Any], p_slot_a: dict[int, float], rationales: list[str | None]) -> list[dict | None]:
         per: dict[int, dict[str, dict[str, Any]]] = {}
         truncated: dict[int, bool] = {}
         failed: set[int] = set()
-        for j, (ci, principle, order) in enumerate(jobs):
+        for j, job in enumerate(jobs):
+            ci, principle, order = job.ci, job.principle, job.order
             if j not in p_slot_a:
                 failed.add(ci)
                 continue
