@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:

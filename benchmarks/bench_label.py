@@ -1,14 +1,19 @@
 """Feedback-label throughput: our scored labeler against generate-and-parse judges.
 
 One tiny random-weight Llama model (a few million parameters, built locally, nothing downloaded),
-64 comparisons built from the package's embedded red-team prompts and helpful answers (1-4
-sentence responses), one sampled comparison principle each. Every system asks the model the same
-question text (our :class:`FeedbackPromptBuilder` output, with the principle and few-shot draw our
-labeler uses for that comparison):
+256 comparisons built from the package's embedded red-team prompts and helpful answers (1-4
+sentence responses), one sampled comparison principle each, and by default the paper's set-up of
+few-shot feedback examples before each question (the default constitution's 3, each with its own
+sampled principle and option order; ``--few-shot 0`` for none). Every system asks the model the
+same question text (our :class:`FeedbackPromptBuilder` output, with the principle and few-shot
+block our labeler uses for that comparison):
 
-* ``ours``: :class:`FeedbackLabeler` over :class:`TransformersBackend`; the question ends in
-  ``Assistant: The answer is:`` and the label is read from the log-probabilities of `` (A)`` and
-  `` (B)`` (``score_choices``, batched forward passes, nothing generated);
+* ``ours``: :class:`FeedbackLabeler` over :class:`TransformersBackend`, called as ``cai label``
+  calls it (64 comparisons at a time); the question ends in ``Assistant: The answer is:`` and the
+  label is read from the log-probabilities of `` (A)`` and `` (B)`` (``score_choices``: a prefix
+  tree of batched forward passes where a few-shot block shared by many questions is computed once
+  and kept in the prefix cache, which is emptied at the start of every timed run; nothing
+  generated);
 * ``generate_loop``: the LLM-as-a-judge loop: ``model.generate(max_new_tokens=3, greedy)`` on one
   question at a time (batch size 1), then a regex pulls ``A`` or ``B`` out of the generated text;
 * ``generate_batched``: the same judge batched (left padding, ``--judge-batch-size`` questions per
@@ -31,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import re
 import sys
 import time
@@ -45,7 +49,6 @@ from _common import add_model_args, setup, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution
-from constitutional_ai.critique.engine import derive_seed
 from constitutional_ai.data.export import load_conversations
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler
@@ -119,19 +122,16 @@ class Ours:
 
     def questions(self, comparisons: list[Comparison]) -> list[str]:
         """The question texts our labeler scores, in job order (the baselines ask these)."""
-        out = []
-        builder, orders = self.labeler.builder, ("ab", "ba") if self.labeler.config.both_orders else ("ab",)
-        for comp in comparisons:
-            for principle in self.labeler.principles_for(comp.key):
-                for order in orders:
-                    a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
-                    seed = derive_seed(self.labeler.seed, "feedback-shots", comp.key, principle.id, order)
-                    out.append(builder.build(list(comp.prompt), principle.text, a, b, random.Random(seed)).prompt)
-        return out
+        return self.labeler.questions(comparisons)  # type: ignore[return-value]
 
     def run(self, comparisons: list[Comparison]) -> list[Any]:
+        """Label as ``cai label`` does: in batches of ``feedback.batch_size`` comparisons, starting
+        from an empty prefix cache (a few-shot block is computed in the run that first needs it)."""
         self.asked = []
-        records = self.labeler.label(comparisons)
+        self.backend.clear_prefix_cache()
+        size = self.labeler.config.batch_size
+        records = [r for start in range(0, len(comparisons), size)
+                   for r in self.labeler.label(comparisons[start:start + size])]
         assert all(r is not None for r in records), "a comparison did not fit the context"
         return [r["p_a"] for r in records]  # type: ignore[index]
 
@@ -222,12 +222,18 @@ def time_run(system: Any, comparisons: list[Comparison]) -> tuple[float, dict[st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comparisons", type=int, default=64)
+    ap.add_argument("--comparisons", type=int, default=256)
+    ap.add_argument("--feedback-batch-size", type=int, default=64,
+                    help="comparisons per labeler call, as cai label's feedback.batch_size")
     ap.add_argument("--both-orders", action="store_true", help="score each comparison in both option orders")
-    ap.add_argument("--few-shot", type=int, default=0, help="few-shot feedback examples before each question")
+    ap.add_argument("--few-shot", type=int, default=3,
+                    help="few-shot feedback examples before each question (the default constitution has 3)")
+    ap.add_argument("--constitution", default=None,
+                    help="constitution spec as in the config (default: ours; e.g. ../shared/data/cai-paper)")
+    ap.add_argument("--few-shot-blocks", type=int, default=8, help="feedback.few_shot_blocks (0: one per question)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is reported")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
-    ap.add_argument("--judge-batch-size", type=int, default=32, help="questions per generate in generate_batched")
+    ap.add_argument("--judge-batch-size", type=int, default=8, help="questions per generate in generate_batched")
     ap.add_argument("--judge-max-new-tokens", type=int, default=3)
     ap.add_argument("--skip-loop", action="store_true", help="leave out the batch-size-1 generate loop")
     ap.add_argument("--skip-batched", action="store_true", help="leave out the batched generate judge")
@@ -239,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     tmp, model_dir = setup(args, "label")
     wall_start = time.perf_counter()
-    constitution = Constitution.default()
-    feedback = FeedbackConfig(principles="sample", both_orders=args.both_orders, few_shot=args.few_shot)
+    constitution = Constitution.load(args.constitution)
+    feedback = FeedbackConfig(principles="sample", both_orders=args.both_orders, few_shot=args.few_shot,
+                              few_shot_blocks=args.few_shot_blocks, batch_size=args.feedback_batch_size)
     comparisons = build_comparisons(args.comparisons)
 
     ours = Ours(model_dir, constitution, feedback, args.batch_size)
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"model: Llama, {params / 1e6:.2f}M params (vocab {len(ours.backend.tokenizer)}, hidden "
           f"{args.hidden_size}, {args.layers} layers), random weights, float32, CPU")
     print(f"work: {len(comparisons)} comparisons x {per_comparison} question(s) (principles=sample, "
-          f"both_orders={args.both_orders}, few_shot={args.few_shot}); question tokens mean "
+          f"both_orders={args.both_orders}, few_shot={args.few_shot}, few_shot_blocks={args.few_shot_blocks}, "
+          f"labelled {args.feedback_batch_size} comparisons per call); question tokens mean "
           f"{sum(question_tokens) / len(question_tokens):.0f} (min {min(question_tokens)}, max "
           f"{max(question_tokens)}); judges generate {args.judge_max_new_tokens} tokens, greedy")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (cpu_count {os.cpu_count()}), "
@@ -303,7 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "comparisons": len(comparisons),
         "questions": len(questions),
         "both_orders": args.both_orders,
+        "constitution": constitution.hash[:19],
         "few_shot": args.few_shot,
+        "few_shot_blocks": args.few_shot_blocks,
+        "feedback_batch_size": args.feedback_batch_size,
         "question_tokens_mean": round(sum(question_tokens) / len(question_tokens), 1),
         "judge_max_new_tokens": args.judge_max_new_tokens,
         "params": params,

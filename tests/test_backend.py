@@ -135,9 +135,12 @@ def _reference_logprob(backend, prompt, choice):
     return sum(float(logp[k - 1, full[k]]) for k in range(start, len(full)))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-suffixes", "suffix-pass"])
 @pytest.mark.parametrize("which", ["raw_backend", "chat_backend"])
-def test_score_choices_matches_unbatched_reference(which, request):
+def test_score_choices_matches_unbatched_reference(which, fused, request, monkeypatch):
     backend = request.getfixturevalue(which)
+    assert backend.fuse_suffixes  # sdpa on CPU
+    monkeypatch.setattr(backend, "fuse_suffixes", fused)
     # "hel" + "lo" merges across the boundary in a BPE vocabulary trained on English text
     prompts = [PROMPTS[0], "The answer is:", PROMPTS[3], "Say hel"]
     choices = [[" (A)", " (B)"], [" yes", " no", " perhaps not"], [" (A)", " (B)"], ["lo", "p me"]]
@@ -149,19 +152,40 @@ def test_score_choices_matches_unbatched_reference(which, request):
             assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
 
 
-def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend):
+def _forward_shapes(backend, fn):
     calls = []
-    handle = raw_backend.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
-        kwargs["input_ids"].shape), with_kwargs=True)
+    handle = backend.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
-        prompts = ["one " * 30, "two " * 40]
-        raw_backend.score_choices(prompts, [[" (A)", " (B)", " (C)"], [" (A)", " (B)", " (C)"]])
+        result = fn()
     finally:
         handle.remove()
-    # one pass over the 2 prompts (not 6 rows), then one pass over the 6 choices' own short suffixes
-    assert len(calls) == 2
-    assert calls[0][0] == 2 and calls[1][0] == 6
-    assert calls[1][1] <= 3 < calls[0][1]
+    return calls, result
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-suffixes", "suffix-pass"])
+def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused, monkeypatch):
+    monkeypatch.setattr(raw_backend, "fuse_suffixes", fused)
+    prompts = ["one " * 30, "two " * 40]
+    calls, _ = _forward_shapes(raw_backend, lambda: raw_backend.score_choices(
+        prompts, [[" (A)", " (B)", " (C)"], [" (A)", " (B)", " (C)"]]))
+    # the 2 prompts (not 6 rows), then each prompt's last tokens with its choices' own short suffixes
+    # in the same row, or (without 4D masks) the 6 suffixes as a third pass of their own
+    assert [c[0] for c in calls] == ([2, 2] if fused else [2, 2, 6])
+    assert calls[0][1] > 30 and calls[1][1] <= (3 + 3 * 3 if fused else 3)
+
+
+def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend):
+    block = "A long few-shot block that every question repeats before its own text. " * 6
+    prompts = [block + f"Question {k}: which of the two options is better?" for k in range(4)]
+    choices = [[" (A)", " (B)"]] * 4
+    calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices(prompts, choices))
+    block_tokens = len(raw_backend.tokenizer(block)["input_ids"])
+    assert calls[0][0] == 1 and calls[0][1] >= block_tokens - 1  # the block, once
+    assert calls[1][0] == 4 and calls[1][1] < block_tokens / 2  # each question's own text
+    for p, cs, row in zip(prompts, choices, scores, strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
 
 
 def test_score_choices_falls_back_to_one_row_per_choice(raw_backend, monkeypatch):
@@ -171,7 +195,7 @@ def test_score_choices_falls_back_to_one_row_per_choice(raw_backend, monkeypatch
     def no_cache(*a, **k):
         raise NotImplementedError
 
-    monkeypatch.setattr(raw_backend, "_score_shared_prefix", no_cache)
+    monkeypatch.setattr(raw_backend, "_score_tree", no_cache)
     assert raw_backend.score_choices(prompts, choices)[0] == pytest.approx(shared[0], abs=1e-4)
 
 
@@ -206,13 +230,50 @@ def test_sampling_params_are_explicit_not_taken_from_the_models_generation_confi
 
 
 def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
+    from constitutional_ai.backends.transformers_backend import _Question
+
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=3,
                                               max_batch_tokens=100))
     length = {0: 40, 1: 30, 2: 30, 3: 10, 4: 10, 5: 10, 6: 10, 7: 200}
-    order = sorted(length, key=lambda g: -length[g])
-    chunks = backend._token_budget_chunks(order, length)
+    questions = {g: _Question([], [], [], limit=0, length=n, stem=5 if g < 3 else 0, group=0 if g < 3 else g)
+                 for g, n in length.items()}
+    groups = [[0, 1, 2], *([g] for g in range(3, 8))]
+    chunks = backend._token_budget_chunks(groups, questions)
     assert sorted(g for c in chunks for g in c) == sorted(length)
     for chunk in chunks:
         assert len(chunk) <= 3
-        assert len(chunk) == 1 or len(chunk) * max(length[g] for g in chunk) <= 100
+        stems = sum({questions[g].group: questions[g].stem for g in chunk}.values())
+        assert len(chunk) == 1 or len(chunk) * max(length[g] - questions[g].stem for g in chunk) + stems <= 100
     assert chunks[0] == [7]  # longer than the budget alone: still scored, on its own
+    assert chunks[1] == [0, 1]  # a stem group stays together while it fits: 2 x 35 + 5 <= 100 < 3 x 35 + 5
+
+
+def test_prefix_cache_reuses_a_stem_in_later_calls_with_the_same_scores(tiny_model_dir):
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=8))
+    block = "A few-shot block that every question of this run starts with, word for word. " * 5
+    prompts = [block + f"Question {k}: which option is better?" for k in range(3)]
+    choices = [[" (A)", " (B)"]] * 3
+    first_calls, first = _forward_shapes(backend, lambda: backend.score_choices(prompts, choices))
+    assert len(backend._stems) == 1
+    later = [block + f"Question {k}: which option is better?" for k in range(3, 6)]
+    calls, scores = _forward_shapes(backend, lambda: backend.score_choices(later, choices))
+    assert len(first_calls) == 2 and len(calls) == 1  # the block's pass is gone: read from the cache
+    for p, cs, row in zip(later, choices, scores, strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+    _, again = _forward_shapes(backend, lambda: backend.score_choices(prompts, choices))
+    assert sum(again, []) == pytest.approx(sum(first, []), abs=1e-5)
+
+
+def test_prefix_cache_stays_within_its_token_budget(tiny_model_dir):
+    budget = 100
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=budget))
+    for word in ("alpha", "beta", "gamma"):
+        block = f"{word} " * 18
+        assert budget / 2 < len(backend.tokenizer(block)["input_ids"]) < budget  # two never fit together
+        backend.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
+        assert 0 < sum(len(k) for k in backend._stems) <= budget
+    assert len(backend._stems) == 1  # the latest block only; the older ones were evicted
+    off = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=0))
+    off.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
+    assert not off._stems

@@ -173,6 +173,24 @@ def test_long_conversations_are_cut_from_the_left_never_the_options_or_principle
     assert backend.count_tokens([prompt])[0] <= 700
 
 
+def _shot_block(question):
+    return question[:question.rindex("Human: " + "Consider")]
+
+
+def test_few_shot_blocks_are_drawn_from_a_small_reproducible_pool():
+    comparisons = _comparisons(40)
+    pooled = _labeler(JudgeBackend(_prefers_refusal), few_shot=3, few_shot_blocks=4)
+    blocks = [_shot_block(q) for q in pooled.questions(comparisons)]
+    assert 2 <= len(set(blocks)) <= 4  # shared prefixes, computed once per batch
+    assert blocks == [_shot_block(q) for q in _labeler(JudgeBackend(_prefers_refusal), few_shot=3,
+                                                       few_shot_blocks=4).questions(comparisons)]
+    fresh = _labeler(JudgeBackend(_prefers_refusal), few_shot=3, few_shot_blocks=0).questions(comparisons)
+    assert len({_shot_block(q) for q in fresh}) > 10  # one independent draw per question
+    principles = {p.text for p in Constitution.default().comparison}
+    used = {p for b in set(blocks) for p in principles if p.strip() in b}
+    assert len(used) >= 2  # each block's examples still sample their principles
+
+
 def test_chat_models_score_the_answer_as_the_assistant_turn(tiny_chat_model_dir):
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_chat_model_dir)))
     records = _labeler(backend, few_shot=2).label(_comparisons(2))

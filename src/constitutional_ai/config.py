@@ -37,6 +37,10 @@ class GenerationParams(_Base):
         return self.temperature == 0.0
 
 
+#: Model settings that change speed or memory, never what a stage writes (left out of fingerprints).
+RUNTIME_MODEL_KNOBS = ("device", "dtype", "batch_size", "max_batch_tokens", "prefix_cache_tokens")
+
+
 class ModelConfig(_Base):
     """Which model to load and how. ``embedded:tiny-demo`` builds a tiny offline demo model."""
 
@@ -52,6 +56,9 @@ class ModelConfig(_Base):
     max_batch_tokens: int | None = Field(
         None, ge=64, description="Cap on padded tokens per scoring pass; unset: 4096 on CPU (cache-friendly), "
                                  "no cap on accelerators.")
+    prefix_cache_tokens: int = Field(
+        16384, ge=0, description="Scoring keeps the KV cache of recent shared prompt starts (few-shot blocks) up to "
+                                "this many tokens, so later batches reuse them; 0 turns it off.")
     max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
     chat_format: Literal["auto", "chat_template", "raw"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."
@@ -100,6 +107,10 @@ class FeedbackConfig(_Base):
     k: int = Field(4, ge=1, description="Principles averaged per comparison when principles is k.")
     both_orders: bool = Field(False, description="Score (A,B) and (B,A) and average: removes position bias.")
     few_shot: int = Field(0, ge=0, description="Few-shot feedback examples before each question.")
+    few_shot_blocks: int = Field(
+        8, ge=0, description="Distinct few-shot blocks per run, each with its own sampled principles and option "
+                             "orders; every question uses one at random, so a block is computed once per batch "
+                             "and shared. 0: a fresh block for every question.")
     chain_of_thought: bool = Field(False, description="Generate a step-by-step rationale before scoring.")
     clamp: tuple[float, float] = Field((0.4, 0.6), description="Chain-of-thought labels are clamped to this range.")
     rationale: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
@@ -210,11 +221,11 @@ class RunConfig(_Base):
         """
         data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections}
         data.pop("constitution", None)
-        for knob in ("device", "dtype", "batch_size", "max_batch_tokens"):
+        for knob in RUNTIME_MODEL_KNOBS:
             data.get("policy", {}).pop(knob, None)
         for section in ("critique", "pairs", "feedback"):
             data.get(section, {}).pop("batch_size", None)
-        for knob in ("device", "dtype", "batch_size", "max_batch_tokens"):
+        for knob in RUNTIME_MODEL_KNOBS:
             (data.get("feedback", {}).get("model") or {}).pop(knob, None)
         data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))

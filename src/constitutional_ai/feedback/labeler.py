@@ -115,6 +115,21 @@ class FeedbackLabeler:
                 conversation = [{**conversation[0], "content": "..." + text[len(text) // 4:]}]
             cut = True
 
+    def _shots_seed(self, key: str, principle_id: str, order: str) -> int:
+        """The seed a question's few-shot block is drawn from: one of ``few_shot_blocks`` per run
+        (identical blocks are a shared prompt prefix, computed once per batch), or its own."""
+        blocks = self.config.few_shot_blocks
+        if blocks:
+            block = derive_seed(self.seed, "feedback-shot-block", key, principle_id, order) % blocks
+            return derive_seed(self.seed, "feedback-shots", block)
+        return derive_seed(self.seed, "feedback-shots", key, principle_id, order)
+
+    def questions(self, comparisons: Sequence[Comparison]) -> list[str | Conversation]:
+        """The question prompts :meth:`label` scores, in order, before any truncation (for judges
+        and benchmarks that must ask exactly the same questions)."""
+        return [self.builder.build(list(comparisons[job.ci].prompt), job.principle.text, job.a, job.b,
+                                   random.Random(job.seed)).prompt for job in self._jobs(comparisons)]
+
     def _jobs(self, comparisons: Sequence[Comparison]) -> list[_Job]:
         """One question per (comparison, principle, order), with its option order and few-shot seed."""
         jobs = []
@@ -122,8 +137,7 @@ class FeedbackLabeler:
             for principle in self.principles_for(comp.key):
                 for order in self._orders():
                     a, b = (comp.response_a, comp.response_b) if order == "ab" else (comp.response_b, comp.response_a)
-                    seed = derive_seed(self.seed, "feedback-shots", comp.key, principle.id, order)
-                    jobs.append(_Job(ci, principle, order, a, b, seed))
+                    jobs.append(_Job(ci, principle, order, a, b, self._shots_seed(comp.key, principle.id, order)))
         return jobs
 
     def label(self, comparisons: Sequence[Comparison]) -> list[dict[str, Any] | None]:
