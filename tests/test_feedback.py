@@ -84,8 +84,8 @@ def test_both_orders_make_labels_antisymmetric_and_sum_to_one(tiny_model_dir):
 def test_a_judge_that_always_says_A_shows_full_position_bias_and_cancels_out():
     always_a = JudgeBackend(lambda text, choice: 0.0 if "(A)" in choice else -5.0)
     records = _labeler(always_a, both_orders=True).label(_comparisons())
+    from constitutional_ai.evaluation.calibration import position_bias_rate
     from constitutional_ai.feedback.labeler import position_pairs
-    from constitutional_ai.feedback.metrics import position_bias_rate
 
     assert position_bias_rate(*position_pairs(records)) == 1.0
     assert all(r["p_a"] == pytest.approx(0.5) for r in records)

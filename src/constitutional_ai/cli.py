@@ -110,6 +110,45 @@ FEEDBACK_FLAGS: dict[str, Flag] = {
     "clamp": _flag("feedback.clamp", tuple[float, float], "--clamp"),
     "feedback_batch_size": _flag("feedback.batch_size", int, "--feedback-batch-size"),
 }
+PM_FLAGS: dict[str, Flag] = {
+    "pm_model": _flag("pm.model_name_or_path", str, "--pm-model"),
+    "pm_data": _flag("pm.sources", list[str], "--pm-data"),
+    "pm_eval_data": _flag("pm.eval_sources", list[str], "--pm-eval-data"),
+    "eval_fraction": _flag("pm.eval_fraction", float, "--eval-fraction"),
+    "max_length": _flag("pm.max_length", int, "--max-length"),
+    "learning_rate": _flag("pm.learning_rate", float, "--learning-rate", "--lr"),
+    "epochs": _flag("pm.num_train_epochs", float, "--epochs"),
+    "pm_batch_size": _flag("pm.per_device_train_batch_size", int, "--pm-batch-size"),
+    "grad_accum": _flag("pm.gradient_accumulation_steps", int, "--gradient-accumulation-steps"),
+    "lr_scheduler": _flag("pm.lr_scheduler_type", str, "--lr-scheduler"),
+    "warmup_ratio": _flag("pm.warmup_ratio", float, "--warmup-ratio"),
+    "weight_decay": _flag("pm.weight_decay", float, "--weight-decay"),
+    "center_rewards": _flag("pm.center_rewards_coefficient", float, "--center-rewards"),
+    "group_by_length": _flag("pm.group_by_length", bool, "--group-by-length/--no-group-by-length"),
+    "bf16": _flag("pm.bf16", bool, "--bf16/--no-bf16"),
+    "gradient_checkpointing": _flag("pm.gradient_checkpointing", bool,
+                                    "--gradient-checkpointing/--no-gradient-checkpointing"),
+    "lora_r": _flag("pm.lora.r", int, "--lora-r"),
+    "pm_device": _flag("pm.device", str, "--pm-device"),
+    "logging_steps": _flag("pm.logging_steps", int, "--logging-steps"),
+    "save_steps": _flag("pm.save_steps", int, "--save-steps"),
+    "report_to": _flag("pm.report_to", list[str], "--report-to"),
+    "score_batch_size": _flag("pm.batch_size", int, "--score-batch-size"),
+}
+EVAL_PM_FLAGS: dict[str, Flag] = {
+    "pm": _flag("eval_pm.model", str, "--pm"),
+    "eval_data": _flag("eval_pm.data", list[str], "--eval-data"),
+    "pm_bins": _flag("eval_pm.n_bins", int, "--bins"),
+    "pm_device": _flag("pm.device", str, "--pm-device"),
+    "score_batch_size": _flag("pm.batch_size", int, "--score-batch-size"),
+}
+SERVE_PM_FLAGS: dict[str, Flag] = {
+    "pm": _flag("serve_pm.model", str, "--pm"),
+    "host": _flag("serve_pm.host", str, "--host"),
+    "port": _flag("serve_pm.port", int, "--port"),
+    "pm_device": _flag("pm.device", str, "--pm-device"),
+    "score_batch_size": _flag("pm.batch_size", int, "--score-batch-size"),
+}
 EVAL_FLAGS: dict[str, Flag] = {
     "data": _flag("eval_labeler.data", str, "--data"),
     "data_format": _flag("eval_labeler.format", str, "--data-format"),
@@ -241,6 +280,42 @@ def eval_labeler(config: RunConfig) -> None:
     _print_summary("eval-labeler", run_eval_labeler(config).as_dict())
 
 
+def train_pm(config: RunConfig) -> None:
+    """Train a preference model (Bradley-Terry, soft labels) on mixed preference sources."""
+    from constitutional_ai.preference_model.stage import run_train_pm
+
+    result = run_train_pm(config)
+    _print_summary("train-pm", result.extra)
+
+
+def eval_pm(config: RunConfig) -> None:
+    """Measure a preference model on held-out pairs: accuracy, margin, calibration (JSON + PNG)."""
+    from constitutional_ai.preference_model.stage import run_eval_pm
+
+    result = run_eval_pm(config)
+    _print_summary("eval-pm", {"output": str(result.output), **result.extra})
+
+
+def serve_pm(config: RunConfig) -> None:
+    """Serve a preference model over HTTP for OpenRLHF's --remote_rm_url (POST /get_reward)."""
+    from constitutional_ai.errors import ConfigError
+    from constitutional_ai.preference_model.reward_model import RewardModel
+    from constitutional_ai.preference_model.server import RewardServer
+    from constitutional_ai.preference_model.stage import pm_dir
+
+    model_dir = Path(config.serve_pm.model) if config.serve_pm.model else pm_dir(config) / "model"
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no preference model; run `cai train-pm` first or pass --pm DIR")
+    scorer = RewardModel.from_pretrained(str(model_dir), device="cpu" if config.pm.device == "cpu" else "auto",
+                                         batch_size=config.pm.batch_size)
+    server = RewardServer(scorer, config.serve_pm.host, config.serve_pm.port)
+    console.print(f"serving {model_dir} at {server.url} (OpenRLHF: --remote_rm_url {server.url})", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 def run(config: RunConfig) -> None:
     """The whole pipeline on one config (today: SL-CAI data and its SFT export, then response pairs,
     AI feedback labels and their preference export)."""
@@ -277,6 +352,11 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "label": (label, {**STAGE_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
     "export-preferences": (export_preferences, {"output_dir": COMMON_FLAGS["output_dir"]}),
     "eval-labeler": (eval_labeler, {**COMMON_FLAGS, **MODEL_FLAGS, **FEEDBACK_FLAGS, **EVAL_FLAGS}),
+    "train-pm": (train_pm, {**COMMON_FLAGS, **PM_FLAGS}),
+    "eval-pm": (eval_pm, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
+                          "pm_data": PM_FLAGS["pm_data"], "eval_fraction": PM_FLAGS["eval_fraction"],
+                          **EVAL_PM_FLAGS}),
+    "serve-pm": (serve_pm, {"output_dir": COMMON_FLAGS["output_dir"], **SERVE_PM_FLAGS}),
     "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
 }
 for _name, (_func, _flags) in COMMANDS.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from constitutional_ai.errors import ConfigError, first_line, format_validation_error
 
@@ -148,6 +148,108 @@ class SFTExportConfig(_Base):
     drop_truncated: bool = Field(False, description="Leave out revisions cut off by max_new_tokens.")
 
 
+class PreferenceSourceConfig(_Base):
+    """One preference dataset of a training or evaluation mix.
+
+    On the command line a source is one string, ``PATH`` or ``PATH,key=value,...`` (for example
+    ``Anthropic/hh-rlhf,data_dir=harmless-base,weight=0.5`` or ``harmless-dev.jsonl,offset=1200``).
+    """
+
+    path: str = Field(..., description="JSONL/JSON/parquet/CSV file, run:preferences (this run's AI labels), or "
+                                       "a Hugging Face dataset id.")
+    format: Literal["auto", "preferences", "hh"] = Field(
+        "auto", description="auto reads per row: prompt/chosen/rejected (TRL, ours, with optional p_chosen), "
+                            "chosen/rejected hh-rlhf transcripts, or text_correct/text_incorrect.")
+    weight: float = Field(1.0, gt=0.0, description="Sampling weight in the mix: 2 repeats every pair, 0.5 keeps a "
+                                                   "random half.")
+    split: str = Field("train", description="Hub dataset split.")
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    data_dir: str | None = Field(None, description="Hub dataset data_dir (hh-rlhf: harmless-base, helpful-base).")
+    offset: int = Field(0, ge=0, description="Skip this many rows first.")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows (after offset).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        path, *options = value.split(",")
+        out: dict[str, Any] = {"path": path.strip()}
+        for option in options:
+            key, sep, val = option.partition("=")
+            if not sep:
+                raise ValueError(f"{option!r} in {value!r} is not key=value (path,weight=0.5,offset=100,...)")
+            out[key.strip()] = val.strip()
+        return out
+
+
+class LoRAConfig(_Base):
+    """PEFT LoRA adapters instead of full fine-tuning (names as in ``peft.LoraConfig``)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    lora_alpha: int = Field(32, ge=1, description="Adapter scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; all-linear or names.")
+
+
+class PreferenceModelConfig(_Base):
+    """RL-CAI step 3: a Bradley-Terry preference model on soft AI labels mixed with human labels.
+
+    Trained with TRL's ``RewardTrainer`` (so ``transformers.Trainer``: accelerate, DeepSpeed,
+    gradient accumulation, bf16, checkpoints, resume and ``report_to`` loggers come with it);
+    field names follow ``TrainingArguments``/``RewardConfig``.
+    """
+
+    model_name_or_path: str = Field(EMBEDDED_MODEL, description="Base model, loaded as a sequence classifier "
+                                                                "with one output (encoder or decoder).")
+    revision: str | None = Field(None, description="Hub revision of the base model.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
+    sources: list[PreferenceSourceConfig] = Field(
+        default_factory=lambda: [PreferenceSourceConfig(path="run:preferences")],
+        description="Training preference sources, mixed by weight.")
+    eval_sources: list[PreferenceSourceConfig] = Field(
+        default_factory=list, description="Held-out preference sources for eval-pm; empty: eval_fraction of the mix.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the mix held out when no eval_sources.")
+    max_length: int = Field(512, ge=16, description="Tokens per conversation; older turns are cut from the left.")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training mix.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, description="Reward centring (Eisenstein et al. 2023): adds c * mean((r_w + r_l)^2).")
+    group_by_length: bool = Field(True, description="Batch pairs of similar length (less padding, faster).")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPUs that support it).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (PEFT) instead of all weights.")
+    device: str = Field("auto", pattern=r"^(auto|cpu)$", description="auto (accelerate picks) or cpu.")
+    logging_steps: int = Field(10, ge=1, description="Log every this many optimizer steps.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept.")
+    report_to: list[str] = Field(default_factory=list, description="transformers loggers (tensorboard, wandb...); "
+                                                                 "metrics always go to a JSONL too.")
+    batch_size: int = Field(32, ge=1, description="Conversations per forward pass when scoring.")
+
+
+class PMEvalConfig(_Base):
+    """``cai eval-pm``: a preference model against held-out pairs with known answers."""
+
+    model: str = Field("", description="Preference model directory; empty: this run's trained PM.")
+    data: list[PreferenceSourceConfig] = Field(default_factory=list, description="Eval sources; empty: the PM's "
+                                                                                "eval_sources or held-out split.")
+    n_bins: int = Field(10, ge=1, description="Confidence bins for ECE and the reliability diagram.")
+
+
+class ServePMConfig(_Base):
+    """``cai serve-pm``: an OpenRLHF-compatible HTTP reward endpoint for a trained PM."""
+
+    model: str = Field("", description="Preference model directory; empty: this run's trained PM.")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for every interface).")
+    port: int = Field(5000, ge=0, le=65535, description="Port; POST /get_reward.")
+
+
 class RunConfig(_Base):
     """The whole job. Each stage reads its own section plus the shared fields."""
 
@@ -161,6 +263,9 @@ class RunConfig(_Base):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     eval_labeler: LabelerEvalConfig = Field(default_factory=LabelerEvalConfig)
+    pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
+    eval_pm: PMEvalConfig = Field(default_factory=PMEvalConfig)
+    serve_pm: ServePMConfig = Field(default_factory=ServePMConfig)
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")

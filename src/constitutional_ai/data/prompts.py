@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.chat_format import parse_raw
+from constitutional_ai.chat_format import ASSISTANT, parse_raw
 from constitutional_ai.config import PromptSourceConfig
 from constitutional_ai.errors import DataError, first_line
 from constitutional_ai.hub import looks_like_path
@@ -92,6 +92,26 @@ def hh_split(transcript: str) -> tuple[Conversation, str]:
     return messages, ""
 
 
+def hh_pair(chosen: str, rejected: str) -> tuple[Conversation, str, str]:
+    """``(shared prompt, chosen response, rejected response)`` of two hh-rlhf transcripts.
+
+    The two split where they first differ, at the last ``Assistant:`` turn before that point, so
+    transcripts that diverge before their final turn (or hold two assistant turns in a row, as some
+    hh-rlhf rows do) still give the responses that were actually compared.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(ASSISTANT, 0, shared)
+    if cut < 0:
+        prompt, good = hh_split(chosen)
+        return prompt, good, hh_split(rejected)[1]
+    start = cut + len(ASSISTANT)
+    return parse_raw(chosen[:cut]), chosen[start:].strip(), rejected[start:].strip()
+
+
 # -- raw rows -----------------------------------------------------------------------------------------
 def _embedded_path(name: str) -> Path:
     ref = resources.files("constitutional_ai") / "resources" / "prompts" / f"{name}.jsonl"
@@ -117,7 +137,7 @@ def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tupl
     path = _embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else Path(spec).expanduser()
     if not path.exists():
         if config.format in ("auto", "hub", "hh") and not looks_like_path(spec, FILE_FORMATS):
-            yield from _hub_rows(config)
+            yield from hub_rows(config)
             return
         raise DataError(f"{spec}: file not found; pass an existing file, embedded:red_team, or a hub dataset id")
     fmt = _detect_format(path, config.format)
@@ -157,7 +177,7 @@ def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tupl
         raise
 
 
-def _hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
+def hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
     from constitutional_ai.hub import hub_offline_reason, quiet_hub_logs
 
     reason = None if _hub_dataset_cached(config.path) else hub_offline_reason(

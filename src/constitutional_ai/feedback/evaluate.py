@@ -22,11 +22,11 @@ from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.chat_format import parse_raw
 from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import derive_seed
-from constitutional_ai.data.prompts import conversation_key, hh_split
+from constitutional_ai.data.prompts import conversation_key, hh_pair, hh_split
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.errors import DataError, first_line
+from constitutional_ai.evaluation.calibration import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.feedback.metrics import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
 
 STAGE = "eval_labeler"
@@ -69,8 +69,7 @@ def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> l
     items: list[EvalItem] = []
 
     def add_pair(key: str, better: str, worse: str) -> None:
-        prompt, good = hh_split(better)
-        _, bad = hh_split(worse)
+        prompt, good, bad = hh_pair(better, worse)
         if prompt and good.strip() and bad.strip() and good.strip() != bad.strip():  # else nothing to compare
             items.append(EvalItem(key, "pairwise", prompt, [good], [bad]))
 

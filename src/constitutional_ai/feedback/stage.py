@@ -14,8 +14,8 @@ from constitutional_ai.critique.engine import clean_completion, derive_seed
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
 from constitutional_ai.errors import DataError
+from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.feedback.metrics import position_bias_rate
 from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
 
 PAIRS, LABELS = "pairs", "labels"

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from constitutional_ai.feedback.metrics import (
+from constitutional_ai.evaluation.calibration import (
     binary_accuracy,
     calibration_summary,
     expected_calibration_error,

@@ -1,0 +1,1 @@
+"""Evaluation: calibration and accuracy metrics shared by the labeler and preference-model evaluations."""

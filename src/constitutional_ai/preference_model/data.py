@@ -1,0 +1,227 @@
+"""Preference pairs from every source a PM is trained or evaluated on, parsed into one shape.
+
+A pair is ``(prompt conversation, chosen response, rejected response, p)`` where ``p`` is the
+probability that ``chosen`` is the better one: the soft AI label from ``cai label``, or 1 for a
+human label. Sources are mixed by weight, so one run can train on AI harmlessness labels and human
+helpfulness pairs together, as the paper did.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.chat_format import parse_raw
+from constitutional_ai.config import PreferenceSourceConfig, PromptSourceConfig
+from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.critique.engine import derive_seed
+from constitutional_ai.data.prompts import conversation_key, hh_pair, hub_rows
+from constitutional_ai.data.store import read_records
+from constitutional_ai.errors import DataError, first_line
+from constitutional_ai.hub import looks_like_path
+
+#: ``run:preferences`` names this run's AI labels, written by ``cai label``/``cai export-preferences``.
+RUN_PREFERENCES = "run:preferences"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    key: str
+    prompt: Conversation
+    chosen: str
+    rejected: str
+    p: float = 1.0  # P(chosen is better): a soft AI label, or 1.0 for a human label
+    source: str = ""
+
+
+@dataclass
+class SourceReport:
+    """What one source gave: rows read, pairs kept, and why the others were dropped."""
+
+    source: str
+    weight: float
+    read: int = 0
+    kept: int = 0
+    in_mix: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    constitution_hashes: set[str] = field(default_factory=set)  # of AI-labelled rows, for traceability
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "weight": self.weight, "read": self.read, "kept": self.kept,
+                "in_mix": self.in_mix, "dropped": dict(self.dropped),
+                "constitution_hashes": sorted(self.constitution_hashes)}
+
+
+def _text(value: Any) -> str | None:
+    """A response given as a string or as TRL's one-message conversation."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return value[-1].get("content")
+    return None
+
+
+def _messages(value: Any) -> Conversation | None:
+    if isinstance(value, str):
+        parsed = parse_raw(value) if "Human:" in value else []
+        return parsed or [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return None
+
+
+def _answer_list(value: Any) -> list[str]:
+    """A list of answer strings, also when the paper's files hold it as the text of a list."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            return []
+    return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+
+
+def parse_row(row: Any, fmt: str = "auto") -> tuple[Conversation, str, str, float] | str:
+    """``(prompt, chosen, rejected, p)`` from one row, or the reason it is not a preference pair.
+
+    Understood: ``prompt``/``chosen``/``rejected`` (TRL's standard and conversational formats, and
+    ours with ``p_chosen``); ``chosen``/``rejected`` hh-rlhf transcripts or TRL implicit-prompt
+    conversations; the paper's multiple-choice records through ``text_correct``/``text_incorrect``.
+    """
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if fmt in ("auto", "preferences") and "prompt" in row and "chosen" in row and "rejected" in row:
+        prompt, chosen, rejected = _messages(row["prompt"]), _text(row["chosen"]), _text(row["rejected"])
+        if prompt is None or chosen is None or rejected is None:
+            return "prompt/chosen/rejected of an unknown shape"
+        p = row.get("p_chosen", 1.0)
+        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            return "p_chosen is not a probability"
+        return prompt, chosen, rejected, float(p)
+    for good, bad in (("chosen", "rejected"), ("text_correct", "text_incorrect")):
+        if isinstance(row.get(good), str) and isinstance(row.get(bad), str) and fmt in ("auto", "hh"):
+            return (*hh_pair(row[good], row[bad]), 1.0)
+    if fmt in ("auto", "preferences") and isinstance(row.get("prompt"), str) and "corrects" in row \
+            and "incorrects" in row:
+        # the paper's feedback few-shot records: a raw conversation, correct/incorrect responses
+        good, bad = _answer_list(row["corrects"]), _answer_list(row["incorrects"])
+        if good and bad:
+            return parse_raw(row["prompt"]), good[0], bad[0], 1.0
+    if fmt in ("auto", "preferences") and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        chosen_conv, rejected_conv = _messages(row["chosen"]), _messages(row["rejected"])
+        if chosen_conv and rejected_conv and chosen_conv[:-1] == rejected_conv[:-1] \
+                and chosen_conv[-1]["role"] == "assistant":
+            return chosen_conv[:-1], chosen_conv[-1]["content"], rejected_conv[-1]["content"], 1.0
+    return "no prompt/chosen/rejected, chosen/rejected or text_correct/text_incorrect fields"
+
+
+def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, list[tuple[str, Any]]]:
+    """``(name, [(where, row), ...])`` of one source, offset and limit applied."""
+    path = source.path
+    if path == RUN_PREFERENCES:
+        if run_dir is None:
+            raise DataError("run:preferences needs a run directory; pass --output-dir of a run that ran `cai label`")
+        path = str(run_dir / "preferences" / "train.jsonl")
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no AI preference labels yet; run `cai label` (or `cai run`) with this "
+                            "--output-dir first, or pass --pm-data FILE")
+    file = Path(path).expanduser()
+    end = None if source.limit is None else source.offset + source.limit
+    if file.is_file():
+        if file.suffix in (".jsonl", ".json") or file.suffix == "":
+            try:
+                if file.suffix == ".json":
+                    data = json.loads(file.read_text(encoding="utf-8"))
+                    if not isinstance(data, list):
+                        raise DataError(f"{file}: expected a JSON list of records")
+                else:
+                    data = list(read_records(file))
+            except UnicodeDecodeError:
+                raise DataError(f"{file}: not UTF-8 text") from None
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+            rows = data[source.offset:end]
+            return str(file), [(f"{file}:{source.offset + i + 1}", r) for i, r in enumerate(rows)]
+        kind = {".parquet": "parquet", ".csv": "csv"}.get(file.suffix)
+        if kind is None:
+            raise DataError(f"{file}: unknown preference file type; use .jsonl, .json, .parquet or .csv")
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(kind, data_files=str(file), split="train")
+        except Exception as exc:  # arrow raises many types; the user needs one line
+            raise DataError(f"{file}: cannot be read as {kind} ({first_line(exc)})") from None
+        rows = dataset.select(range(source.offset, min(len(dataset), end or len(dataset))))
+        return str(file), [(f"{file}:row {source.offset + i}", r) for i, r in enumerate(rows)]
+    if looks_like_path(path, (".jsonl", ".json", ".parquet", ".csv")):
+        raise DataError(f"{path}: preference file not found; check the path in --pm-data / pm.sources")
+    name = path + (f"/{source.data_dir}" if source.data_dir else "")
+    hub = PromptSourceConfig(path=path, format="hub", split=source.split, subset=source.subset,
+                             data_dir=source.data_dir)
+    rows = [(f"{name}:row {n}", r) for n, r in hub_rows(hub) if n > source.offset and (end is None or n <= end)]
+    return name, rows
+
+
+def read_source(source: PreferenceSourceConfig, run_dir: Path | None = None,
+                ) -> tuple[list[PreferencePair], SourceReport]:
+    """Every usable pair of one source. Rows that are not preference pairs at all are an error
+    naming the line; pairs with an empty or identical side are dropped and counted."""
+    name, rows = _rows(source, run_dir)
+    report = SourceReport(name, source.weight)
+    pairs = []
+    for where, row in rows:
+        report.read += 1
+        parsed = parse_row(row, source.format)
+        if isinstance(parsed, str):
+            raise DataError(f"{where}: {parsed}; fix the row or pick another --pm-data format")
+        prompt, chosen, rejected, p = parsed
+        if isinstance(row, dict) and isinstance(row.get("constitution_hash"), str):
+            report.constitution_hashes.add(row["constitution_hash"])
+        chosen, rejected = chosen.strip(), rejected.strip()
+        if not chosen or not rejected:
+            report.dropped["empty response"] += 1
+            continue
+        if chosen == rejected:
+            report.dropped["identical responses"] += 1
+            continue
+        key = f"{conversation_key([*prompt, {'role': 'assistant', 'content': chosen}])[:12]}-{report.read}"
+        pairs.append(PreferencePair(key, prompt, chosen, rejected, p, name))
+    report.kept = len(pairs)
+    if not pairs:
+        raise DataError(f"{name}: no usable preference pairs ({report.read} rows read, dropped: "
+                        f"{dict(report.dropped) or 'none'})")
+    return pairs, report
+
+
+def mix_sources(sources: list[PreferenceSourceConfig], seed: int, run_dir: Path | None = None,
+                ) -> tuple[list[PreferencePair], list[SourceReport]]:
+    """All sources in one shuffled list, each sampled by its weight: the integer part of a weight
+    repeats every pair, the fractional part adds a seeded random subset."""
+    mixed: list[PreferencePair] = []
+    reports = []
+    for index, source in enumerate(sources):
+        pairs, report = read_source(source, run_dir)
+        rng = random.Random(derive_seed(seed, "pm-mix", index, source.path))
+        whole, frac = int(source.weight), source.weight - int(source.weight)
+        chosen = pairs * whole + rng.sample(pairs, round(frac * len(pairs)))
+        report.in_mix = len(chosen)
+        mixed += chosen
+        reports.append(report)
+    random.Random(derive_seed(seed, "pm-shuffle")).shuffle(mixed)
+    return mixed, reports
+
+
+def split_heldout(pairs: list[PreferencePair], fraction: float) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """``(train, eval)``: the last ``fraction`` of the (already shuffled) mix is held out, by
+    conversation, so that no prompt is both trained and evaluated on."""
+    if fraction <= 0 or len(pairs) < 2:
+        return pairs, []
+    prompts = list(dict.fromkeys(conversation_key(p.prompt) for p in pairs))
+    held = set(prompts[len(prompts) - max(1, round(fraction * len(prompts))):])
+    train = [p for p in pairs if conversation_key(p.prompt) not in held]
+    heldout = [p for p in pairs if conversation_key(p.prompt) in held]
+    return (train, heldout) if train else (pairs, [])

@@ -1,0 +1,221 @@
+"""``cai train-pm`` and ``cai eval-pm``: the preference model, trained and measured.
+
+Training writes ``<output_dir>/pm/``: ``checkpoints/`` (resumable; a killed run continues from
+the last one), ``records.jsonl`` (every logged step's metrics, whatever ``report_to`` also gets),
+``manifest.json``, and ``model/``, the final PM with ``pm_info.json`` and, when pairs were held
+out, ``eval_results.json`` and ``reliability.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.config import PreferenceModelConfig, RunConfig
+from constitutional_ai.data.store import RecordStore, write_atomic
+from constitutional_ai.errors import ConfigError, DataError
+from constitutional_ai.evaluation.calibration import calibration_summary, reliability_diagram
+from constitutional_ai.preference_model.data import PreferencePair, mix_sources, split_heldout
+from constitutional_ai.preference_model.encoding import PairEncoder
+from constitutional_ai.preference_model.reward_model import PM_INFO, RewardModel, load_sequence_classifier
+from constitutional_ai.stage_runner import StageResult
+
+PM = "pm"
+EVAL_RESULTS = "eval_results.json"
+
+
+def pm_dir(config: RunConfig) -> Path:
+    return Path(config.output_dir) / PM
+
+
+def encode_pairs(pairs: list[PreferencePair], encoder: PairEncoder) -> tuple[Any, int]:
+    """A ``datasets.Dataset`` in TRL's tokenized preference format (``chosen_ids``/``rejected_ids``)
+    plus ``p_chosen`` and ``length`` (for length-grouped batches); and how many sides were cut."""
+    from datasets import Dataset
+
+    rows: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": [], "length": []}
+    truncated = 0
+    for pair in pairs:
+        chosen, cut_c = encoder.encode(pair.prompt, pair.chosen)
+        rejected, cut_r = encoder.encode(pair.prompt, pair.rejected)
+        truncated += int(cut_c or cut_r)
+        rows["chosen_ids"].append(chosen)
+        rows["rejected_ids"].append(rejected)
+        rows["p_chosen"].append(pair.p)
+        rows["length"].append(max(len(chosen), len(rejected)))
+    return Dataset.from_dict(rows), truncated
+
+
+class _MetricsToStore:
+    """A ``TrainerCallback`` that streams every log entry to the stage's record store, keyed by
+    step, so a resumed run neither loses nor duplicates a line."""
+
+    def __new__(cls, store: RecordStore) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                       **kwargs: Any) -> None:
+                if logs and state.is_world_process_zero:
+                    kind = "eval" if any(k.startswith("eval_") for k in logs) else \
+                        "summary" if "train_runtime" in logs else "train"
+                    store.write([{"key": f"{kind}-{state.global_step}", "step": state.global_step,
+                                  "epoch": state.epoch, **logs}])
+
+        return Callback()
+
+
+def training_arguments(cfg: PreferenceModelConfig, output: Path, seed: int, progress: bool) -> Any:
+    """TRL ``RewardConfig`` from our config: one place where our names meet transformers' names."""
+    from trl import RewardConfig
+
+    return RewardConfig(
+        output_dir=str(output), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        center_rewards_coefficient=cfg.center_rewards_coefficient, bf16=cfg.bf16,
+        **_checkpointing(cfg.gradient_checkpointing), logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to or "none", max_length=cfg.max_length, remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length", use_cpu=cfg.device == "cpu", disable_tqdm=not progress,
+        dataloader_num_workers=0, eval_strategy="no",
+    )
+
+
+def _checkpointing(on: bool) -> dict[str, bool]:
+    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``."""
+    from trl import RewardConfig
+
+    names = RewardConfig.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
+def _peft_config(cfg: PreferenceModelConfig) -> Any:
+    if cfg.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
+                      lora_dropout=cfg.lora.lora_dropout, target_modules=cfg.lora.target_modules)
+
+
+def run_train_pm(config: RunConfig) -> StageResult:
+    """Mix the sources, train with the soft-label loss, save the PM and evaluate it on held-out pairs."""
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from constitutional_ai.preference_model.trainer import SoftLabelCollator, SoftLabelRewardTrainer
+
+    cfg = config.pm
+    directory = pm_dir(config)
+    run_dir = Path(config.output_dir)
+    train_pairs, reports = mix_sources(cfg.sources, config.seed, run_dir)
+    if cfg.eval_sources:
+        eval_pairs, eval_reports = mix_sources(cfg.eval_sources, config.seed, run_dir)
+    else:
+        train_pairs, eval_pairs = split_heldout(train_pairs, cfg.eval_fraction)
+        eval_reports = []
+    identity = {"stage": PM, "config": config.fingerprint(("seed", PM))}
+    store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite)
+    try:
+        model, tokenizer = load_sequence_classifier(cfg.model_name_or_path, cfg.revision, cfg.trust_remote_code)
+        encoder = PairEncoder(tokenizer, cfg.max_length)
+        train_set, truncated = encode_pairs(train_pairs, encoder)
+        checkpoints = directory / "checkpoints"
+        args = training_arguments(cfg, checkpoints, config.seed, config.progress)
+        trainer = SoftLabelRewardTrainer(
+            model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+            data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id), peft_config=_peft_config(cfg),
+            callbacks=[_MetricsToStore(store)])
+        last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
+        start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=last)
+        seconds = time.perf_counter() - start
+        final = trainer.model
+        if cfg.lora is not None:
+            final = final.merge_and_unload()
+        model_dir = directory / "model"
+        final.save_pretrained(str(model_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(model_dir))
+        steps_run = output.global_step - (int(Path(last).name.split("-")[-1]) if last else 0)
+        pairs_per_s = steps_run * args.per_device_train_batch_size * args.gradient_accumulation_steps / seconds
+        info = {
+            "base_model": cfg.model_name_or_path, "max_length": cfg.max_length, "layout": encoder.layout,
+            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "truncated_pairs": truncated,
+            "sources": [r.as_dict() for r in reports], "eval_sources": [r.as_dict() for r in eval_reports],
+            "constitution_hashes": sorted({h for r in reports for h in r.constitution_hashes}),
+            "config_fingerprint": identity["config"], "train_seconds": round(seconds, 1),
+            "train_pairs_per_s": round(pairs_per_s, 2), "global_step": output.global_step,
+            "resumed_from": last, "train_loss": output.training_loss,
+        }
+        write_atomic(model_dir / PM_INFO, json.dumps(info, indent=2, ensure_ascii=False))
+        extra: dict[str, Any] = {"model": str(model_dir), **{k: info[k] for k in (
+            "train_pairs", "eval_pairs", "truncated_pairs", "train_seconds", "train_pairs_per_s", "global_step")}}
+        if eval_pairs:
+            device = "cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "auto"
+            scorer = RewardModel(final.to(trainer.args.device if device == "auto" else "cpu"), tokenizer,
+                                 cfg.max_length, cfg.batch_size, str(model_dir))
+            summary = evaluate_pm(scorer, eval_pairs, model_dir, n_bins=10, title="held-out pairs")
+            extra.update({"eval_accuracy": summary["accuracy"], "eval_ece": summary["ece"]})
+        store.close(complete=True, **{k: v for k, v in extra.items() if k != "model"})
+    except BaseException:
+        store.close(complete=False)
+        raise
+    return StageResult(PM, directory / "model", written=len(train_pairs), total=len(train_pairs), seconds=seconds,
+                       prompt_report={"sources": info["sources"]}, extra=extra)
+
+
+def evaluate_pm(scorer: RewardModel, pairs: list[PreferencePair], directory: Path, n_bins: int = 10,
+                title: str = "eval pairs", name: str = EVAL_RESULTS) -> dict[str, Any]:
+    """Pairwise accuracy, mean margin, agreement with soft labels and calibration of
+    ``sigma(r_w - r_l)``; written as JSON (and a reliability PNG) in ``directory``."""
+    if not pairs:
+        raise DataError("no evaluation pairs; pass --eval-data or set pm.eval_fraction above 0")
+    chosen = scorer.score_responses([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = scorer.score_responses([p.prompt for p in pairs], [p.rejected for p in pairs])
+    margins = [w - lo for w, lo in zip(chosen, rejected, strict=True)]
+    p_model = [1.0 / (1.0 + math.exp(-m)) for m in margins]
+    calibration = calibration_summary(p_model, n_bins)
+    png = reliability_diagram(p_model, directory / name.replace(".json", "_reliability.png"),
+                              title=f"Preference model reliability ({title})", n_bins=n_bins)
+    soft = [(p.p, q) for p, q in zip(pairs, p_model, strict=True) if 0.0 < p.p < 1.0]
+    by_source: dict[str, list[float]] = {}
+    for pair, m in zip(pairs, margins, strict=True):
+        by_source.setdefault(pair.source, []).append(1.0 if m > 0 else 0.5 if m == 0 else 0.0)
+    summary = {
+        "model": scorer.name, "pairs": len(pairs),
+        "accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "ece": calibration["ece"], "mean_confidence": calibration["mean_confidence"],
+        "soft_label_mae": sum(abs(p - q) for p, q in soft) / len(soft) if soft else None,
+        "accuracy_by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
+        "truncated_sides": scorer.truncated, "reliability_diagram": str(png), "bins": calibration["bins"],
+    }
+    write_atomic(directory / name, json.dumps(summary, indent=2))
+    return summary
+
+
+def run_eval_pm(config: RunConfig) -> StageResult:
+    """``cai eval-pm``: a PM (this run's, or ``--pm``) on held-out pairs, results next to the model."""
+    model_dir = Path(config.eval_pm.model) if config.eval_pm.model else pm_dir(config) / "model"
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no preference model; run `cai train-pm` first or pass --pm DIR")
+    sources = config.eval_pm.data or config.pm.eval_sources
+    if sources:
+        pairs, _ = mix_sources(sources, config.seed, Path(config.output_dir))
+    else:
+        mixed, _ = mix_sources(config.pm.sources, config.seed, Path(config.output_dir))
+        pairs = split_heldout(mixed, config.pm.eval_fraction)[1]
+    device = "cpu" if config.pm.device == "cpu" else "auto"
+    scorer = RewardModel.from_pretrained(str(model_dir), device=device, batch_size=config.pm.batch_size)
+    start = time.perf_counter()
+    summary = evaluate_pm(scorer, pairs, model_dir, n_bins=config.eval_pm.n_bins)
+    seconds = time.perf_counter() - start
+    return StageResult("eval_pm", model_dir / EVAL_RESULTS, written=len(pairs), total=len(pairs), seconds=seconds,
+                       prompt_report={}, extra={k: summary[k] for k in (
+                           "pairs", "accuracy", "mean_margin", "ece", "soft_label_mae", "reliability_diagram")})
