@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--keep-dropout", action="store_true", help="train with the model's dropout on")
     ap.add_argument("--output-dir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     if not Path(args.data).is_file():
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
              "--pm-data", f"{args.data},limit={args.train}", "--pm-eval-data", f"{args.data},offset={args.train}",
              "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate),
              "--epochs", str(args.epochs), "--pm-batch-size", str(args.batch_size), "--pm-device", "cpu",
-             "--logging-steps", "10", "--save-steps", "1000"]
+             "--logging-steps", "10", "--save-steps", "1000", "--weight-decay", str(args.weight_decay),
+             "--keep-dropout" if args.keep_dropout else "--disable-dropout"]
     evaluate = ["cai", "eval-pm", "--output-dir", out, "--pm", f"{out}/pm/model",
                 "--eval-data", f"{args.data},offset={args.train}", "--pm-device", "cpu"]
     timings = {}
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "benchmark": "pm_accuracy", "model": "all-MiniLM-L6-v2 (22.7M params)", "train_pairs": info["train_pairs"],
         "eval_pairs": results["pairs"], "max_length": args.max_length, "learning_rate": args.learning_rate,
-        "epochs": args.epochs, "batch_size": args.batch_size, "accuracy": round(results["accuracy"], 4),
+        "epochs": args.epochs, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+        "dropout": args.keep_dropout, "accuracy": round(results["accuracy"], 4),
         "ece": round(results["ece"], 4), "mean_margin": round(results["mean_margin"], 4),
         "train_seconds": info["train_seconds"], "train_pairs_per_s": info["train_pairs_per_s"],
         "truncated_pairs": info["truncated_pairs"], "train_command_s": round(timings["train"], 1),

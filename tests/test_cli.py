@@ -148,3 +148,23 @@ def test_sigkill_mid_run_then_rerun_finishes_with_no_prompt_lost_or_duplicated(t
     assert changed.returncode == 2
     assert "different config" in changed.stderr and "--overwrite" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_train_pm_then_eval_pm_from_the_command_line(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Help with task {i}?", "chosen": f"yes banana {i}", "rejected": f"yes {i}"} for i in range(48)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    trained = runner.invoke(app, ["train-pm", "-o", str(out), "--pm-model", str(tiny_model_dir), "--pm-data",
+                                  f"{data},limit=40", "--pm-eval-data", f"{data},offset=40", "--max-length", "32",
+                                  "--epochs", "2", "--lr", "3e-3", "--pm-device", "cpu", "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((out / "pm" / "model" / "pm_info.json").read_text())["train_pairs"] == 40
+    evaluated = runner.invoke(app, ["eval-pm", "-o", str(out), "--eval-data", f"{data},offset=40"])
+    assert evaluated.exit_code == 0, evaluated.output
+    results = json.loads((out / "pm" / "model" / "eval_results.json").read_text())
+    assert results["pairs"] == 8 and 0.0 <= results["accuracy"] <= 1.0
+    missing = runner.invoke(app, ["eval-pm", "-o", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "run `cai train-pm` first" in missing.output
+    bad = runner.invoke(app, ["train-pm", "-o", str(out), "--pm-data", f"{data},weight"])
+    assert bad.exit_code == 2 and "not key=value" in bad.output

@@ -126,6 +126,7 @@ PM_FLAGS: dict[str, Flag] = {
     "center_rewards": _flag("pm.center_rewards_coefficient", float, "--center-rewards"),
     "group_by_length": _flag("pm.group_by_length", bool, "--group-by-length/--no-group-by-length"),
     "bf16": _flag("pm.bf16", bool, "--bf16/--no-bf16"),
+    "disable_dropout": _flag("pm.disable_dropout", bool, "--disable-dropout/--keep-dropout"),
     "gradient_checkpointing": _flag("pm.gradient_checkpointing", bool,
                                     "--gradient-checkpointing/--no-gradient-checkpointing"),
     "lora_r": _flag("pm.lora.r", int, "--lora-r"),
@@ -148,6 +149,58 @@ SERVE_PM_FLAGS: dict[str, Flag] = {
     "port": _flag("serve_pm.port", int, "--port"),
     "pm_device": _flag("pm.device", str, "--pm-device"),
     "score_batch_size": _flag("pm.batch_size", int, "--score-batch-size"),
+}
+def _training_flags(section: str, prefix: str) -> dict[str, Flag]:
+    """The TrainingArguments-style flags of one training section (``--sft-lr``, ``--rl-epochs``...)."""
+    dash = prefix.replace("_", "-")
+    return {
+        f"{prefix}_learning_rate": _flag(f"{section}.learning_rate", float, f"--{dash}-lr"),
+        f"{prefix}_epochs": _flag(f"{section}.num_train_epochs", float, f"--{dash}-epochs"),
+        f"{prefix}_train_batch_size": _flag(f"{section}.per_device_train_batch_size", int,
+                                            f"--{dash}-train-batch-size"),
+        f"{prefix}_grad_accum": _flag(f"{section}.gradient_accumulation_steps", int, f"--{dash}-grad-accum"),
+        f"{prefix}_max_length": _flag(f"{section}.max_length", int, f"--{dash}-max-length"),
+        f"{prefix}_lora_r": _flag(f"{section}.lora.r", int, f"--{dash}-lora-r"),
+        f"{prefix}_bf16": _flag(f"{section}.bf16", bool, f"--{dash}-bf16/--no-{dash}-bf16"),
+        f"{prefix}_device": _flag(f"{section}.device", str, f"--{dash}-device"),
+        f"{prefix}_save_steps": _flag(f"{section}.save_steps", int, f"--{dash}-save-steps"),
+        f"{prefix}_logging_steps": _flag(f"{section}.logging_steps", int, f"--{dash}-logging-steps"),
+        f"{prefix}_report_to": _flag(f"{section}.report_to", list[str], f"--{dash}-report-to"),
+    }
+
+
+SFT_FLAGS: dict[str, Flag] = {
+    "sft_model": _flag("sft.model_name_or_path", str, "--sft-model"),
+    "sft_data": _flag("sft.data", list[str], "--sft-data"),
+    **_training_flags("sft", "sft"),
+}
+RL_FLAGS: dict[str, Flag] = {
+    "algo": _flag("rl.algo", str, "--algo"),
+    "rl_policy": _flag("rl.policy", str, "--policy"),
+    "reward_model": _flag("rl.reward_model", str, "--reward-model"),
+    "value_model": _flag("rl.value_model", str, "--value-model"),
+    "total_steps": _flag("rl.total_steps", int, "--total-steps"),
+    "rollout_batch_size": _flag("rl.batch_size", int, "--rollout-batch-size"),
+    "num_mini_batches": _flag("rl.num_mini_batches", int, "--num-mini-batches"),
+    "ppo_epochs": _flag("rl.ppo_epochs", int, "--ppo-epochs"),
+    "num_generations": _flag("rl.num_generations", int, "--num-generations"),
+    "rl_max_new_tokens": _flag("rl.max_new_tokens", int, "--rl-max-new-tokens"),
+    "kl_coef": _flag("rl.kl_coef", float, "--kl-coef"),
+    "kl_target": _flag("rl.kl_target", float, "--kl-target"),
+    "vf_coef": _flag("rl.vf_coef", float, "--vf-coef"),
+    "missing_eos_penalty": _flag("rl.missing_eos_penalty", float, "--missing-eos-penalty"),
+    "normalize_reward": _flag("rl.normalize_reward", bool, "--normalize-reward/--no-normalize-reward"),
+    "rl_learning_rate": _flag("rl.learning_rate", float, "--rl-lr"),
+    "rl_lora_r": _flag("rl.lora.r", int, "--rl-lora-r"),
+    "rl_device": _flag("rl.device", str, "--rl-device"),
+    "rl_save_steps": _flag("rl.save_steps", int, "--rl-save-steps"),
+    "rl_report_to": _flag("rl.report_to", list[str], "--rl-report-to"),
+}
+DPO_FLAGS: dict[str, Flag] = {
+    "dpo_policy": _flag("dpo.policy", str, "--policy"),
+    "dpo_data": _flag("dpo.data", list[str], "--dpo-data"),
+    "beta": _flag("dpo.beta", float, "--beta"),
+    **_training_flags("dpo", "dpo"),
 }
 EVAL_FLAGS: dict[str, Flag] = {
     "data": _flag("eval_labeler.data", str, "--data"),
@@ -316,6 +369,27 @@ def serve_pm(config: RunConfig) -> None:
         server.shutdown()
 
 
+def sft(config: RunConfig) -> None:
+    """SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA)."""
+    from constitutional_ai.rl.sft import run_sft
+
+    _print_summary("sft", run_sft(config).extra)
+
+
+def ppo(config: RunConfig) -> None:
+    """RL-CAI: train the policy against the preference model (--algo ppo: ours; rloo, grpo: TRL)."""
+    from constitutional_ai.rl.policy_stage import run_rl
+
+    _print_summary("ppo", run_rl(config).extra)
+
+
+def dpo(config: RunConfig) -> None:
+    """DPO on the AI preference pairs (TRL DPOTrainer), the alternative to a PM plus RL."""
+    from constitutional_ai.rl.dpo import run_dpo
+
+    _print_summary("dpo", run_dpo(config).extra)
+
+
 def run(config: RunConfig) -> None:
     """The whole pipeline on one config (today: SL-CAI data and its SFT export, then response pairs,
     AI feedback labels and their preference export)."""
@@ -356,6 +430,9 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "eval-pm": (eval_pm, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
                           "pm_data": PM_FLAGS["pm_data"], "eval_fraction": PM_FLAGS["eval_fraction"],
                           **EVAL_PM_FLAGS}),
+    "sft": (sft, {**COMMON_FLAGS, **SFT_FLAGS}),
+    "ppo": (ppo, {**COMMON_FLAGS, **PROMPT_FLAGS, **RL_FLAGS}),
+    "dpo": (dpo, {**COMMON_FLAGS, **DPO_FLAGS}),
     "serve-pm": (serve_pm, {"output_dir": COMMON_FLAGS["output_dir"], **SERVE_PM_FLAGS}),
     "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
 }

@@ -192,12 +192,34 @@ class LoRAConfig(_Base):
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; all-linear or names.")
 
 
-class PreferenceModelConfig(_Base):
+class TrainingConfig(_Base):
+    """What every training stage shares; names follow ``transformers.TrainingArguments`` and TRL, so
+    accelerate, DeepSpeed, gradient accumulation, bf16, checkpoints, resume and ``report_to``
+    behave as users know them."""
+
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_length: int = Field(512, ge=16, description="Tokens per example; conversations are cut from the left.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPUs that support it).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (PEFT) instead of all weights.")
+    device: str = Field("auto", pattern=r"^(auto|cpu)$", description="auto (accelerate picks) or cpu.")
+    logging_steps: int = Field(10, ge=1, description="Log every this many optimizer steps.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept.")
+    report_to: list[str] = Field(default_factory=list, description="transformers loggers (tensorboard, wandb...); "
+                                                                 "metrics always go to a JSONL too.")
+
+
+class PreferenceModelConfig(TrainingConfig):
     """RL-CAI step 3: a Bradley-Terry preference model on soft AI labels mixed with human labels.
 
-    Trained with TRL's ``RewardTrainer`` (so ``transformers.Trainer``: accelerate, DeepSpeed,
-    gradient accumulation, bf16, checkpoints, resume and ``report_to`` loggers come with it);
-    field names follow ``TrainingArguments``/``RewardConfig``.
+    Trained with TRL's ``RewardTrainer``; the soft-label loss is ours.
     """
 
     model_name_or_path: str = Field(EMBEDDED_MODEL, description="Base model, loaded as a sequence classifier "
@@ -210,27 +232,68 @@ class PreferenceModelConfig(_Base):
     eval_sources: list[PreferenceSourceConfig] = Field(
         default_factory=list, description="Held-out preference sources for eval-pm; empty: eval_fraction of the mix.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the mix held out when no eval_sources.")
-    max_length: int = Field(512, ge=16, description="Tokens per conversation; older turns are cut from the left.")
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
-    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training mix.")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
-    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warm-up.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Reward centring (Eisenstein et al. 2023): adds c * mean((r_w + r_l)^2).")
     group_by_length: bool = Field(True, description="Batch pairs of similar length (less padding, faster).")
-    bf16: bool = Field(False, description="bfloat16 mixed precision (GPUs that support it).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (PEFT) instead of all weights.")
-    device: str = Field("auto", pattern=r"^(auto|cpu)$", description="auto (accelerate picks) or cpu.")
-    logging_steps: int = Field(10, ge=1, description="Log every this many optimizer steps.")
-    save_steps: int = Field(200, ge=1, description="Checkpoint every this many optimizer steps.")
-    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept.")
-    report_to: list[str] = Field(default_factory=list, description="transformers loggers (tensorboard, wandb...); "
-                                                                 "metrics always go to a JSONL too.")
+    disable_dropout: bool = Field(True, description="Turn the model's dropout off (TRL's default); keep it on to "
+                                                  "regularise small datasets.")
     batch_size: int = Field(32, ge=1, description="Conversations per forward pass when scoring.")
+
+
+class SFTConfig(TrainingConfig):
+    """SL-CAI fine-tuning: TRL's ``SFTTrainer`` on the revisions (mixed with helpfulness data by
+    ``export-sft``), loss on the final assistant turn only."""
+
+    model_name_or_path: str = Field(EMBEDDED_MODEL, description="The helpful model to fine-tune.")
+    data: list[str] = Field(default_factory=lambda: ["run:sft"], description="Conversation files (TRL messages "
+                                                                             "format); run:sft is export-sft's.")
+    learning_rate: float = Field(2e-5, gt=0.0, description="Peak learning rate.")
+
+
+class RLConfig(TrainingConfig):
+    """RL-CAI step 4: the SL-CAI policy against the preference model, by PPO (ours), or RLOO/GRPO (TRL)."""
+
+    algo: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="ppo (ours, the paper's), rloo or grpo (TRL).")
+    policy: str = Field("", description="Policy to train; empty: this run's SFT model, else policy.model.")
+    reward_model: str = Field("", description="Preference model directory; empty: this run's trained PM.")
+    value_model: str = Field("policy", description="ppo: policy (a separate copy of the policy with a value "
+                                                   "head), head (a linear head on the policy's own features), "
+                                                   "or a model directory.")
+    learning_rate: float = Field(1e-5, gt=0.0, description="Policy learning rate.")
+    value_learning_rate: float | None = Field(None, gt=0.0, description="Value learning rate; unset: the policy's.")
+    total_steps: int = Field(100, ge=1, description="PPO updates (rollout + optimisation).")
+    batch_size: int = Field(16, ge=1, description="Prompts per rollout.")
+    num_mini_batches: int = Field(2, ge=1, description="Minibatches per PPO epoch.")
+    ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs per rollout.")
+    num_generations: int = Field(4, ge=2, description="rloo/grpo: samples per prompt.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response sampled.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+    kl_coef: float = Field(0.05, ge=0.0, description="Per-token KL penalty against the reference (paper's "
+                                                     "RLHF: 0.001).")
+    kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL controller target (per sequence); "
+                                                              "unset: a fixed coefficient.")
+    kl_horizon: int = Field(10_000, ge=1, description="Adaptive KL controller horizon.")
+    cliprange: float = Field(0.2, gt=0.0, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0.0, description="Value clip.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Value loss weight.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages per rollout.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping (0: off).")
+    missing_eos_penalty: float | None = Field(None, description="Subtracted from the reward of a response "
+                                                               "that ends without end-of-sequence.")
+    normalize_reward: bool = Field(False, description="Normalise rewards by running mean and std.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every this many updates.")
+
+
+class DPOConfig(TrainingConfig):
+    """The Hugging Face CAI recipe's route: TRL's ``DPOTrainer`` on the AI preference pairs."""
+
+    policy: str = Field("", description="Policy to train; empty: this run's SFT model, else policy.model.")
+    data: list[PreferenceSourceConfig] = Field(
+        default_factory=lambda: [PreferenceSourceConfig(path="run:preferences")], description="Preference sources.")
+    beta: float = Field(0.1, gt=0.0, description="DPO's KL strength.")
+    learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate.")
 
 
 class PMEvalConfig(_Base):
@@ -266,6 +329,9 @@ class RunConfig(_Base):
     pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     eval_pm: PMEvalConfig = Field(default_factory=PMEvalConfig)
     serve_pm: ServePMConfig = Field(default_factory=ServePMConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")

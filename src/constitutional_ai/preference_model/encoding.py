@@ -40,6 +40,9 @@ class PairEncoder:
     def __init__(self, tokenizer: Any, max_length: int):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # whole transcripts are tokenized before they are cut to max_length: transformers' warning
+        # about sequences longer than the model's maximum does not apply (marked as already given)
+        getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.layout = ("pair" if tokenizer.cls_token is not None and tokenizer.sep_token is not None
                        else "chat" if getattr(tokenizer, "chat_template", None) else "raw")
         if self.layout == "pair":

@@ -22,6 +22,7 @@ from constitutional_ai.preference_model.data import PreferencePair, mix_sources,
 from constitutional_ai.preference_model.encoding import PairEncoder
 from constitutional_ai.preference_model.reward_model import PM_INFO, RewardModel, load_sequence_classifier
 from constitutional_ai.stage_runner import StageResult
+from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
 
 PM = "pm"
 EVAL_RESULTS = "eval_results.json"
@@ -49,65 +50,18 @@ def encode_pairs(pairs: list[PreferencePair], encoder: PairEncoder) -> tuple[Any
     return Dataset.from_dict(rows), truncated
 
 
-class _MetricsToStore:
-    """A ``TrainerCallback`` that streams every log entry to the stage's record store, keyed by
-    step, so a resumed run neither loses nor duplicates a line."""
-
-    def __new__(cls, store: RecordStore) -> Any:
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                       **kwargs: Any) -> None:
-                if logs and state.is_world_process_zero:
-                    kind = "eval" if any(k.startswith("eval_") for k in logs) else \
-                        "summary" if "train_runtime" in logs else "train"
-                    store.write([{"key": f"{kind}-{state.global_step}", "step": state.global_step,
-                                  "epoch": state.epoch, **logs}])
-
-        return Callback()
-
-
-def training_arguments(cfg: PreferenceModelConfig, output: Path, seed: int, progress: bool) -> Any:
-    """TRL ``RewardConfig`` from our config: one place where our names meet transformers' names."""
+def pm_training_arguments(cfg: PreferenceModelConfig, output: Path, seed: int, progress: bool) -> Any:
     from trl import RewardConfig
 
-    return RewardConfig(
-        output_dir=str(output), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        center_rewards_coefficient=cfg.center_rewards_coefficient, bf16=cfg.bf16,
-        **_checkpointing(cfg.gradient_checkpointing), logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to or "none", max_length=cfg.max_length, remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length", use_cpu=cfg.device == "cpu", disable_tqdm=not progress,
-        dataloader_num_workers=0, eval_strategy="no",
-    )
-
-
-def _checkpointing(on: bool) -> dict[str, bool]:
-    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``."""
-    from trl import RewardConfig
-
-    names = RewardConfig.__dataclass_fields__
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
-
-
-def _peft_config(cfg: PreferenceModelConfig) -> Any:
-    if cfg.lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
-                      lora_dropout=cfg.lora.lora_dropout, target_modules=cfg.lora.target_modules)
+    return training_arguments(cfg, RewardConfig, output, seed, progress, remove_unused_columns=False,
+                              center_rewards_coefficient=cfg.center_rewards_coefficient,
+                              train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+                              length_column_name="length", disable_dropout=cfg.disable_dropout)
 
 
 def run_train_pm(config: RunConfig) -> StageResult:
     """Mix the sources, train with the soft-label loss, save the PM and evaluate it on held-out pairs."""
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
 
     from constitutional_ai.preference_model.trainer import SoftLabelCollator, SoftLabelRewardTrainer
 
@@ -127,12 +81,12 @@ def run_train_pm(config: RunConfig) -> StageResult:
         encoder = PairEncoder(tokenizer, cfg.max_length)
         train_set, truncated = encode_pairs(train_pairs, encoder)
         checkpoints = directory / "checkpoints"
-        args = training_arguments(cfg, checkpoints, config.seed, config.progress)
+        args = pm_training_arguments(cfg, checkpoints, config.seed, config.progress)
         trainer = SoftLabelRewardTrainer(
             model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-            data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id), peft_config=_peft_config(cfg),
-            callbacks=[_MetricsToStore(store)])
-        last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
+            data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id),
+            peft_config=peft_config(cfg, "SEQ_CLS"), callbacks=[metrics_callback(store)])
+        last = last_checkpoint(checkpoints, config.resume)
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=last)
         seconds = time.perf_counter() - start

@@ -1,0 +1,168 @@
+"""``cai rl``: the SL-CAI policy trained against the preference model.
+
+``--algo ppo`` (the paper's) runs our :class:`~constitutional_ai.rl.ppo.PPOTrainer`; ``--algo
+rloo`` and ``--algo grpo`` run TRL's ``RLOOTrainer``/``GRPOTrainer`` with the same reward: the PM
+on exactly the text the policy produced. Every step's metrics stream to
+``<output_dir>/rl/records.jsonl`` (and to ``report_to``); the trained policy is ``<output_dir>/rl/model``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.chat_format import parse_raw, render_raw
+from constitutional_ai.config import RunConfig
+from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.data.prompts import load_prompts
+from constitutional_ai.data.store import RecordStore
+from constitutional_ai.errors import ConfigError
+from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
+from constitutional_ai.rl.sft import model_path, policy_path
+from constitutional_ai.stage_runner import StageResult
+from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+
+RL = "rl"
+
+
+def pm_reward(config: RunConfig) -> RewardFn:
+    """The trained preference model as a reward function (``prompts, responses -> rewards``)."""
+    from constitutional_ai.preference_model.reward_model import RewardModel
+    from constitutional_ai.preference_model.stage import pm_dir
+
+    directory = Path(config.rl.reward_model) if config.rl.reward_model else pm_dir(config) / "model"
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no preference model; run `cai train-pm` first or pass --reward-model DIR")
+    scorer = RewardModel.from_pretrained(str(directory), device="cpu" if config.rl.device == "cpu" else "auto",
+                                         batch_size=config.pm.batch_size)
+    return scorer.score_responses
+
+
+def rl_prompts(config: RunConfig) -> list[Conversation]:
+    items, _ = load_prompts(config.prompts)
+    return [list(item.messages) for item in items]
+
+
+def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
+    reward_fn = reward_fn or pm_reward(config)
+    if config.rl.algo == "ppo":
+        return run_ppo(config, reward_fn)
+    return run_trl_online(config, reward_fn)
+
+
+def _store(config: RunConfig) -> RecordStore:
+    return RecordStore(Path(config.output_dir) / RL, {"stage": RL, "config": config.fingerprint(("seed", RL))},
+                       resume=config.resume, overwrite=config.overwrite)
+
+
+def _save(model: Any, tokenizer: Any, directory: Path, lora: bool) -> None:
+    final = model.merge_and_unload() if lora else model
+    final.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+
+
+def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = config.rl
+    directory = Path(config.output_dir) / RL
+    path = policy_path(config, cfg.policy)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    value = None
+    if cfg.value_model != "head":
+        value_path = path if cfg.value_model == "policy" else model_path(cfg.value_model)
+        value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, use_safetensors=True)
+        value.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    if cfg.lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config(cfg, "CAUSAL_LM"))
+        if value is not None:
+            value = get_peft_model(value, peft_config(cfg, "SEQ_CLS"))
+    fields = PPOSettings.__dataclass_fields__
+    settings = PPOSettings(**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)}, seed=config.seed)
+    accelerator = Accelerator(cpu=cfg.device == "cpu", log_with=cfg.report_to or None, project_dir=str(directory))
+    if cfg.report_to:
+        accelerator.init_trackers("cai-rl", config={k: v for k, v in cfg.model_dump().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    store = _store(config)
+    try:
+        trainer = PPOTrainer(settings, policy, tokenizer, reward_fn, rl_prompts(config), directory,
+                             value_model=value, accelerator=accelerator,
+                             log=lambda m: store.write([{"key": f"step-{m['step']}", **m}]))
+        start = time.perf_counter()
+        history = trainer.train(progress=config.progress)
+        seconds = time.perf_counter() - start
+        _save(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None)
+        accelerator.end_training()
+        summary = {"algo": "ppo", "steps": trainer.global_step, "seconds": round(seconds, 1),
+                   **({"first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
+                       "last_kl": history[-1]["kl"]} if history else {})}
+        store.close(complete=True, **summary)
+    except BaseException:
+        store.close(complete=False)
+        raise
+    return StageResult(RL, directory / "model", written=len(history), total=cfg.total_steps, seconds=seconds,
+                       prompt_report={}, extra={"model": str(directory / "model"), **summary})
+
+
+def trl_reward(reward_fn: RewardFn, chat: bool) -> Callable[..., list[float]]:
+    """Our reward function in TRL's ``reward_funcs`` signature (``prompts, completions, **kwargs``)."""
+
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        convs = [list(p) if chat else parse_raw(p) for p in prompts]
+        texts = [c[-1]["content"] if chat else c for c in completions]
+        return reward_fn(convs, texts)
+
+    reward.__name__ = "preference_model"
+    return reward
+
+
+def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
+    """RLOO or GRPO through TRL, with our reward."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    cfg = config.rl
+    if cfg.algo == "grpo":
+        from trl import GRPOConfig as ArgsCls
+        from trl import GRPOTrainer as TrainerCls
+    else:
+        from trl import RLOOConfig as ArgsCls
+        from trl import RLOOTrainer as TrainerCls
+    directory = Path(config.output_dir) / RL
+    path = policy_path(config, cfg.policy)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts = rl_prompts(config)
+    dataset = Dataset.from_list([{"prompt": p if chat else render_raw(p, add_generation_prompt=True)}
+                                 for p in prompts])
+    checkpoints = directory / "checkpoints"
+    args = training_arguments(cfg, ArgsCls, checkpoints, config.seed, config.progress,
+                              per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+                              max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                              beta=cfg.kl_coef, max_steps=cfg.total_steps, logging_steps=1)
+    store = _store(config)
+    try:
+        trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat), args=args,
+                             train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
+        start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, config.resume))
+        seconds = time.perf_counter() - start
+        _save(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
+        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        summary = {"algo": cfg.algo, "steps": output.global_step, "seconds": round(seconds, 1),
+                   **({"first_reward": rewards[0], "last_reward": rewards[-1]} if rewards else {})}
+        store.close(complete=True, **summary)
+    except BaseException:
+        store.close(complete=False)
+        raise
+    return StageResult(RL, directory / "model", written=output.global_step, total=cfg.total_steps, seconds=seconds,
+                       prompt_report={}, extra={"model": str(directory / "model"), **summary})

@@ -1,0 +1,377 @@
+"""PPO for language models on transformers and accelerate (TRL 1.x no longer ships one).
+
+One update: sample responses to a batch of prompts -> score each (prompt, response) with the
+reward function (the preference model) -> per-token KL penalty against the frozen reference ->
+GAE advantages from the value model -> several epochs of minibatch updates with the clipped policy
+objective and the clipped value loss, advantages whitened, gradients clipped. The same code runs
+on one CPU, one GPU or many through ``accelerate``; LoRA adapters (PEFT) keep policy and value
+small, and with LoRA the reference is the policy with its adapters switched off (no second copy).
+
+The state (models, optimizers, KL coefficient, step, random generators) is checkpointed every
+``save_steps``; a killed run continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from constitutional_ai.chat_format import render_raw
+from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.rl.core import (
+    KLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+#: ``reward_fn(prompts, responses) -> rewards``: a PM (:class:`RewardModel.score_responses`) or any rule.
+RewardFn = Callable[[list[Conversation], list[str]], list[float]]
+
+
+@dataclass
+class PPOSettings:
+    """The algorithm's knobs (names as in TRL's former ``PPOConfig`` where one existed)."""
+
+    batch_size: int = 16  # prompts per rollout
+    num_mini_batches: int = 2
+    ppo_epochs: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    learning_rate: float = 1e-5
+    value_learning_rate: float | None = None  # default: learning_rate
+    kl_coef: float = 0.05
+    kl_target: float | None = None  # set for the adaptive KL controller
+    kl_horizon: int = 10_000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    missing_eos_penalty: float | None = None
+    normalize_reward: bool = False
+    total_steps: int = 100
+    save_steps: int = 20
+    seed: int = 0
+
+
+def format_prompt(tokenizer: Any, conversation: Conversation) -> str:
+    """The policy's view of a prompt: its chat template, or the paper's raw format."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return render_raw(conversation, add_generation_prompt=True)
+
+
+def value_head(policy: Any) -> torch.nn.Linear:
+    """A value head on the policy's own trunk (``value_model: head``): one linear layer, zero-initialised
+    so the first values are 0 and the first advantages are the rewards."""
+    head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class PPOTrainer:
+    """Runs PPO updates; :meth:`train` is the loop, :meth:`step` one update (for tests and tools)."""
+
+    def __init__(self, settings: PPOSettings, policy: Any, tokenizer: Any, reward_fn: RewardFn,
+                 prompts: Sequence[Conversation], output_dir: str | Path, *, value_model: Any = None,
+                 ref_policy: Any = None, accelerator: Any = None, log: Callable[[dict[str, Any]], None] | None = None):
+        from accelerate import Accelerator
+
+        self.s = settings
+        self.accelerator = accelerator or Accelerator()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.reward_fn = reward_fn
+        self.prompts = list(prompts)
+        self.output_dir = Path(output_dir)
+        self.log_fn = log
+        self.uses_peft = hasattr(policy, "disable_adapter")
+        if ref_policy is None and not self.uses_peft:
+            import copy
+
+            ref_policy = copy.deepcopy(policy)
+        self.ref_policy = ref_policy.eval().requires_grad_(False) if ref_policy is not None else None
+        self.head = value_model is None
+        value = value_head(policy) if self.head else value_model
+        params = [p for p in policy.parameters() if p.requires_grad]
+        value_params = [p for p in value.parameters() if p.requires_grad]
+        vlr = settings.value_learning_rate or settings.learning_rate
+        self.optimizer = torch.optim.AdamW([{"params": params, "lr": settings.learning_rate},
+                                            {"params": value_params, "lr": vlr}], eps=1e-5)
+        self.policy, self.value, self.optimizer = self.accelerator.prepare(policy, value, self.optimizer)
+        if self.ref_policy is not None:
+            self.ref_policy.to(self.accelerator.device)
+        self.kl = KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+        self.global_step = 0
+        self.reward_stats = {"count": 0, "mean": 0.0, "m2": 0.0}
+        self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+    # -- model calls ---------------------------------------------------------------------------------
+    def _policy(self) -> Any:
+        return self.accelerator.unwrap_model(self.policy)
+
+    def _values(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values ``[batch, length]`` (from the value model's trunk and score head)."""
+        if self.head:
+            hidden = policy_hidden
+            if hidden is None:
+                hidden = self._forward_policy(self.policy, ids, mask, positions, hidden=True).hidden_states[-1]
+            return self.value(hidden.detach().float()).squeeze(-1).float()
+        value = self.accelerator.unwrap_model(self.value)
+        if hasattr(value, "get_base_model"):  # PEFT: adapters live inside the base model's modules
+            value = value.get_base_model()
+        backbone = getattr(value, value.base_model_prefix)
+        score = getattr(value, "score", None) or value.classifier
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)[0]
+        return score(hidden).squeeze(-1).float()
+
+    def _forward_policy(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                        hidden: bool = False) -> Any:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                     output_hidden_states=hidden)
+
+    # -- one update ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[Conversation]) -> dict[str, Any]:
+        """Sample, score and evaluate one batch: everything the optimisation epochs need."""
+        device = self.accelerator.device
+        texts = [format_prompt(self.tokenizer, p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True,
+                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(device)
+        policy = self._policy()
+        policy.eval()
+        out = policy.generate(**enc, do_sample=True, temperature=self.s.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=self.s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                              eos_token_id=list(self.eos_ids) or None)
+        context = enc["input_ids"].shape[1]
+        response = out[:, context:]
+        if response.shape[1] == 0:
+            raise RuntimeError("the policy generated nothing; raise max_new_tokens")
+        # a response ends at its first end-of-sequence token (kept: it is an action too)
+        is_eos = torch.zeros_like(response, dtype=torch.bool)
+        for token in self.eos_ids:
+            is_eos |= response == token
+        after = (is_eos.cumsum(1) - is_eos.long()) > 0
+        resp_mask = (~after).long()
+        ended = is_eos.any(1)
+        lengths = resp_mask.sum(1)
+        texts_out = [self.tokenizer.decode(response[i, :lengths[i]], skip_special_tokens=True)
+                     for i in range(len(prompts))]
+        scores = torch.tensor(self.reward_fn(prompts, texts_out), dtype=torch.float, device=device)
+        raw_scores = scores.clone()
+        if self.s.missing_eos_penalty is not None:
+            scores = scores - self.s.missing_eos_penalty * (~ended).float()
+        self._update_reward_stats(raw_scores)
+        if self.s.normalize_reward and self.reward_stats["count"] > 1:
+            std = math.sqrt(self.reward_stats["m2"] / (self.reward_stats["count"] - 1)) or 1.0
+            scores = (scores - self.reward_stats["mean"]) / std
+
+        ids = torch.cat([enc["input_ids"], response], 1)
+        mask = torch.cat([enc["attention_mask"], resp_mask], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logprobs, values, _ = self._evaluate(ids, mask, positions, response, context)
+        if self.ref_policy is not None:
+            ref_logits = self._forward_policy(self.ref_policy, ids, mask, positions).logits[:, context - 1:-1]
+        else:
+            with policy.disable_adapter():
+                ref_logits = self._forward_policy(policy, ids, mask, positions).logits[:, context - 1:-1]
+        ref_logprobs = _token_logprobs(ref_logits, response, self.s.temperature)
+        kl = (logprobs - ref_logprobs) * resp_mask
+        rewards = -self.kl.value * kl
+        last = (lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(prompts), device=device), last] += scores
+        advantages, returns = gae(rewards, values, resp_mask, self.s.gamma, self.s.lam)
+        if self.s.whiten_advantages:
+            advantages = whiten(advantages, resp_mask)
+        return {"ids": ids, "mask": mask, "positions": positions, "response": response, "resp_mask": resp_mask,
+                "context": context, "logprobs": logprobs, "values": values, "advantages": advantages,
+                "returns": returns, "scores": raw_scores, "kl": kl, "lengths": lengths, "ended": ended,
+                "texts": texts_out}
+
+    def _evaluate(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, response: torch.Tensor,
+                  context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the response tokens, their values and the policy's entropy."""
+        out = self._forward_policy(self.policy, ids, mask, positions, hidden=self.head)
+        logits = out.logits[:, context - 1:-1]
+        logprobs = _token_logprobs(logits, response, self.s.temperature)
+        hidden = out.hidden_states[-1] if self.head else None
+        values = self._values(ids, mask, positions, hidden)[:, context - 1:-1]
+        return logprobs, values, entropy_from_logits(logits / self.s.temperature)
+
+    def _update_reward_stats(self, scores: torch.Tensor) -> None:
+        for x in scores.tolist():  # Welford's running mean and variance
+            s = self.reward_stats
+            s["count"] += 1
+            delta = x - s["mean"]
+            s["mean"] += delta / s["count"]
+            s["m2"] += delta * (x - s["mean"])
+
+    def step(self, prompts: list[Conversation]) -> dict[str, float]:
+        """One PPO update on these prompts; returns the step's metrics."""
+        start = time.perf_counter()
+        batch = self.rollout(prompts)
+        self.policy.train()
+        self.value.train()
+        n = len(prompts)
+        size = max(1, n // self.s.num_mini_batches)
+        stats: dict[str, list[float]] = {}
+        rng = torch.Generator().manual_seed(self.s.seed * 1_000_003 + self.global_step)
+        for _ in range(self.s.ppo_epochs):
+            order = torch.randperm(n, generator=rng).tolist()
+            for first in range(0, n, size):
+                idx = torch.tensor(order[first:first + size], device=batch["ids"].device)
+                m = batch["resp_mask"][idx]
+                logprobs, values, entropy = self._evaluate(batch["ids"][idx], batch["mask"][idx],
+                                                           batch["positions"][idx], batch["response"][idx],
+                                                           batch["context"])
+                pg, pg_stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
+                                           self.s.cliprange)
+                vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
+                                          self.s.cliprange_value)
+                loss = pg + self.s.vf_coef * vf
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if self.s.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(
+                        [p for g in self.optimizer.param_groups for p in g["params"]], self.s.max_grad_norm)
+                self.optimizer.step()
+                for key, value in {"policy_loss": pg, "value_loss": vf, "entropy": masked_mean(entropy, m),
+                                   **pg_stats, **vf_stats}.items():
+                    stats.setdefault(key, []).append(float(value.detach()))
+        mask = batch["resp_mask"]
+        seq_kl = batch["kl"].sum(1)
+        self.kl.update(float(seq_kl.mean()), n)
+        self.global_step += 1
+        metrics = {
+            "step": self.global_step,
+            "reward": float(batch["scores"].mean()), "reward_std": float(batch["scores"].std()) if n > 1 else 0.0,
+            "reward_running_mean": self.reward_stats["mean"],
+            "reward_running_std": math.sqrt(self.reward_stats["m2"] / max(1, self.reward_stats["count"] - 1)),
+            "kl": float(seq_kl.mean()), "kl_coef": self.kl.value,
+            "explained_variance": explained_variance(batch["values"], batch["returns"], mask),
+            "response_length": float(batch["lengths"].float().mean()),
+            "eos_fraction": float(batch["ended"].float().mean()),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "seconds": time.perf_counter() - start,
+        }
+        return metrics
+
+    # -- the loop, checkpoints -----------------------------------------------------------------------
+    def _batches(self) -> list[Conversation]:
+        rng = random.Random(self.s.seed * 7919 + self.global_step)
+        return rng.sample(self.prompts, min(self.s.batch_size, len(self.prompts))) \
+            if len(self.prompts) >= self.s.batch_size else [rng.choice(self.prompts) for _ in range(self.s.batch_size)]
+
+    def train(self, progress: bool = True) -> list[dict[str, float]]:
+        """Run until ``total_steps`` (continuing from the last checkpoint, if any)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.resume()
+        history = []
+        columns = [TextColumn("ppo"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                   TextColumn("reward {task.fields[reward]:.3f} kl {task.fields[kl]:.3f}"), TimeElapsedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress or not self.accelerator.is_main_process) as bar:
+            task = bar.add_task("ppo", total=self.s.total_steps, completed=self.global_step, reward=0.0, kl=0.0)
+            while self.global_step < self.s.total_steps:
+                torch.manual_seed(self.s.seed * 1_000_003 + self.global_step)
+                metrics = self.step(self._batches())
+                history.append(metrics)
+                if self.log_fn is not None and self.accelerator.is_main_process:
+                    self.log_fn(metrics)
+                self.accelerator.log(metrics, step=self.global_step)
+                bar.update(task, completed=self.global_step, reward=metrics["reward"], kl=metrics["kl"])
+                if self.global_step % self.s.save_steps == 0 or self.global_step == self.s.total_steps:
+                    self.save_checkpoint()
+        return history
+
+    def _checkpoints(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue: written to a temporary folder, then renamed (atomic)."""
+        if not self.accelerator.is_main_process:
+            return self._checkpoints()
+        final = self._checkpoints() / f"step-{self.global_step}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._policy().save_pretrained(str(tmp / "policy"), safe_serialization=True)
+        value = self.accelerator.unwrap_model(self.value)
+        if self.head:
+            torch.save(value.state_dict(), tmp / "v_head.pt")
+        else:
+            value.save_pretrained(str(tmp / "value"), safe_serialization=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            "global_step": self.global_step, "kl_coef": self.kl.value, "reward_stats": self.reward_stats}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        found = [p for p in self._checkpoints().glob("step-*") if not p.name.endswith(".tmp")] \
+            if self._checkpoints().is_dir() else []
+        return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+    def resume(self) -> Path | None:
+        """Load the latest checkpoint into the models and optimizer, if there is one."""
+        last = self.latest_checkpoint()
+        if last is None:
+            return None
+        policy = self._policy()
+        if self.uses_peft:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(policy, load_file(str(last / "policy" / "adapter_model.safetensors")))
+        else:
+            from safetensors.torch import load_file
+
+            policy.load_state_dict(_load_sharded(last / "policy", load_file), strict=False)
+        value = self.accelerator.unwrap_model(self.value)
+        if self.head:
+            value.load_state_dict(torch.load(last / "v_head.pt", weights_only=True))
+        else:
+            from safetensors.torch import load_file
+
+            value.load_state_dict(_load_sharded(last / "value", load_file), strict=False)
+        state = torch.load(last / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["cpu_rng"])
+        info = json.loads((last / "trainer_state.json").read_text())
+        self.global_step, self.kl.value = info["global_step"], info["kl_coef"]
+        self.reward_stats = info["reward_stats"]
+        return last
+
+
+def _load_sharded(directory: Path, load_file: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state

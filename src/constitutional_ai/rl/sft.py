@@ -1,0 +1,110 @@
+"""``cai sft``: SL-CAI fine-tuning with TRL's ``SFTTrainer`` on the exported revisions.
+
+Each conversation becomes a prompt-completion pair (everything before the final assistant turn,
+then that turn), so the loss falls on the assistant's (revised) answer only, and the result is an
+ordinary ``from_pretrained`` checkpoint in ``<output_dir>/sft/model``: the RL policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from constitutional_ai.chat_format import render_raw
+from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
+from constitutional_ai.data.store import RecordStore, read_records, write_atomic
+from constitutional_ai.errors import DataError
+from constitutional_ai.stage_runner import StageResult
+from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+
+SFT = "sft"
+
+
+def model_path(name: str) -> str:
+    """A loadable path for a model name (the embedded demo model is built on first use)."""
+    if name == EMBEDDED_MODEL:
+        from constitutional_ai.models.tiny import ensure_demo_model
+
+        return str(ensure_demo_model())
+    return name
+
+
+def sft_model_dir(config: RunConfig) -> Path:
+    return Path(config.output_dir) / SFT / "model"
+
+
+def policy_path(config: RunConfig, explicit: str) -> str:
+    """The policy an RL stage starts from: the one named, else this run's SFT model, else the
+    configured policy model (the initial helpful model)."""
+    if explicit:
+        return model_path(explicit)
+    if sft_model_dir(config).is_dir():
+        return str(sft_model_dir(config))
+    return model_path(config.policy.model_name_or_path)
+
+
+def _conversations(config: RunConfig) -> list[list[dict[str, str]]]:
+    out = []
+    for spec in config.sft.data:
+        path = Path(config.output_dir) / SFT / "train.jsonl" if spec == "run:sft" else Path(spec)
+        if not path.is_file():
+            raise DataError(f"{path}: no SFT data; run `cai critique` and `cai export-sft` first, or pass "
+                            "--sft-data FILE.jsonl (TRL messages format)")
+        for n, row in enumerate(read_records(path), 1):
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+                raise DataError(f"{path}:{n}: expected {{\"messages\": [...]}} ending with an assistant turn")
+            out.append(messages)
+    return out
+
+
+def prompt_completion(messages: list[dict[str, str]], tokenizer: Any) -> dict[str, Any]:
+    """TRL's prompt-completion form of one conversation: conversational for chat models, the
+    paper's raw text (ending in the end-of-sequence token) for the rest."""
+    if getattr(tokenizer, "chat_template", None):
+        return {"prompt": messages[:-1], "completion": [messages[-1]]}
+    return {"prompt": render_raw(messages[:-1], add_generation_prompt=True),
+            "completion": " " + messages[-1]["content"].strip() + (tokenizer.eos_token or "")}
+
+
+def run_sft(config: RunConfig) -> StageResult:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = config.sft
+    directory = Path(config.output_dir) / SFT / "trainer"
+    conversations = _conversations(config)
+    store = RecordStore(directory, {"stage": SFT, "config": config.fingerprint(("seed", SFT))},
+                        resume=config.resume, overwrite=config.overwrite)
+    try:
+        path = model_path(cfg.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        dataset = Dataset.from_list([prompt_completion(m, tokenizer) for m in conversations])
+        checkpoints = directory / "checkpoints"
+        args = training_arguments(cfg, SFTConfig, checkpoints, config.seed, config.progress,
+                                  completion_only_loss=True, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
+        start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, config.resume))
+        seconds = time.perf_counter() - start
+        final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
+        out = sft_model_dir(config)
+        final.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        info = {"base_model": cfg.model_name_or_path, "examples": len(conversations),
+                "train_seconds": round(seconds, 1), "global_step": output.global_step,
+                "train_loss": output.training_loss}
+        write_atomic(out / "sft_info.json", json.dumps(info, indent=2))
+        store.close(complete=True, **info)
+    except BaseException:
+        store.close(complete=False)
+        raise
+    return StageResult(SFT, out, written=len(conversations), total=len(conversations), seconds=seconds,
+                       prompt_report={}, extra={"model": str(out), **info})

@@ -1,0 +1,208 @@
+import collections
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from constitutional_ai.config import RunConfig
+from constitutional_ai.rl.core import KLController, explained_variance, gae, policy_loss, value_loss, whiten
+
+# -- the maths, against hand computations -----------------------------------------------------------
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    # row 0: deltas d2 = 1 - .3, d1 = 0 + .9*.3 - .2, d0 = 0 + .9*.2 - .1
+    d2, d1, d0 = 0.7, 0.9 * 0.3 - 0.2, 0.9 * 0.2 - 0.1
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2])
+    # row 1: the masked third token is outside the episode (its value 9 must not leak in)
+    e1, e0 = 2.0 - 1.0, 0.5 + 0.9 * 1.0 - 1.0
+    assert adv[1].tolist() == pytest.approx([e0 + gamma * lam * e1, e1, 0.0])
+    assert ret[1].tolist() == pytest.approx([e0 + gamma * lam * e1 + 1.0, e1 + 1.0, 0.0])
+
+
+def test_clipped_policy_objective_matches_a_hand_computation():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = policy_loss(new, old, adv, mask, clip_range=0.2)
+    # per token: max(-A r, -A clip(r)) -> 1.5 clips to 1.2 for A=1: max(-1.5, -1.2) = -1.2;
+    # r=.5, A=1: max(-.5, -.8) = -.5; r=1.1, A=-2: max(2.2, 2.2) = 2.2; the 4th is masked out
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert float(stats["clipfrac"]) == pytest.approx(1 / 3)
+
+
+def test_clipped_value_loss_matches_a_hand_computation():
+    old = torch.tensor([[1.0, 1.0]])
+    new = torch.tensor([[2.0, 1.1]])
+    returns = torch.tensor([[3.0, 0.0]])
+    loss, _ = value_loss(new, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 0: max((2-3)^2, (1.2-3)^2) = 3.24; token 1: max(1.21, 1.21) = 1.21
+    assert float(loss) == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+
+
+def test_whitening_and_explained_variance_and_the_adaptive_kl_controller():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w = whiten(x, mask)
+    assert float(w[0, :3].mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(w[0, :3].std()) == pytest.approx(1.0, abs=1e-4) and float(w[0, 3]) == 0.0
+    assert explained_variance(x, x, mask) == pytest.approx(1.0)
+    kl = KLController(0.1, target=6.0, horizon=100)
+    kl.update(12.0, 10)  # twice the target: +20% clipped, scaled by 10/100
+    assert kl.value == pytest.approx(0.1 * 1.02)
+    fixed = KLController(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+
+
+# -- PPO on a tiny policy with a planted reward -------------------------------------------------------
+def _planted_word(model_dir: Path) -> str:
+    """A token the tiny random policy samples often enough to learn from (never end-of-sequence)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constitutional_ai.chat_format import render_raw
+    from constitutional_ai.rl.policy_stage import rl_prompts
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    prompts = [render_raw(p) for p in rl_prompts(RunConfig())[:32]]  # what the policy will be asked
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=True, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
+    counts = collections.Counter(out[:, enc["input_ids"].shape[1]:].flatten().tolist())
+    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return next(tokenizer.decode([t]) for t, _ in counts.most_common()
+                if t not in special and tokenizer.decode([t]).strip())
+
+
+def _rl_config(tmp_path: Path, model_dir: Path, **rl) -> RunConfig:
+    return RunConfig().with_overrides({
+        "output_dir": str(tmp_path / "run"), "progress": False, "rl.policy": str(model_dir), "rl.device": "cpu",
+        "rl.value_model": "head", "rl.batch_size": 16, "rl.num_mini_batches": 2, "rl.ppo_epochs": 4,
+        "rl.max_new_tokens": 16, "rl.learning_rate": 1e-3, "rl.total_steps": 24, "rl.save_steps": 100,
+        **{f"rl.{k}": v for k, v in rl.items()}})
+
+
+def _train(tmp_path, model_dir, word, **rl):
+    from constitutional_ai.rl.policy_stage import run_rl
+
+    config = _rl_config(tmp_path, model_dir, **rl)
+    run_rl(config, reward_fn=lambda prompts, responses: [float(r.count(word)) for r in responses])
+    return [json.loads(line) for line in (Path(config.output_dir) / "rl" / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_planted_reward_and_the_kl_coefficient_holds_the_policy_back(tmp_path, tiny_model_dir):
+    word = _planted_word(tiny_model_dir)
+    free = _train(tmp_path / "free", tiny_model_dir, word, kl_coef=0.01)
+    held = _train(tmp_path / "held", tiny_model_dir, word, kl_coef=20.0)
+    start = sum(m["reward"] for m in free[:3]) / 3
+    end = sum(m["reward"] for m in free[-3:]) / 3
+    assert end > start + 0.5 and end > 3 * max(start, 0.1)  # the planted token is sampled far more often
+    assert all(math.isfinite(m["kl"]) for m in free + held)
+    assert free[-1]["kl"] > 2 * max(held[-1]["kl"], 0.1)  # a smaller coefficient lets the policy move further
+    assert sum(m["reward"] for m in held[-3:]) / 3 < start + 0.3  # a huge coefficient: it barely moves
+    for key in ("entropy", "clipfrac", "value_loss", "explained_variance", "reward_running_mean", "kl_coef"):
+        assert key in free[-1]
+    assert (tmp_path / "free" / "run" / "rl" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ppo_with_a_separate_value_model_and_lora_runs_and_logs(tmp_path, tiny_model_dir):
+    records = _train(tmp_path, tiny_model_dir, "the", value_model="policy", lora={"r": 4}, total_steps=3,
+                     kl_target=1.0, missing_eos_penalty=1.0)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["kl_coef"] != records[0]["kl_coef"]  # the adaptive controller moved it
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "rl" / "model")  # LoRA merged: a plain model
+
+
+@pytest.mark.slow
+def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from constitutional_ai.rl import ppo as ppo_module
+    from constitutional_ai.rl.policy_stage import run_rl
+
+    config = _rl_config(tmp_path, tiny_model_dir, total_steps=6, save_steps=2)
+    reward = lambda prompts, responses: [float(len(r)) / 10 for r in responses]  # noqa: E731
+    original = ppo_module.PPOTrainer.step
+
+    def dies_in_step_five(self, prompts):
+        if self.global_step == 4:
+            raise KeyboardInterrupt
+        return original(self, prompts)
+
+    monkeypatch.setattr(ppo_module.PPOTrainer, "step", dies_in_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(config, reward_fn=reward)
+    checkpoints = tmp_path / "run" / "rl" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4"]
+    monkeypatch.setattr(ppo_module.PPOTrainer, "step", original)
+    result = run_rl(config, reward_fn=reward)
+    assert result.extra["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "rl" / "records.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_grpo_through_trl_raises_the_planted_reward(tmp_path, tiny_model_dir):
+    word = _planted_word(tiny_model_dir)
+    records = _train(tmp_path, tiny_model_dir, word, algo="grpo", total_steps=40, learning_rate=1e-2,
+                     batch_size=16, num_generations=4, kl_coef=0.0)
+    rewards = [r["reward"] for r in records if "reward" in r]
+    assert len(rewards) >= 36
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert end > start + 0.3 and end > 2 * start
+
+
+# -- SFT and DPO through TRL ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sft_trains_on_the_final_assistant_turn_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constitutional_ai.rl.sft import prompt_completion, run_sft
+
+    data = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"How do I do thing {i}?"},
+                          {"role": "assistant", "content": "I can't help with that, but here is a safe way."}]}
+            for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pc = prompt_completion(rows[0]["messages"], tokenizer)
+    assert pc["prompt"].endswith("Assistant:") and pc["completion"].startswith(" I can't help")
+    config = RunConfig().with_overrides({"output_dir": str(tmp_path / "run"), "progress": False,
+                                         "sft.model_name_or_path": str(tiny_model_dir), "sft.data": [str(data)],
+                                         "sft.learning_rate": 1e-3, "sft.num_train_epochs": 3, "sft.device": "cpu",
+                                         "sft.logging_steps": 1})
+    result = run_sft(config)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "sft" / "trainer" / "records.jsonl").read_text()
+              .splitlines() if '"loss"' in line]
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    AutoModelForCausalLM.from_pretrained(result.extra["model"])
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_ai_preference_pairs(tmp_path, tiny_model_dir):
+    from constitutional_ai.rl.dpo import run_dpo
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}],
+                                         "chosen": [{"role": "assistant", "content": "a safe answer"}],
+                                         "rejected": [{"role": "assistant", "content": "a harmful answer"}],
+                                         "p_chosen": 0.8}) + "\n" for i in range(16)))
+    config = RunConfig().with_overrides({"output_dir": str(tmp_path / "run"), "progress": False,
+                                         "dpo.policy": str(tiny_model_dir), "dpo.data": [str(prefs)],
+                                         "dpo.learning_rate": 1e-3, "dpo.device": "cpu", "dpo.logging_steps": 1,
+                                         "dpo.max_length": 64})
+    result = run_dpo(config)
+    assert result.extra["pairs"] == 16 and Path(result.extra["model"]).is_dir()
