@@ -85,8 +85,10 @@ def _run(cmd: list[str], verbose: bool) -> str:
 def ensure_env(path: pathlib.Path, *, pins: Mapping[str, str] | None = None, verbose: bool = False) -> pathlib.Path:
     """Create (or reuse) the TRL-baseline venv at ``path`` and return its python executable.
 
-    ``pins`` overrides :data:`PINS` (e.g. ``{**PINS, "trl": "0.28.0"}`` for the last top-level
-    ``trl.PPOTrainer``); keep ``torch`` at 2.13.0. ``verbose`` streams pip's output.
+    ``pins`` overrides :data:`PINS`; keep ``torch`` at 2.13.0. Also tested: ``{**PINS, "trl": "0.28.0",
+    "transformers": "4.57.6", "datasets": "4.0.0"}`` (the last top-level ``trl.PPOTrainer``, on the last
+    transformers 4; datasets 5 needs huggingface-hub>=1.31, which transformers 4 refuses).
+    ``verbose`` streams pip's output; on failure the tail of pip's output is in the exception.
     """
     path = pathlib.Path(path).absolute()
     pins = dict(PINS if pins is None else pins)

@@ -75,6 +75,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -287,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if completed != updates or len(stamps) != updates + 1:
         raise RuntimeError(f"expected {updates} updates, TRL ran {completed} ({len(stamps) - 1} timed)")
-    durations = [b - a for a, b in zip(stamps, stamps[1:])]
+    durations = [b - a for a, b in itertools.pairwise(stamps)]
     timed = durations[1:]
     return {
         "seconds_per_step": sum(timed) / len(timed),
@@ -306,7 +307,8 @@ def run(args: argparse.Namespace) -> dict:
             "stop_token": args.stop_token, "value_model": "separate, loaded from --reward",
             "ref_model": "separate frozen copy loaded from --policy", "whiten_advantages": True,
             "whiten_rewards": False, "kl_estimator": getattr(config, "kl_estimator", "k1"),
-            "cliprange": getattr(config, "cliprange", None), "cliprange_value": getattr(config, "cliprange_value", None),
+            "cliprange": getattr(config, "cliprange", None),
+            "cliprange_value": getattr(config, "cliprange_value", None),
             "vf_coef": getattr(config, "vf_coef", None), "gamma": getattr(config, "gamma", None),
             "lam": getattr(config, "lam", None), "warmup_updates": 1, "ppo_trainer": f"{where}.PPOTrainer",
             "dropped_config_keys": dropped,

@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--train", type=int, default=1200)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--learning-rate", type=float, default=5e-5)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--keep-dropout", action="store_true", help="train with the model's dropout on")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--no-dropout", dest="keep_dropout", action="store_false",
+                    help="train with the model's dropout off (TRL's default; 0.597 here against 0.617 with it)")
     ap.add_argument("--output-dir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     if not Path(args.data).is_file():

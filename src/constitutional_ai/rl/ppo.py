@@ -151,9 +151,19 @@ class PPOTrainer:
         return score(hidden).squeeze(-1).float()
 
     def _forward_policy(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                        hidden: bool = False) -> Any:
+                        hidden: bool = False, keep: int = 0) -> Any:
+        """A forward pass with logits for the last ``keep`` positions only (the response's
+        predictions; the LM head over the prompt is wasted work), where the model allows it."""
+        extra = {"logits_to_keep": keep} if keep and self._takes_logits_to_keep(model) else {}
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                     output_hidden_states=hidden)
+                     output_hidden_states=hidden, **extra)
+
+    def _takes_logits_to_keep(self, model: Any) -> bool:
+        import inspect
+
+        inner = self.accelerator.unwrap_model(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
     # -- one update ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,12 +204,13 @@ class PPOTrainer:
         ids = torch.cat([enc["input_ids"], response], 1)
         mask = torch.cat([enc["attention_mask"], resp_mask], 1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logprobs, values, _ = self._evaluate(ids, mask, positions, response, context)
+        logprobs, values, _ = self._evaluate(ids, mask, positions, response, context, entropy=False)
+        keep = response.shape[1] + 1
         if self.ref_policy is not None:
-            ref_logits = self._forward_policy(self.ref_policy, ids, mask, positions).logits[:, context - 1:-1]
+            ref_logits = self._forward_policy(self.ref_policy, ids, mask, positions, keep=keep).logits[:, -keep:-1]
         else:
             with policy.disable_adapter():
-                ref_logits = self._forward_policy(policy, ids, mask, positions).logits[:, context - 1:-1]
+                ref_logits = self._forward_policy(policy, ids, mask, positions, keep=keep).logits[:, -keep:-1]
         ref_logprobs = _token_logprobs(ref_logits, response, self.s.temperature)
         kl = (logprobs - ref_logprobs) * resp_mask
         rewards = -self.kl.value * kl
@@ -214,14 +225,15 @@ class PPOTrainer:
                 "texts": texts_out}
 
     def _evaluate(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, response: torch.Tensor,
-                  context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  context: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of the response tokens, their values and the policy's entropy."""
-        out = self._forward_policy(self.policy, ids, mask, positions, hidden=self.head)
-        logits = out.logits[:, context - 1:-1]
+        keep = response.shape[1] + 1
+        out = self._forward_policy(self.policy, ids, mask, positions, hidden=self.head, keep=keep)
+        logits = out.logits[:, -keep:-1]
         logprobs = _token_logprobs(logits, response, self.s.temperature)
         hidden = out.hidden_states[-1] if self.head else None
         values = self._values(ids, mask, positions, hidden)[:, context - 1:-1]
-        return logprobs, values, entropy_from_logits(logits / self.s.temperature)
+        return logprobs, values, entropy_from_logits(logits / self.s.temperature) if entropy else None
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
         for x in scores.tolist():  # Welford's running mean and variance
@@ -260,6 +272,7 @@ class PPOTrainer:
                     self.accelerator.clip_grad_norm_(
                         [p for g in self.optimizer.param_groups for p in g["params"]], self.s.max_grad_norm)
                 self.optimizer.step()
+                assert entropy is not None
                 for key, value in {"policy_loss": pg, "value_loss": vf, "entropy": masked_mean(entropy, m),
                                    **pg_stats, **vf_stats}.items():
                     stats.setdefault(key, []).append(float(value.detach()))

@@ -1,0 +1,168 @@
+"""PPO step time and memory: our PPO against TRL's own ``PPOTrainer``, side by side in one run.
+
+TRL 1.x dropped ``PPOTrainer`` (1.13.0 removed the last, experimental one), so the baseline runs
+TRL 1.12.0's ``trl.experimental.ppo.PPOTrainer`` in a separate virtual environment that this script
+builds on first use (``benchmarks/_trl_env.py``, about 80 s once, reused afterwards; pass
+``--venv DIR`` to choose where). Both systems get the same tiny random models built here (a Llama
+policy, its frozen reference, a value model and a reward model, both one-output classifiers
+initialised from the same folder, as TRL's example does), the same prompts (the embedded red-team
+sample, in the paper's raw format), rollout size, minibatches, PPO epochs, response length,
+temperature 1, KL coefficient and learning rate, on CPU with the same threads.
+
+* ``ours``: :class:`constitutional_ai.rl.ppo.PPOTrainer` with a separate value model, the reward
+  from the reward model on the decoded response text (as ``cai ppo`` does with a PM);
+* ``trl``: ``trl.experimental.ppo.PPOTrainer`` (``benchmarks/_trl_ppo_worker.py``).
+
+Each system runs in its own process (its peak resident memory is its own), one warm-up update,
+then ``--steps`` timed updates; reported: mean seconds per PPO update and peak memory, and the
+ratios. The last line is JSON; ``ratio`` is TRL's seconds per step over ours (above 1: we are
+faster).
+
+Run: ``python benchmarks/bench_ppo.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = Path(__file__).resolve().parent
+
+
+def build_models(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """Policy and reward folders plus a prompts file, built locally (nothing downloaded)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from constitutional_ai.chat_format import render_raw
+    from constitutional_ai.config import PromptSourceConfig
+    from constitutional_ai.data.prompts import load_prompts
+    from constitutional_ai.models.tiny import build_tiny_causal_lm
+
+    policy = build_tiny_causal_lm(root / "policy", vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                                  num_layers=args.layers, num_heads=args.heads, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    reward = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(root / "reward", safe_serialization=True)
+    tokenizer.save_pretrained(root / "reward")
+    items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team"))
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps([render_raw(list(item.messages)) for item in items]))
+    return policy, root / "reward", prompts
+
+
+def ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Our PPO with the same settings (runs in its own process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from constitutional_ai.chat_format import parse_raw
+    from constitutional_ai.preference_model.reward_model import RewardModel
+    from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy)
+    value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1)
+    scorer = RewardModel(AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1),
+                         AutoTokenizer.from_pretrained(args.reward), max_length=512, batch_size=args.batch_size)
+    prompts = [parse_raw(p) for p in json.loads(Path(args.prompts).read_text())]
+    settings = PPOSettings(batch_size=args.batch_size, num_mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs,
+                           max_new_tokens=args.response_length, learning_rate=args.learning_rate,
+                           kl_coef=args.kl_coef, total_steps=args.steps + 1, save_steps=10_000, seed=args.seed)
+    trainer = PPOTrainer(settings, policy, tokenizer, scorer.score_responses, prompts,
+                         tempfile.mkdtemp(prefix="bench-ppo-ours-"), value_model=value)
+    times = []
+    for _ in range(args.steps + 1):
+        start = time.perf_counter()
+        trainer.step(trainer._batches())
+        times.append(time.perf_counter() - start)
+    return {"seconds_per_step": sum(times[1:]) / args.steps, "warmup_seconds": times[0], "step_seconds": times[1:],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--reward", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=5, help="timed PPO updates (after one warm-up)")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per rollout")
+    ap.add_argument("--mini-batches", type=int, default=2)
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--learning-rate", type=float, default=3e-6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--venv", default=None, help="where the TRL 1.12 baseline venv lives (built if missing)")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(ours(args)))
+        return {}
+    sys.path.insert(0, str(HERE))
+    from _trl_env import ensure_env
+
+    cache = Path(os.environ.get("CAI_CACHE_DIR", Path.home() / ".cache" / "constitutional_ai"))
+    venv = Path(args.venv) if args.venv else cache / "bench-trl-ppo-venv"
+    print(f"baseline environment: {venv} (built on first use)", flush=True)
+    baseline_python = ensure_env(venv)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-ppo-")
+    policy, reward, prompts = build_models(Path(tmp.name), args)
+    common = ["--policy", str(policy), "--reward", str(reward), "--prompts", str(prompts), "--steps", str(args.steps),
+              "--batch-size", str(args.batch_size), "--mini-batches", str(args.mini_batches),
+              "--ppo-epochs", str(args.ppo_epochs), "--response-length", str(args.response_length),
+              "--kl-coef", str(args.kl_coef), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
+              "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    commands = {"trl": [str(baseline_python), str(HERE / "_trl_ppo_worker.py"), *common],
+                "ours": [sys.executable, __file__, "--worker", *common]}
+    print(f"models: Llama policy/reference and value/reward classifiers, hidden {args.hidden_size}, {args.layers} "
+          f"layers, vocab {args.vocab_size}; rollout {args.batch_size} prompts x {args.response_length} tokens, "
+          f"{args.mini_batches} minibatches x {args.ppo_epochs} epochs, {args.threads} threads, CPU")
+    results = {}
+    for name, command in commands.items():
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n{'system':<8}{'s/step':>9}{'warm-up s':>11}{'peak MB':>9}")
+    for name, r in results.items():
+        print(f"{name:<8}{r['seconds_per_step']:>9.3f}{r['warmup_seconds']:>11.2f}{r['peak_rss_mb']:>9.0f}")
+    trl, mine = results["trl"], results["ours"]
+    figures = {
+        "benchmark": "ppo", "steps": args.steps, "batch_size": args.batch_size, "mini_batches": args.mini_batches,
+        "ppo_epochs": args.ppo_epochs, "response_length": args.response_length, "hidden_size": args.hidden_size,
+        "layers": args.layers, "threads": args.threads, "trl_version": trl.get("trl_version"),
+        "ours_seconds_per_step": round(mine["seconds_per_step"], 4),
+        "trl_seconds_per_step": round(trl["seconds_per_step"], 4),
+        "ours_peak_rss_mb": round(mine["peak_rss_mb"], 1), "trl_peak_rss_mb": round(trl["peak_rss_mb"], 1),
+        "speed_ratio": round(trl["seconds_per_step"] / mine["seconds_per_step"], 3),
+        "memory_ratio": round(trl["peak_rss_mb"] / mine["peak_rss_mb"], 3),
+        "ratio": round(trl["seconds_per_step"] / mine["seconds_per_step"], 3),
+    }
+    tmp.cleanup()
+    print()
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
