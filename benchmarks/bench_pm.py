@@ -78,7 +78,8 @@ def worker(args: argparse.Namespace) -> None:
     training.save_strategy = "no"
     if args.worker == "ours":
         trainer = SoftLabelRewardTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-                                         data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id))
+                                         data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id,
+                                                                         pad_to_multiple_of=cfg.pad_to_multiple_of))
     else:
         from trl import RewardTrainer
 

@@ -155,14 +155,19 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-def test_grpo_through_trl_raises_the_planted_reward(tmp_path, tiny_model_dir):
+def test_grpo_through_trl_raises_the_planted_reward_unless_the_kl_term_holds_it(tmp_path, tiny_model_dir):
     word = _planted_word(tiny_model_dir)
-    records = _train(tmp_path, tiny_model_dir, word, algo="grpo", total_steps=40, learning_rate=1e-2,
-                     batch_size=16, num_generations=4, kl_coef=0.0)
-    rewards = [r["reward"] for r in records if "reward" in r]
+    settings = {"algo": "grpo", "total_steps": 40, "learning_rate": 1e-2, "batch_size": 16, "num_generations": 4}
+    free = _train(tmp_path / "free", tiny_model_dir, word, kl_coef=0.0, **settings)
+    held = _train(tmp_path / "held", tiny_model_dir, word, kl_coef=50.0, **settings)
+    rewards = [r["reward"] for r in free if "reward" in r]
     assert len(rewards) >= 36
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert end > start + 0.3 and end > 2 * start
+    held_rewards = [r["reward"] for r in held if "reward" in r]
+    kls = [r["kl"] for r in held if "kl" in r]
+    assert kls and all(math.isfinite(k) for k in kls)
+    assert sum(held_rewards[-5:]) / 5 < end  # the KL term keeps the policy nearer the reference
 
 
 # -- SFT and DPO through TRL ------------------------------------------------------------------------

@@ -235,6 +235,8 @@ class PreferenceModelConfig(TrainingConfig):
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Reward centring (Eisenstein et al. 2023): adds c * mean((r_w + r_l)^2).")
     group_by_length: bool = Field(True, description="Batch pairs of similar length (less padding, faster).")
+    pad_to_multiple_of: int | None = Field(32, ge=1, description="Pad batches to a multiple of this: few distinct "
+                                                                "shapes keep memory steady with length grouping.")
     disable_dropout: bool = Field(True, description="Turn the model's dropout off (TRL's default); keep it on to "
                                                   "regularise small datasets.")
     batch_size: int = Field(32, ge=1, description="Conversations per forward pass when scoring.")

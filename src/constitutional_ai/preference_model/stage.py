@@ -84,7 +84,8 @@ def run_train_pm(config: RunConfig) -> StageResult:
         args = pm_training_arguments(cfg, checkpoints, config.seed, config.progress)
         trainer = SoftLabelRewardTrainer(
             model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-            data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id),
+            data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id,
+                                            pad_to_multiple_of=cfg.pad_to_multiple_of),
             peft_config=peft_config(cfg, "SEQ_CLS"), callbacks=[metrics_callback(store)])
         last = last_checkpoint(checkpoints, config.resume)
         start = time.perf_counter()
