@@ -86,6 +86,42 @@ def value_head(policy: Any) -> torch.nn.Linear:
     return head
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The policy and its value function as one module, so that one DDP/FSDP wrapper sees every
+    trained forward pass (calling a wrapped model's submodules directly would skip its gradient
+    synchronisation). ``forward`` returns the policy's logits for the last ``keep`` positions and
+    a value for every position."""
+
+    def __init__(self, policy: Any, value_model: Any = None, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.v_head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = {"logits_to_keep": keep} if keep and _takes_logits_to_keep(self.policy) else {}
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, output_hidden_states=self.v_head is not None, **extra)
+        if self.v_head is not None:
+            # the head reads the policy's features detached: value regression must not move the policy
+            return out.logits, self.v_head(out.hidden_states[-1].detach().float()).squeeze(-1)
+        value = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") \
+            else self.value_model  # PEFT: the adapters live inside the base model's modules
+        backbone = getattr(value, value.base_model_prefix)
+        score = getattr(value, "score", None) or value.classifier
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)[0]
+        return out.logits, score(hidden).squeeze(-1).float()
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -116,13 +152,13 @@ class PPOTrainer:
             ref_policy = copy.deepcopy(policy)
         self.ref_policy = ref_policy.eval().requires_grad_(False) if ref_policy is not None else None
         self.head = value_model is None
-        value = value_head(policy) if self.head else value_model
-        params = [p for p in policy.parameters() if p.requires_grad]
-        value_params = [p for p in value.parameters() if p.requires_grad]
+        model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
+        policy_params = [p for p in policy.parameters() if p.requires_grad]
+        value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
         vlr = settings.value_learning_rate or settings.learning_rate
-        self.optimizer = torch.optim.AdamW([{"params": params, "lr": settings.learning_rate},
+        self.optimizer = torch.optim.AdamW([{"params": policy_params, "lr": settings.learning_rate},
                                             {"params": value_params, "lr": vlr}], eps=1e-5)
-        self.policy, self.value, self.optimizer = self.accelerator.prepare(policy, value, self.optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         if self.ref_policy is not None:
             self.ref_policy.to(self.accelerator.device)
         self.kl = KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
@@ -131,39 +167,17 @@ class PPOTrainer:
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
     # -- model calls ---------------------------------------------------------------------------------
+    def _unwrapped(self) -> PolicyAndValue:
+        return self.accelerator.unwrap_model(self.model)
+
     def _policy(self) -> Any:
-        return self.accelerator.unwrap_model(self.policy)
+        return self._unwrapped().policy
 
-    def _values(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token values ``[batch, length]`` (from the value model's trunk and score head)."""
-        if self.head:
-            hidden = policy_hidden
-            if hidden is None:
-                hidden = self._forward_policy(self.policy, ids, mask, positions, hidden=True).hidden_states[-1]
-            return self.value(hidden.detach().float()).squeeze(-1).float()
-        value = self.accelerator.unwrap_model(self.value)
-        if hasattr(value, "get_base_model"):  # PEFT: adapters live inside the base model's modules
-            value = value.get_base_model()
-        backbone = getattr(value, value.base_model_prefix)
-        score = getattr(value, "score", None) or value.classifier
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)[0]
-        return score(hidden).squeeze(-1).float()
-
-    def _forward_policy(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                        hidden: bool = False, keep: int = 0) -> Any:
-        """A forward pass with logits for the last ``keep`` positions only (the response's
-        predictions; the LM head over the prompt is wasted work), where the model allows it."""
-        extra = {"logits_to_keep": keep} if keep and self._takes_logits_to_keep(model) else {}
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                     output_hidden_states=hidden, **extra)
-
-    def _takes_logits_to_keep(self, model: Any) -> bool:
-        import inspect
-
-        inner = self.accelerator.unwrap_model(model)
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    def _logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                keep: int) -> torch.Tensor:
+        """A reference forward pass (no values), logits for the last ``keep`` positions only."""
+        extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
 
     # -- one update ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,10 +221,10 @@ class PPOTrainer:
         logprobs, values, _ = self._evaluate(ids, mask, positions, response, context, entropy=False)
         keep = response.shape[1] + 1
         if self.ref_policy is not None:
-            ref_logits = self._forward_policy(self.ref_policy, ids, mask, positions, keep=keep).logits[:, -keep:-1]
+            ref_logits = self._logits(self.ref_policy, ids, mask, positions, keep)[:, -keep:-1]
         else:
             with policy.disable_adapter():
-                ref_logits = self._forward_policy(policy, ids, mask, positions, keep=keep).logits[:, -keep:-1]
+                ref_logits = self._logits(policy, ids, mask, positions, keep)[:, -keep:-1]
         ref_logprobs = _token_logprobs(ref_logits, response, self.s.temperature)
         kl = (logprobs - ref_logprobs) * resp_mask
         rewards = -self.kl.value * kl
@@ -228,11 +242,10 @@ class PPOTrainer:
                   context: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of the response tokens, their values and the policy's entropy."""
         keep = response.shape[1] + 1
-        out = self._forward_policy(self.policy, ids, mask, positions, hidden=self.head, keep=keep)
-        logits = out.logits[:, -keep:-1]
+        logits, values = self.model(ids, mask, positions, keep)
+        logits = logits[:, -keep:-1]
         logprobs = _token_logprobs(logits, response, self.s.temperature)
-        hidden = out.hidden_states[-1] if self.head else None
-        values = self._values(ids, mask, positions, hidden)[:, context - 1:-1]
+        values = values[:, context - 1:-1].float()
         return logprobs, values, entropy_from_logits(logits / self.s.temperature) if entropy else None
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
@@ -247,8 +260,7 @@ class PPOTrainer:
         """One PPO update on these prompts; returns the step's metrics."""
         start = time.perf_counter()
         batch = self.rollout(prompts)
-        self.policy.train()
-        self.value.train()
+        self.model.train()
         n = len(prompts)
         size = max(1, n // self.s.num_mini_batches)
         stats: dict[str, list[float]] = {}
@@ -296,7 +308,8 @@ class PPOTrainer:
 
     # -- the loop, checkpoints -----------------------------------------------------------------------
     def _batches(self) -> list[Conversation]:
-        rng = random.Random(self.s.seed * 7919 + self.global_step)
+        # each process draws its own prompts (data parallel), reproducibly
+        rng = random.Random((self.s.seed * 7919 + self.global_step) * 1009 + self.accelerator.process_index)
         return rng.sample(self.prompts, min(self.s.batch_size, len(self.prompts))) \
             if len(self.prompts) >= self.s.batch_size else [rng.choice(self.prompts) for _ in range(self.s.batch_size)]
 
@@ -335,11 +348,10 @@ class PPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self._policy().save_pretrained(str(tmp / "policy"), safe_serialization=True)
-        value = self.accelerator.unwrap_model(self.value)
         if self.head:
-            torch.save(value.state_dict(), tmp / "v_head.pt")
+            torch.save(self._unwrapped().v_head.state_dict(), tmp / "v_head.pt")
         else:
-            value.save_pretrained(str(tmp / "value"), safe_serialization=True)
+            self._unwrapped().value_model.save_pretrained(str(tmp / "value"), safe_serialization=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({
             "global_step": self.global_step, "kl_coef": self.kl.value, "reward_stats": self.reward_stats}))
@@ -367,13 +379,18 @@ class PPOTrainer:
             from safetensors.torch import load_file
 
             policy.load_state_dict(_load_sharded(last / "policy", load_file), strict=False)
-        value = self.accelerator.unwrap_model(self.value)
         if self.head:
-            value.load_state_dict(torch.load(last / "v_head.pt", weights_only=True))
+            self._unwrapped().v_head.load_state_dict(torch.load(last / "v_head.pt", weights_only=True))
         else:
             from safetensors.torch import load_file
 
-            value.load_state_dict(_load_sharded(last / "value", load_file), strict=False)
+            value = self._unwrapped().value_model
+            if hasattr(value, "get_base_model"):
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(value, load_file(str(last / "value" / "adapter_model.safetensors")))
+            else:
+                value.load_state_dict(_load_sharded(last / "value", load_file), strict=False)
         state = torch.load(last / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["cpu_rng"])
