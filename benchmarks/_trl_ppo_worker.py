@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc), to tell the libraries' share from the training's."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -222,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         datasets.disable_progress_bars()
     PPOConfig, PPOTrainer, where = import_ppo()
 
+    start_rss_mb = current_rss_mb()  # libraries imported, no model loaded yet
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.policy)
     policy = load_model(AutoModelForCausalLM, args.policy)
@@ -293,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "seconds_per_step": sum(timed) / len(timed),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "start_rss_mb": start_rss_mb,
         "steps": len(timed),
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,

