@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,28 @@ def test_a_model_that_never_loses_keeps_a_finite_rating_and_bad_input_is_refused
         elo_ratings([])
     with pytest.raises(ValueError):
         elo_ratings([Comparison("a", "b", 1.0)], anchor="c")
+
+
+def test_cai_eval_rates_checkpoints_on_both_prompt_sets(tmp_path, tiny_model_dir, tiny_chat_model_dir):
+    import json
+
+    from constitutional_ai.config import RunConfig
+    from constitutional_ai.evaluation.elo_eval import run_eval
+
+    config = RunConfig().with_overrides({
+        "output_dir": str(tmp_path / "run"), "progress": False,
+        "eval.models": [str(tiny_model_dir), str(tiny_chat_model_dir)], "eval.limit": 6,
+        "eval.generation.max_new_tokens": 8, "eval.bootstrap": 50})
+    # a judge that prefers longer answers: the checkpoint that writes more must rate higher
+    result = run_eval(config, judge=lambda prompts, responses: [len(r) / 10 for r in responses])
+    summary = json.loads(Path(result.output).read_text())
+    names = summary["checkpoints"]
+    for s in ("harmless", "helpful"):
+        elo, mean = summary[s]["elo"], summary[s]["mean_reward"]
+        assert elo[names[0]] == 0.0 and summary[s]["prompts"] == 6
+        assert (elo[names[1]] > 0) == (mean[names[1]] > mean[names[0]]) or mean[names[1]] == mean[names[0]]
+        assert summary[s]["lower"][names[1]] <= elo[names[1]] <= summary[s]["upper"][names[1]]
+    assert (tmp_path / "run" / "eval" / "elo.png").stat().st_size > 1000
+    # a rerun finds every answer on disk and generates nothing
+    again = run_eval(config, judge=lambda prompts, responses: pytest.fail("nothing left to judge"))
+    assert json.loads(Path(again.output).read_text())["harmless"]["elo"] == summary["harmless"]["elo"]

@@ -202,6 +202,15 @@ DPO_FLAGS: dict[str, Flag] = {
     "beta": _flag("dpo.beta", float, "--beta"),
     **_training_flags("dpo", "dpo"),
 }
+ELO_FLAGS: dict[str, Flag] = {
+    "eval_model": _flag("eval.models", list[str], "--eval-model"),
+    "judge": _flag("eval.judge", str, "--judge"),
+    "harmless_prompts": _flag("eval.harmless_prompts.path", str, "--harmless-prompts"),
+    "helpful_prompts": _flag("eval.helpful_prompts.path", str, "--helpful-prompts"),
+    "prompts_per_set": _flag("eval.limit", int, "--prompts-per-set"),
+    "eval_max_new_tokens": _flag("eval.generation.max_new_tokens", int, "--eval-max-new-tokens"),
+    "bootstrap": _flag("eval.bootstrap", int, "--bootstrap"),
+}
 EVAL_FLAGS: dict[str, Flag] = {
     "data": _flag("eval_labeler.data", str, "--data"),
     "data_format": _flag("eval_labeler.format", str, "--data-format"),
@@ -390,6 +399,14 @@ def dpo(config: RunConfig) -> None:
     _print_summary("dpo", run_dpo(config).extra)
 
 
+def evaluate(config: RunConfig) -> None:
+    """Elo of checkpoints (initial, SL-CAI, RL-CAI...) on red-team and helpfulness prompts, judged by the PM."""
+    from constitutional_ai.evaluation.elo_eval import run_eval
+
+    result = run_eval(config)
+    _print_summary("eval", {"output": str(result.output), **{f"{k}_elo": v for k, v in result.extra.items()}})
+
+
 def run(config: RunConfig) -> None:
     """The whole pipeline on one config (today: SL-CAI data and its SFT export, then response pairs,
     AI feedback labels and their preference export)."""
@@ -433,6 +450,7 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "sft": (sft, {**COMMON_FLAGS, **SFT_FLAGS}),
     "ppo": (ppo, {**COMMON_FLAGS, **PROMPT_FLAGS, **RL_FLAGS}),
     "dpo": (dpo, {**COMMON_FLAGS, **DPO_FLAGS}),
+    "eval": (evaluate, {**COMMON_FLAGS, **MODEL_FLAGS, **ELO_FLAGS}),
     "serve-pm": (serve_pm, {"output_dir": COMMON_FLAGS["output_dir"], **SERVE_PM_FLAGS}),
     "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
 }

@@ -307,6 +307,25 @@ class PMEvalConfig(_Base):
     n_bins: int = Field(10, ge=1, description="Confidence bins for ECE and the reliability diagram.")
 
 
+class EloEvalConfig(_Base):
+    """``cai eval``: checkpoints compared pairwise on held-out prompts, rated by Elo (the paper's
+    harmlessness-versus-helpfulness figure)."""
+
+    models: list[str] = Field(default_factory=lambda: ["run:initial", "run:sft", "run:rl"],
+                              description="Checkpoints: directories, hub ids, or run:initial|sft|rl|dpo (this "
+                                          "run's; missing ones are left out). The first is the Elo anchor (0).")
+    harmless_prompts: PromptSourceConfig = Field(
+        default_factory=lambda: PromptSourceConfig(path="embedded:red_team"), description="Red-team prompts.")
+    helpful_prompts: PromptSourceConfig = Field(
+        default_factory=lambda: PromptSourceConfig(path="embedded:helpful"), description="Helpfulness prompts.")
+    limit: int = Field(32, ge=1, description="Prompts per set.")
+    judge: str = Field("", description="Preference model judging every pair; empty: this run's trained PM.")
+    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=64,
+                                                                                  temperature=0.0),
+                                         description="How each checkpoint answers (greedy by default).")
+    bootstrap: int = Field(200, ge=0, description="Bootstrap resamples for the confidence intervals.")
+
+
 class ServePMConfig(_Base):
     """``cai serve-pm``: an OpenRLHF-compatible HTTP reward endpoint for a trained PM."""
 
@@ -331,6 +350,7 @@ class RunConfig(_Base):
     pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     eval_pm: PMEvalConfig = Field(default_factory=PMEvalConfig)
     serve_pm: ServePMConfig = Field(default_factory=ServePMConfig)
+    eval: EloEvalConfig = Field(default_factory=EloEvalConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
