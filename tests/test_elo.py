@@ -69,3 +69,27 @@ def test_cai_eval_rates_checkpoints_on_both_prompt_sets(tmp_path, tiny_model_dir
     # a rerun finds every answer on disk and generates nothing
     again = run_eval(config, judge=lambda prompts, responses: pytest.fail("nothing left to judge"))
     assert json.loads(Path(again.output).read_text())["harmless"]["elo"] == summary["harmless"]["elo"]
+
+
+def test_evasive_answers_are_refusals_that_give_no_help():
+    from constitutional_ai.evaluation.curves import evasive_fraction, is_evasive
+
+    assert is_evasive("I'm sorry, I can't help with that.")
+    assert not is_evasive("I can't help with that, because it could hurt someone; instead, here is a safer way.")
+    assert not is_evasive("Sure: preheat the oven to 200 C.")
+    assert evasive_fraction(["I won't do that.", "Here is how.", "I cannot.", "Okay."]) == 0.5
+
+
+def test_pm_score_by_revision_round_and_the_rl_reward_curve(tmp_path):
+    import json
+
+    from constitutional_ai.evaluation.curves import pm_score_by_revision, rl_reward_curve
+
+    critique = tmp_path / "critique.jsonl"
+    rows = [{"key": f"k{i}", "prompt": [{"role": "user", "content": "q"}], "initial_response": "x",
+             "rounds": [{"revision": "xx"}, {"revision": "xxxx"}]} for i in range(3)]
+    critique.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pm_score_by_revision(critique, lambda p, r: [float(len(t)) for t in r]) == [1.0, 2.0, 4.0]
+    rl = tmp_path / "rl.jsonl"
+    rl.write_text("".join(json.dumps({"key": f"step-{i}", "step": i, "reward": i / 2}) + "\n" for i in (2, 1)))
+    assert rl_reward_curve(rl) == [(1, 0.5), (2, 1.0)]

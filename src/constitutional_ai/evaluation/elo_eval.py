@@ -22,6 +22,7 @@ from constitutional_ai.critique.engine import clean_completion, derive_seed
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.errors import ConfigError
+from constitutional_ai.evaluation.curves import extra_figures
 from constitutional_ai.evaluation.elo import Comparison, elo_ratings
 from constitutional_ai.rl.ppo import RewardFn
 from constitutional_ai.stage_runner import StageResult
@@ -88,8 +89,10 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
                           "prompt": item.messages, "response": a, "reward": r}
                          for (s, item), a, r in zip(todo, answers, rewards, strict=True)])
             backend.close()
-        summary = summarise(list(read_records(store.path)), [n for n, _ in checkpoints], config.eval.bootstrap,
-                            config.seed, directory)
+        records = list(read_records(store.path))
+        summary = summarise(records, [n for n, _ in checkpoints], config.eval.bootstrap, config.seed, directory)
+        summary.update(extra_figures(Path(config.output_dir), directory, judge, records, config.eval.limit))
+        write_atomic(directory / "elo.json", json.dumps(summary, indent=2))
         store.close(complete=True)
     except BaseException:
         store.close(complete=False)
