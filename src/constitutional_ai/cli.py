@@ -458,6 +458,16 @@ for _name, (_func, _flags) in COMMANDS.items():
     app.command(_name, help=_func.__doc__)(_build_command(_func, _flags))
 
 
+@app.command("report")
+def report(run_dir: Annotated[Path, typer.Argument(help="A run's --output-dir.")] = Path("runs/default")) -> None:
+    """Rebuild a run's HTML report and Markdown summary from what is in its directory."""
+    from constitutional_ai.report.build import build_report
+
+    with user_errors():
+        path = build_report(run_dir)
+    console.print(f"wrote {path} and {path.with_name('report.md')}", highlight=False)
+
+
 @app.command("config")
 def show_config(output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here.")] = None,  # noqa: UP045
                 ) -> None:
