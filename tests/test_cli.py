@@ -89,15 +89,35 @@ def test_constitution_commands():
     assert runner.invoke(app, ["constitution", "hash", "default"]).output.strip() == Constitution.default().hash
 
 
-def test_run_produces_critique_records_and_sft_data(tmp_path, tiny_model_dir):
+SMALL_RUN = ["--limit", "4", "--rounds", "1", "--max-new-tokens", "8", "--n-responses", "2",
+             "--pairs-max-new-tokens", "8", "--sft-epochs", "1", "--epochs", "1", "--eval-fraction", "0.25",
+             "--total-steps", "2", "--rollout-batch-size", "4", "--rl-max-new-tokens", "6", "--prompts-per-set", "3",
+             "--eval-max-new-tokens", "6", "--bootstrap", "20", "--no-progress"]
+
+
+def test_run_makes_every_artifact_then_reruns_only_what_a_change_touches(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "-m", str(tiny_model_dir), "-o", str(out), "--limit", "3", "--rounds", "2",
-                                 "--max-new-tokens", "6", "--helpful-fraction", "0.25", "--no-progress"])
+    args = ["run", "-m", str(tiny_model_dir), "-o", str(out), "--helpful-fraction", "0.25", *SMALL_RUN]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["critique"]["written"] == 3
-    assert summary["sft_export"]["helpful_examples"] == 2
-    assert len(list(read_records(out / "sft" / "train.jsonl"))) == 8
+    for artifact in ("critique/records.jsonl", "sft/train.jsonl", "sft/model/model.safetensors",
+                     "pairs/records.jsonl", "labels/records.jsonl", "preferences/train.jsonl",
+                     "pm/model/pm_info.json", "rl/model/model.safetensors", "rl/records.jsonl", "eval/elo.json",
+                     "eval/elo.png", "eval/revisions.png", "report.html", "report.md", "config.yaml"):
+        assert (out / artifact).is_file(), artifact
+    assert len(list(read_records(out / "sft" / "train.jsonl"))) == 5  # 4 revisions + 1 helpful example
+    state = json.loads((out / "pipeline.json").read_text())
+    assert all(s["status"] == "complete" for s in state.values())
+    # unchanged: nothing runs; a changed RL setting re-runs RL and what follows, nothing before
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("complete and unchanged, skipped") == 8
+    changed = runner.invoke(app, [*args, "--kl-coef", "0.5"])
+    assert changed.exit_code == 0, changed.output
+    assert "critique: complete and unchanged, skipped" in changed.output
+    assert "pm: complete and unchanged, skipped" in changed.output
+    assert "rl: inputs changed, running again" in changed.output and "eval: inputs changed" in changed.output
+    after = json.loads((out / "pipeline.json").read_text())
+    assert after["pm"] == state["pm"] and after["rl"]["identity"] != state["rl"]["identity"]
 
 
 def _cai(*args):

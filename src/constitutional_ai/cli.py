@@ -408,29 +408,13 @@ def evaluate(config: RunConfig) -> None:
 
 
 def run(config: RunConfig) -> None:
-    """The whole pipeline on one config (today: SL-CAI data and its SFT export, then response pairs,
-    AI feedback labels and their preference export)."""
-    from constitutional_ai.critique.stage import run_critique
-    from constitutional_ai.data.export import critique_to_sft
-    from constitutional_ai.data.store import write_atomic
-    from constitutional_ai.feedback.stage import labels_to_preferences, run_label, run_sample_pairs
+    """The whole pipeline on one config: critique, SFT, pairs, labels, PM, RL, evaluation, report.
+    Complete and unchanged stages are skipped; changed ones run again; an interrupted one resumes."""
+    from constitutional_ai.pipeline import run_pipeline
 
-    out = Path(config.output_dir)
-    result = run_critique(config)  # refuses a changed config before anything in out/ is touched
-    config.to_yaml(out / "config.yaml")
-    export = critique_to_sft(result.output, out / "sft" / "train.jsonl", config.sft_export, seed=config.seed)
-    pairs = run_sample_pairs(config)
-    labels = run_label(config)
-    n_prefs = labels_to_preferences(labels.output, out / "preferences" / "train.jsonl")
-    summary = {"critique": result.as_dict(), "sft_export": export.as_dict(), "pairs": pairs.as_dict(),
-               "labels": labels.as_dict(), "preferences": n_prefs}
-    write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))
-    _print_summary("run", {"critique_records": result.written + result.extra["resumed_from"],
-                           "sft_examples": export.critique_examples + export.helpful_examples,
-                           "sft_output": str(export.output), "labels": labels.extra["labels"],
-                           "mean_p_chosen": labels.extra["mean_p_chosen"],
-                           "preferences_output": str(out / "preferences" / "train.jsonl"),
-                           "seconds": round(result.seconds + pairs.seconds + labels.seconds, 1)})
+    summary = run_pipeline(config, progress=lambda line: console.print(f"[bold]cai run[/] {line}", highlight=False))
+    _print_summary("run", {name: ("skipped (unchanged)" if s["skipped"] else f"{s['seconds']} s")
+                           for name, s in summary.items() if isinstance(s, dict)} | {"report": summary["report"]})
 
 
 STAGE_FLAGS = {**COMMON_FLAGS, **MODEL_FLAGS, **PROMPT_FLAGS}
@@ -452,7 +436,8 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "dpo": (dpo, {**COMMON_FLAGS, **DPO_FLAGS}),
     "eval": (evaluate, {**COMMON_FLAGS, **MODEL_FLAGS, **ELO_FLAGS}),
     "serve-pm": (serve_pm, {"output_dir": COMMON_FLAGS["output_dir"], **SERVE_PM_FLAGS}),
-    "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
+    "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS, **PM_FLAGS,
+                  **{k: v for k, v in SFT_FLAGS.items() if k != "sft_model"}, **RL_FLAGS, **ELO_FLAGS}),
 }
 for _name, (_func, _flags) in COMMANDS.items():
     app.command(_name, help=_func.__doc__)(_build_command(_func, _flags))

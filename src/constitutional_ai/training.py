@@ -58,6 +58,14 @@ def metrics_callback(store: RecordStore) -> Any:
     return MetricsToStore()
 
 
+def fresh_checkpoints(directory: Path, overwrite: bool) -> None:
+    """``--overwrite`` discards a stage's old checkpoints too: resuming another config's would be wrong."""
+    if overwrite and directory.is_dir():
+        import shutil
+
+        shutil.rmtree(directory)
+
+
 def last_checkpoint(directory: Path, resume: bool) -> str | None:
     """The newest ``checkpoint-N`` a Trainer left in ``directory`` (when resuming), else None."""
     if not resume or not directory.is_dir():

@@ -22,7 +22,13 @@ from constitutional_ai.preference_model.data import PreferencePair, mix_sources,
 from constitutional_ai.preference_model.encoding import PairEncoder
 from constitutional_ai.preference_model.reward_model import PM_INFO, RewardModel, load_sequence_classifier
 from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+from constitutional_ai.training import (
+    fresh_checkpoints,
+    last_checkpoint,
+    metrics_callback,
+    peft_config,
+    training_arguments,
+)
 
 PM = "pm"
 EVAL_RESULTS = "eval_results.json"
@@ -81,6 +87,7 @@ def run_train_pm(config: RunConfig) -> StageResult:
         encoder = PairEncoder(tokenizer, cfg.max_length)
         train_set, truncated = encode_pairs(train_pairs, encoder)
         checkpoints = directory / "checkpoints"
+        fresh_checkpoints(checkpoints, config.overwrite)
         args = pm_training_arguments(cfg, checkpoints, config.seed, config.progress)
         trainer = SoftLabelRewardTrainer(
             model=model, args=args, train_dataset=train_set, processing_class=tokenizer,

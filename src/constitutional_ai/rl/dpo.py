@@ -18,7 +18,13 @@ from constitutional_ai.data.store import RecordStore
 from constitutional_ai.preference_model.data import PreferencePair, mix_sources
 from constitutional_ai.rl.sft import policy_path
 from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+from constitutional_ai.training import (
+    fresh_checkpoints,
+    last_checkpoint,
+    metrics_callback,
+    peft_config,
+    training_arguments,
+)
 
 DPO = "dpo"
 
@@ -48,6 +54,7 @@ def run_dpo(config: RunConfig) -> StageResult:
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     dataset = Dataset.from_list([dpo_row(p, tokenizer) for p in pairs])
     checkpoints = directory / "checkpoints"
+    fresh_checkpoints(checkpoints, config.overwrite)
     args = training_arguments(cfg, DPOConfig, checkpoints, config.seed, config.progress, beta=cfg.beta)
     store = RecordStore(directory, {"stage": DPO, "config": config.fingerprint(("seed", DPO))},
                         resume=config.resume, overwrite=config.overwrite)

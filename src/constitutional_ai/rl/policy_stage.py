@@ -22,7 +22,13 @@ from constitutional_ai.errors import ConfigError
 from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
 from constitutional_ai.rl.sft import model_path, policy_path
 from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+from constitutional_ai.training import (
+    fresh_checkpoints,
+    last_checkpoint,
+    metrics_callback,
+    peft_config,
+    training_arguments,
+)
 
 RL = "rl"
 
@@ -89,6 +95,7 @@ def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     if cfg.report_to:
         accelerator.init_trackers("cai-rl", config={k: v for k, v in cfg.model_dump().items()
                                                      if isinstance(v, (int, float, str, bool))})
+    fresh_checkpoints(directory / "checkpoints", config.overwrite)
     store = _store(config)
     try:
         trainer = PPOTrainer(settings, policy, tokenizer, reward_fn, rl_prompts(config), directory,
@@ -144,6 +151,7 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     dataset = Dataset.from_list([{"prompt": p if chat else render_raw(p, add_generation_prompt=True)}
                                  for p in prompts])
     checkpoints = directory / "checkpoints"
+    fresh_checkpoints(checkpoints, config.overwrite)
     args = training_arguments(cfg, ArgsCls, checkpoints, config.seed, config.progress,
                               per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
                               max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,

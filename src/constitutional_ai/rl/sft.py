@@ -17,7 +17,13 @@ from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.errors import DataError
 from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import last_checkpoint, metrics_callback, peft_config, training_arguments
+from constitutional_ai.training import (
+    fresh_checkpoints,
+    last_checkpoint,
+    metrics_callback,
+    peft_config,
+    training_arguments,
+)
 
 SFT = "sft"
 
@@ -87,6 +93,7 @@ def run_sft(config: RunConfig) -> StageResult:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
         dataset = Dataset.from_list([prompt_completion(m, tokenizer) for m in conversations])
         checkpoints = directory / "checkpoints"
+        fresh_checkpoints(checkpoints, config.overwrite)
         args = training_arguments(cfg, SFTConfig, checkpoints, config.seed, config.progress,
                                   completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
