@@ -188,3 +188,11 @@ def test_train_pm_then_eval_pm_from_the_command_line(tmp_path, tiny_model_dir):
     assert missing.exit_code == 2 and "run `cai train-pm` first" in missing.output
     bad = runner.invoke(app, ["train-pm", "-o", str(out), "--pm-data", f"{data},weight"])
     assert bad.exit_code == 2 and "not key=value" in bad.output
+
+
+def test_run_with_an_unreachable_hub_model_fails_at_once_before_any_stage(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-m", str(tiny_model_dir), "-o", str(out), "--pm-model",
+                                 "some-org/not-cached-pm", *SMALL_RUN])
+    assert result.exit_code == 2 and "hf download some-org/not-cached-pm" in result.output
+    assert not (out / "critique").exists()

@@ -103,8 +103,23 @@ def stage_config(config: RunConfig) -> tuple[RunConfig, str]:
     return config.with_overrides({"sft.model_name_or_path": config.policy.model_name_or_path}), sft_dir
 
 
+def check_models(config: RunConfig) -> None:
+    """Every hub model the run will need, checked before the first stage: an id that is neither
+    cached nor downloadable fails at once in one line, not half-way through the pipeline."""
+    from constitutional_ai.backends.transformers_backend import check_hub_model
+    from constitutional_ai.config import EMBEDDED_MODEL
+
+    names = [config.policy.model_name_or_path, config.pm.model_name_or_path, config.rl.policy,
+             config.rl.reward_model, config.eval.judge, config.feedback.model.model_name_or_path
+             if config.feedback.model else ""]
+    for name in dict.fromkeys(n for n in names if n and n != EMBEDDED_MODEL):
+        if not Path(name).expanduser().exists():
+            check_hub_model(name, None)
+
+
 def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) every stage; returns ``{stage: {identity, status, seconds, skipped}}``."""
+    check_models(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.to_yaml(out / "config.yaml")

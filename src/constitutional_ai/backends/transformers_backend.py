@@ -79,7 +79,7 @@ def _load_error(name: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"model {name!r}: cannot be loaded: {text}")
 
 
-def _check_hub_model(name: str, revision: str | None) -> None:
+def check_hub_model(name: str, revision: str | None) -> None:
     """Fail at once, in one line, when a hub id is neither cached nor downloadable."""
     if looks_like_path(name):
         raise _no_such_directory(name)
@@ -180,7 +180,7 @@ class TransformersBackend:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if not Path(path).expanduser().exists():
-            _check_hub_model(name, config.revision)
+            check_hub_model(name, config.revision)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

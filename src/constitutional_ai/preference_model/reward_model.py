@@ -24,7 +24,7 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from constitutional_ai.backends.transformers_backend import _check_hub_model, _load_error
+    from constitutional_ai.backends.transformers_backend import _load_error, check_hub_model
     from constitutional_ai.config import EMBEDDED_MODEL
     from constitutional_ai.hub import quiet_hub_logs
 
@@ -34,7 +34,7 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
 
         path = str(ensure_demo_model())
     if not Path(path).expanduser().exists():
-        _check_hub_model(name, revision)
+        check_hub_model(name, revision)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized" is the point here
     try:
