@@ -196,3 +196,45 @@ def test_run_with_an_unreachable_hub_model_fails_at_once_before_any_stage(tmp_pa
                                  "some-org/not-cached-pm", *SMALL_RUN])
     assert result.exit_code == 2 and "hf download some-org/not-cached-pm" in result.output
     assert not (out / "critique").exists()
+
+
+@pytest.mark.slow
+def test_cai_run_on_the_embedded_default_completes_in_a_subprocess_with_every_artifact(tmp_path):
+    out = tmp_path / "default"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(_cai("run", "-o", str(out), "--no-progress"), env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for artifact in ("critique/records.jsonl", "sft/model/model.safetensors", "labels/records.jsonl",
+                     "pm/model/pm_info.json", "rl/model/model.safetensors", "eval/elo.json", "eval/elo.png",
+                     "eval/revisions.png", "eval/rl_reward.png", "report.html", "report.md"):
+        assert (out / artifact).is_file(), artifact
+    assert "These are toy models" in (out / "report.html").read_text()
+
+
+def test_a_run_killed_mid_stage_completes_on_the_next_run_with_every_artifact(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    args = _cai("run", "-m", str(tiny_model_dir), "-o", str(out), *SMALL_RUN[:-1], "--total-steps", "40",
+                "--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rl_log = out / "rl" / "records.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it in the middle of PPO
+        if rl_log.exists() and rl_log.read_bytes().count(b"\n") >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["rl"]["status"] == "running" and state["pm"]["status"] == "complete"
+    finish = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert "pm: complete and unchanged, skipped" in finish.stdout
+    state = json.loads((out / "pipeline.json").read_text())
+    assert all(s["status"] == "complete" for s in state.values())
+    steps = [r["step"] for r in read_records(rl_log)]
+    assert steps == list(range(1, 41))  # every PPO step logged exactly once across the kill
+    assert (out / "rl" / "model" / "model.safetensors").is_file() and (out / "report.html").is_file()

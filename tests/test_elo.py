@@ -93,3 +93,18 @@ def test_pm_score_by_revision_round_and_the_rl_reward_curve(tmp_path):
     rl = tmp_path / "rl.jsonl"
     rl.write_text("".join(json.dumps({"key": f"step-{i}", "step": i, "reward": i / 2}) + "\n" for i in (2, 1)))
     assert rl_reward_curve(rl) == [(1, 0.5), (2, 1.0)]
+
+
+def test_cai_eval_can_be_judged_by_the_feedback_model_under_principles(tmp_path, tiny_model_dir):
+    import json
+
+    from constitutional_ai.config import RunConfig
+    from constitutional_ai.evaluation.elo_eval import run_eval
+
+    config = RunConfig().with_overrides({
+        "output_dir": str(tmp_path / "run"), "progress": False, "policy.model_name_or_path": str(tiny_model_dir),
+        "eval.models": [str(tiny_model_dir), str(tiny_model_dir)], "eval.limit": 3, "eval.judge": "feedback",
+        "eval.generation.max_new_tokens": 6, "eval.bootstrap": 10})
+    summary = json.loads(Path(run_eval(config).output).read_text())
+    assert summary["judge"] == "feedback model" and summary["checkpoints"] == ["raw", "raw-2"]
+    assert summary["harmless"]["comparisons"] == 3 and summary["helpful"]["comparisons"] == 3

@@ -319,7 +319,9 @@ class EloEvalConfig(_Base):
     helpful_prompts: PromptSourceConfig = Field(
         default_factory=lambda: PromptSourceConfig(path="embedded:helpful"), description="Helpfulness prompts.")
     limit: int = Field(32, ge=1, description="Prompts per set.")
-    judge: str = Field("", description="Preference model judging every pair; empty: this run's trained PM.")
+    judge: str = Field("", description="Who judges every pair: a preference model directory, empty for this "
+                                       "run's trained PM, or feedback (the feedback model under sampled "
+                                       "comparison principles, as cai label does).")
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=64,
                                                                                   temperature=0.0),
                                          description="How each checkpoint answers (greedy by default).")

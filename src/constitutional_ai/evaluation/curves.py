@@ -82,7 +82,7 @@ def plot_curve(points: Sequence[tuple[float, float]], path: Path, title: str, xl
     return path
 
 
-def extra_figures(output_dir: Path, directory: Path, reward_fn: RewardFn, records: list[dict[str, Any]],
+def extra_figures(output_dir: Path, directory: Path, reward_fn: RewardFn | None, records: list[dict[str, Any]],
                   limit: int) -> dict[str, Any]:
     """What ``cai eval`` adds next to the Elo ratings, from whatever this run has made."""
     out: dict[str, Any] = {"evasive_fraction": {
@@ -90,7 +90,7 @@ def extra_figures(output_dir: Path, directory: Path, reward_fn: RewardFn, record
             for m in sorted({r["model"] for r in records if r["set"] == s})}
         for s in sorted({r["set"] for r in records})}}
     critique = output_dir / "critique" / "records.jsonl"
-    if critique.is_file():
+    if critique.is_file() and reward_fn is not None:
         means = pm_score_by_revision(critique, reward_fn, limit)
         if means:
             out["pm_score_by_revision"] = means

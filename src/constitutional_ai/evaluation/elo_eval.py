@@ -44,7 +44,13 @@ def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
                 continue  # this run has not made that checkpoint
             found.append((spec.removeprefix("run:"), path))
         else:
-            found.append((Path(spec).name or spec, spec))
+            path = Path(spec)
+            found.append((path.parent.name if path.name == "model" and path.parent.name else path.name or spec, spec))
+    seen: dict[str, int] = {}
+    for i, (name, path) in enumerate(found):  # two runs' rl/model must not share a name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            found[i] = (f"{name}-{seen[name]}", path)
     if len(found) < 2:
         raise ConfigError(f"cai eval needs at least two checkpoints, found {[n for n, _ in found]}; run `cai sft`/"
                           "`cai ppo` first or pass --eval-model DIR (twice or more)")
@@ -66,7 +72,14 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
 
     start = time.perf_counter()
     checkpoints = resolve_checkpoints(config)
-    judge = judge or _judge(config)
+    by_feedback = judge is None and config.eval.judge == "feedback"
+    if by_feedback:  # the feedback model judges; this run's PM (if any) still draws the curves
+        try:
+            judge = _judge(config.with_overrides({"eval.judge": ""}))
+        except ConfigError:
+            judge = None
+    else:
+        judge = judge or _judge(config)
     prompts = {}
     for name, source in (("harmless", config.eval.harmless_prompts), ("helpful", config.eval.helpful_prompts)):
         items, _ = load_prompts(source.model_copy(update={"limit": config.eval.limit}))
@@ -84,13 +97,16 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
             seeds = [derive_seed(config.seed, "eval", s, item.key) for s, item in todo]
             outs = backend.generate([item.messages for _, item in todo], config.eval.generation, seeds=seeds)
             answers = [clean_completion(o.text, backend.style) for o in outs]
-            rewards = judge([list(item.messages) for _, item in todo], answers)
+            rewards = judge([list(item.messages) for _, item in todo], answers) if judge else [None] * len(answers)
             store.write([{"key": f"{s}:{name}:{item.key}", "set": s, "model": name, "prompt_key": item.key,
                           "prompt": item.messages, "response": a, "reward": r}
                          for (s, item), a, r in zip(todo, answers, rewards, strict=True)])
             backend.close()
         records = list(read_records(store.path))
-        summary = summarise(records, [n for n, _ in checkpoints], config.eval.bootstrap, config.seed, directory)
+        names = [n for n, _ in checkpoints]
+        judged = feedback_judgments(records, names, config) if by_feedback else None
+        summary = summarise(records, names, config.eval.bootstrap, config.seed, directory, judged)
+        summary["judge"] = "feedback model" if by_feedback else "preference model"
         summary.update(extra_figures(Path(config.output_dir), directory, judge, records, config.eval.limit))
         write_atomic(directory / "elo.json", json.dumps(summary, indent=2))
         store.close(complete=True)
@@ -102,22 +118,54 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
                        extra={s: summary[s]["elo"] for s in SETS if s in summary})
 
 
-def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, seed: int,
-              directory: Path) -> dict[str, Any]:
-    """Elo per prompt set from every pair of checkpoints' answers to the same prompt."""
+def feedback_judgments(records: list[dict[str, Any]], names: list[str],
+                       config: RunConfig) -> dict[tuple[str, str, str, str], float]:
+    """``P(a's answer is better)`` for every pair of answers to one prompt, from the feedback model
+    answering the paper's multiple-choice question under sampled comparison principles."""
+    from constitutional_ai.backends import load_backend
+    from constitutional_ai.constitution import Constitution
+    from constitutional_ai.feedback.labeler import Comparison as Pair
+    from constitutional_ai.feedback.labeler import FeedbackLabeler
+
+    answers: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        answers.setdefault((r["set"], r["prompt_key"]), {})[r["model"]] = r
+    pairs, index = [], []
+    for (s, key), by_model in answers.items():
+        for a, b in itertools.combinations(names, 2):
+            if a in by_model and b in by_model:
+                pairs.append(Pair(f"{s}:{key}:{a}:{b}", by_model[a]["prompt"], by_model[a]["response"],
+                                  by_model[b]["response"]))
+                index.append((s, key, a, b))
+    backend = load_backend(config.feedback.model or config.policy)
+    try:
+        labeler = FeedbackLabeler(backend, Constitution.load(config.constitution), config.feedback, seed=config.seed)
+        labels = labeler.label(pairs)
+    finally:
+        backend.close()
+    return {i: label["p_a"] for i, label in zip(index, labels, strict=True) if label is not None}
+
+
+def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, seed: int, directory: Path,
+              judged: dict[tuple[str, str, str, str], float] | None = None) -> dict[str, Any]:
+    """Elo per prompt set from every pair of checkpoints' answers to the same prompt: the PM's
+    ``sigma(r_a - r_b)``, or the feedback model's ``P(a is better)`` when ``judged`` is given."""
     summary: dict[str, Any] = {"anchor": names[0], "checkpoints": names}
     for s in SETS:
         by_prompt: dict[str, dict[str, float]] = {}
         for r in records:
             if r["set"] == s and r["model"] in names:
                 by_prompt.setdefault(r["prompt_key"], {})[r["model"]] = r["reward"]
-        comparisons = [Comparison(a, b, 1.0 / (1.0 + math.exp(-(scores[a] - scores[b]))))
-                       for scores in by_prompt.values() for a, b in itertools.combinations(names, 2)
-                       if a in scores and b in scores]
+        if judged is not None:
+            comparisons = [Comparison(a, b, p) for (js, _, a, b), p in judged.items() if js == s]
+        else:
+            comparisons = [Comparison(a, b, 1.0 / (1.0 + math.exp(-(scores[a] - scores[b]))))
+                           for scores in by_prompt.values() for a, b in itertools.combinations(names, 2)
+                           if a in scores and b in scores and scores[a] is not None and scores[b] is not None]
         if not comparisons:
             continue
         result = elo_ratings(comparisons, anchor=names[0], bootstrap=bootstrap, seed=seed)
-        rewards = {m: [sc[m] for sc in by_prompt.values() if m in sc] for m in names}
+        rewards = {m: [sc[m] for sc in by_prompt.values() if sc.get(m) is not None] for m in names}
         summary[s] = {"elo": {m: round(result.ratings[m], 1) for m in names},
                       "lower": {m: round(result.lower[m], 1) for m in names},
                       "upper": {m: round(result.upper[m], 1) for m in names},

@@ -62,12 +62,15 @@ def collect(run: Path) -> dict[str, Any]:
     config = RunConfig.from_yaml(config_file) if config_file.is_file() else None
     facts["config_yaml"] = config_file.read_text(encoding="utf-8") if config else None
     facts["toy"] = config is None or config.policy.model_name_or_path == EMBEDDED_MODEL
+    pipeline = _json(run / "pipeline.json") or {}
+    timings = {name: entry.get("seconds") for name, entry in pipeline.items() if isinstance(entry, dict)}
+    timings["sft/trainer"] = timings.get("sft")
     stages = []
     for name in STAGES:
         manifest = _json(run / name / MANIFEST)
         if manifest:
             stages.append({"stage": name, "status": manifest.get("status"), "records": manifest.get("records"),
-                           "seconds": manifest.get("seconds") or manifest.get("train_seconds"),
+                           "seconds": timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds"),
                            "updated": manifest.get("updated")})
     facts["stages"] = stages
     facts["pm_info"] = _json(run / "pm" / "model" / "pm_info.json")
