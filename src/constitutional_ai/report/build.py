@@ -69,9 +69,10 @@ def collect(run: Path) -> dict[str, Any]:
     for name in STAGES:
         manifest = _json(run / name / MANIFEST)
         if manifest:
-            stages.append({"stage": name, "status": manifest.get("status"), "records": manifest.get("records"),
-                           "seconds": timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds"),
-                           "updated": manifest.get("updated")})
+            seconds = timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds")
+            records = manifest.get("records")
+            stages.append({"stage": name, "status": manifest.get("status"), "records": records, "seconds": seconds,
+                           "records/s": round(records / seconds, 2) if records and seconds else None})
     facts["stages"] = stages
     facts["pm_info"] = _json(run / "pm" / "model" / "pm_info.json")
     facts["pm_eval"] = _json(run / "pm" / "model" / "eval_results.json")
@@ -124,7 +125,8 @@ def render_html(facts: dict[str, Any]) -> str:
                      f"{facts.get('comparison_principles', 0)} comparison principles: "
                      + ", ".join(f"<code>{_esc(p)}</code>" for p in facts["principles"]) + "</p>")
     if facts["stages"]:
-        parts.append("<h2>Stages</h2>" + _table(facts["stages"], ["stage", "status", "records", "seconds"]))
+        parts.append("<h2>Stages</h2>" + _table(facts["stages"], ["stage", "status", "records", "seconds",
+                                                                  "records/s"]))
     elo = facts.get("elo")
     if elo:
         rows = [{"checkpoint": m, **{f"{s} Elo": elo[s]["elo"][m] for s in ("harmless", "helpful") if s in elo},
