@@ -360,18 +360,12 @@ def eval_pm(config: RunConfig) -> None:
 
 def serve_pm(config: RunConfig) -> None:
     """Serve a preference model over HTTP for OpenRLHF's --remote_rm_url (POST /get_reward)."""
-    from constitutional_ai.errors import ConfigError
-    from constitutional_ai.preference_model.reward_model import RewardModel
     from constitutional_ai.preference_model.server import RewardServer
-    from constitutional_ai.preference_model.stage import pm_dir
+    from constitutional_ai.preference_model.stage import trained_pm
 
-    model_dir = Path(config.serve_pm.model) if config.serve_pm.model else pm_dir(config) / "model"
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: no preference model; run `cai train-pm` first or pass --pm DIR")
-    scorer = RewardModel.from_pretrained(str(model_dir), device="cpu" if config.pm.device == "cpu" else "auto",
-                                         batch_size=config.pm.batch_size)
+    scorer = trained_pm(config, config.serve_pm.model, "--pm", config.pm.device)
     server = RewardServer(scorer, config.serve_pm.host, config.serve_pm.port)
-    console.print(f"serving {model_dir} at {server.url} (OpenRLHF: --remote_rm_url {server.url})", highlight=False)
+    console.print(f"serving {scorer.name} at {server.url} (OpenRLHF: --remote_rm_url {server.url})", highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

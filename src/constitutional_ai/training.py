@@ -73,3 +73,30 @@ def last_checkpoint(directory: Path, resume: bool) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(directory))
+
+
+def load_causal_lm(path: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a policy to train, safetensors only, with a padding token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), tokenizer
+
+
+def train(trainer: Any, checkpoints: Path, resume: bool) -> tuple[Any, float]:
+    """``trainer.train()``, continuing from the last checkpoint when resuming; ``(output, seconds)``."""
+    import time
+
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, resume))
+    return output, time.perf_counter() - start
+
+
+def save_trained(model: Any, tokenizer: Any, directory: Path, lora: bool) -> Any:
+    """Save a trained model as a plain ``from_pretrained`` checkpoint (LoRA adapters merged in)."""
+    final = model.merge_and_unload() if lora else model
+    final.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return final

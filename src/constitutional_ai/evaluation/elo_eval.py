@@ -58,13 +58,9 @@ def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
 
 
 def _judge(config: RunConfig) -> RewardFn:
-    from constitutional_ai.preference_model.reward_model import RewardModel
-    from constitutional_ai.preference_model.stage import pm_dir
+    from constitutional_ai.preference_model.stage import trained_pm
 
-    directory = Path(config.eval.judge) if config.eval.judge else pm_dir(config) / "model"
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: no preference model to judge with; run `cai train-pm` or pass --judge DIR")
-    return RewardModel.from_pretrained(str(directory), batch_size=config.pm.batch_size).score_responses
+    return trained_pm(config, config.eval.judge, "--judge").score_responses
 
 
 def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:

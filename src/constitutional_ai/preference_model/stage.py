@@ -27,6 +27,8 @@ from constitutional_ai.training import (
     last_checkpoint,
     metrics_callback,
     peft_config,
+    save_trained,
+    train,
     training_arguments,
 )
 
@@ -36,6 +38,20 @@ EVAL_RESULTS = "eval_results.json"
 
 def pm_dir(config: RunConfig) -> Path:
     return Path(config.output_dir) / PM
+
+
+def pm_model_dir(config: RunConfig, explicit: str, flag: str) -> Path:
+    """The PM a stage uses: the one named, else this run's trained PM; a one-line error when absent."""
+    directory = Path(explicit) if explicit else pm_dir(config) / "model"
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no preference model; run `cai train-pm` first or pass {flag} DIR")
+    return directory
+
+
+def trained_pm(config: RunConfig, explicit: str, flag: str, device: str = "auto") -> RewardModel:
+    """:func:`pm_model_dir`, loaded for scoring."""
+    return RewardModel.from_pretrained(str(pm_model_dir(config, explicit, flag)), device=device,
+                                       batch_size=config.pm.batch_size)
 
 
 def encode_pairs(pairs: list[PreferencePair], encoder: PairEncoder) -> tuple[Any, int]:
@@ -95,15 +111,9 @@ def run_train_pm(config: RunConfig) -> StageResult:
                                             pad_to_multiple_of=cfg.pad_to_multiple_of),
             peft_config=peft_config(cfg, "SEQ_CLS"), callbacks=[metrics_callback(store)])
         last = last_checkpoint(checkpoints, config.resume)
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last)
-        seconds = time.perf_counter() - start
-        final = trainer.model
-        if cfg.lora is not None:
-            final = final.merge_and_unload()
+        output, seconds = train(trainer, checkpoints, config.resume)
         model_dir = directory / "model"
-        final.save_pretrained(str(model_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(model_dir))
+        final = save_trained(trainer.model, tokenizer, model_dir, cfg.lora is not None)
         steps_run = output.global_step - (int(Path(last).name.split("-")[-1]) if last else 0)
         pairs_per_s = steps_run * args.per_device_train_batch_size * args.gradient_accumulation_steps / seconds
         info = {
@@ -164,17 +174,14 @@ def evaluate_pm(scorer: RewardModel, pairs: list[PreferencePair], directory: Pat
 
 def run_eval_pm(config: RunConfig) -> StageResult:
     """``cai eval-pm``: a PM (this run's, or ``--pm``) on held-out pairs, results next to the model."""
-    model_dir = Path(config.eval_pm.model) if config.eval_pm.model else pm_dir(config) / "model"
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: no preference model; run `cai train-pm` first or pass --pm DIR")
+    model_dir = pm_model_dir(config, config.eval_pm.model, "--pm")
     sources = config.eval_pm.data or config.pm.eval_sources
     if sources:
         pairs, _ = mix_sources(sources, config.seed, Path(config.output_dir))
     else:
         mixed, _ = mix_sources(config.pm.sources, config.seed, Path(config.output_dir))
         pairs = split_heldout(mixed, config.pm.eval_fraction)[1]
-    device = "cpu" if config.pm.device == "cpu" else "auto"
-    scorer = RewardModel.from_pretrained(str(model_dir), device=device, batch_size=config.pm.batch_size)
+    scorer = trained_pm(config, config.eval_pm.model, "--pm", config.pm.device)
     start = time.perf_counter()
     summary = evaluate_pm(scorer, pairs, model_dir, n_bins=config.eval_pm.n_bins)
     seconds = time.perf_counter() - start

@@ -8,7 +8,6 @@ the soft labels keeps that information). The trained policy is ``<output_dir>/dp
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,11 @@ from constitutional_ai.rl.sft import policy_path
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
-    last_checkpoint,
+    load_causal_lm,
     metrics_callback,
     peft_config,
+    save_trained,
+    train,
     training_arguments,
 )
 
@@ -41,17 +42,12 @@ def dpo_row(pair: PreferencePair, tokenizer: Any) -> dict[str, Any]:
 
 def run_dpo(config: RunConfig) -> StageResult:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     cfg = config.dpo
     directory = Path(config.output_dir) / DPO
     pairs, reports = mix_sources(cfg.data, config.seed, Path(config.output_dir))
-    path = policy_path(config, cfg.policy)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    model, tokenizer = load_causal_lm(policy_path(config, cfg.policy))
     dataset = Dataset.from_list([dpo_row(p, tokenizer) for p in pairs])
     checkpoints = directory / "checkpoints"
     fresh_checkpoints(checkpoints, config.overwrite)
@@ -61,12 +57,8 @@ def run_dpo(config: RunConfig) -> StageResult:
     try:
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, config.resume))
-        seconds = time.perf_counter() - start
-        final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
-        final.save_pretrained(str(directory / "model"), safe_serialization=True)
-        tokenizer.save_pretrained(str(directory / "model"))
+        output, seconds = train(trainer, checkpoints, config.resume)
+        save_trained(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
         summary = {"pairs": len(pairs), "steps": output.global_step, "seconds": round(seconds, 1),
                    "train_loss": output.training_loss, "sources": [r.as_dict() for r in reports]}
         store.close(complete=True, **{k: v for k, v in summary.items() if k != "sources"})

@@ -18,15 +18,15 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution.prompts import Conversation
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.errors import ConfigError
 from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
 from constitutional_ai.rl.sft import model_path, policy_path
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
-    last_checkpoint,
     metrics_callback,
     peft_config,
+    save_trained,
+    train,
     training_arguments,
 )
 
@@ -35,15 +35,9 @@ RL = "rl"
 
 def pm_reward(config: RunConfig) -> RewardFn:
     """The trained preference model as a reward function (``prompts, responses -> rewards``)."""
-    from constitutional_ai.preference_model.reward_model import RewardModel
-    from constitutional_ai.preference_model.stage import pm_dir
+    from constitutional_ai.preference_model.stage import trained_pm
 
-    directory = Path(config.rl.reward_model) if config.rl.reward_model else pm_dir(config) / "model"
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: no preference model; run `cai train-pm` first or pass --reward-model DIR")
-    scorer = RewardModel.from_pretrained(str(directory), device="cpu" if config.rl.device == "cpu" else "auto",
-                                         batch_size=config.pm.batch_size)
-    return scorer.score_responses
+    return trained_pm(config, config.rl.reward_model, "--reward-model", config.rl.device).score_responses
 
 
 def rl_prompts(config: RunConfig) -> list[Conversation]:
@@ -61,12 +55,6 @@ def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
 def _store(config: RunConfig) -> RecordStore:
     return RecordStore(Path(config.output_dir) / RL, {"stage": RL, "config": config.fingerprint(("seed", RL))},
                        resume=config.resume, overwrite=config.overwrite)
-
-
-def _save(model: Any, tokenizer: Any, directory: Path, lora: bool) -> None:
-    final = model.merge_and_unload() if lora else model
-    final.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
 
 
 def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
@@ -104,7 +92,7 @@ def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
         start = time.perf_counter()
         history = trainer.train(progress=config.progress)
         seconds = time.perf_counter() - start
-        _save(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None)
+        save_trained(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None)
         accelerator.end_training()
         summary = {"algo": "ppo", "steps": trainer.global_step, "seconds": round(seconds, 1),
                    **({"first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
@@ -161,10 +149,8 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
         trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat), args=args,
                              train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, config.resume))
-        seconds = time.perf_counter() - start
-        _save(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
+        output, seconds = train(trainer, checkpoints, config.resume)
+        save_trained(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         summary = {"algo": cfg.algo, "steps": output.global_step, "seconds": round(seconds, 1),
                    **({"first_reward": rewards[0], "last_reward": rewards[-1]} if rewards else {})}

@@ -97,10 +97,11 @@ class PolicyAndValue(torch.nn.Module):
         self.policy = policy
         self.value_model = value_model
         self.v_head = head
+        self.keeps_logits = _takes_logits_to_keep(policy)  # read once: forward is the hot path
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = {"logits_to_keep": keep} if keep and _takes_logits_to_keep(self.policy) else {}
+        extra = {"logits_to_keep": keep} if keep and self.keeps_logits else {}
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, output_hidden_states=self.v_head is not None, **extra)
         if self.v_head is not None:
@@ -166,6 +167,7 @@ class PPOTrainer:
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         if self.ref_policy is not None:
             self.ref_policy.to(self.accelerator.device)
+        self._ref_keeps_logits = _takes_logits_to_keep(self.ref_policy if self.ref_policy is not None else policy)
         self.kl = KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
         self.global_step = 0
         self.reward_stats = {"count": 0, "mean": 0.0, "m2": 0.0}
@@ -181,7 +183,7 @@ class PPOTrainer:
     def _logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 keep: int) -> torch.Tensor:
         """A reference forward pass (no values), logits for the last ``keep`` positions only."""
-        extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+        extra = {"logits_to_keep": keep} if self._ref_keeps_logits else {}
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
 
     # -- one update ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ ordinary ``from_pretrained`` checkpoint in ``<output_dir>/sft/model``: the RL po
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,11 @@ from constitutional_ai.errors import DataError
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
-    last_checkpoint,
+    load_causal_lm,
     metrics_callback,
     peft_config,
+    save_trained,
+    train,
     training_arguments,
 )
 
@@ -77,7 +78,6 @@ def prompt_completion(messages: list[dict[str, str]], tokenizer: Any) -> dict[st
 
 def run_sft(config: RunConfig) -> StageResult:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     cfg = config.sft
@@ -86,11 +86,7 @@ def run_sft(config: RunConfig) -> StageResult:
     store = RecordStore(directory, {"stage": SFT, "config": config.fingerprint(("seed", SFT))},
                         resume=config.resume, overwrite=config.overwrite)
     try:
-        path = model_path(cfg.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        model, tokenizer = load_causal_lm(model_path(cfg.model_name_or_path))
         dataset = Dataset.from_list([prompt_completion(m, tokenizer) for m in conversations])
         checkpoints = directory / "checkpoints"
         fresh_checkpoints(checkpoints, config.overwrite)
@@ -98,13 +94,9 @@ def run_sft(config: RunConfig) -> StageResult:
                                   completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints, config.resume))
-        seconds = time.perf_counter() - start
-        final = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
+        output, seconds = train(trainer, checkpoints, config.resume)
         out = sft_model_dir(config)
-        final.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
+        save_trained(trainer.model, tokenizer, out, cfg.lora is not None)
         info = {"base_model": cfg.model_name_or_path, "examples": len(conversations),
                 "train_seconds": round(seconds, 1), "global_step": output.global_step,
                 "train_loss": output.training_loss}
