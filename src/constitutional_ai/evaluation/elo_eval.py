@@ -167,7 +167,6 @@ def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, s
                       "upper": {m: round(result.upper[m], 1) for m in names},
                       "mean_reward": {m: sum(v) / len(v) for m, v in rewards.items() if v},
                       "prompts": len(by_prompt), "comparisons": len(comparisons)}
-    write_atomic(directory / "elo.json", json.dumps(summary, indent=2))
     if all(s in summary for s in SETS):
         plot_elo(summary, directory / "elo.png")
     return summary
