@@ -38,14 +38,18 @@ class GenerationParams(_Base):
 
 
 #: Model settings that change speed or memory, never what a stage writes (left out of fingerprints).
-RUNTIME_MODEL_KNOBS = ("device", "dtype", "batch_size", "max_batch_tokens", "prefix_cache_tokens")
+RUNTIME_MODEL_KNOBS = ("device", "dtype", "batch_size", "max_batch_tokens", "prefix_cache_tokens", "base_url",
+                       "api_key_env", "max_concurrency", "max_retries", "request_timeout", "tensor_parallel_size",
+                       "gpu_memory_utilization", "enable_prefix_caching")
 
 
 class ModelConfig(_Base):
     """Which model to load and how. ``embedded:tiny-demo`` builds a tiny offline demo model."""
 
     model_name_or_path: str = Field(EMBEDDED_MODEL, description="Local model directory or Hugging Face model id.")
-    backend: Literal["transformers"] = Field("transformers", description="Generation backend.")
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="transformers (in-process, default), openai (any OpenAI-compatible server: vLLM, "
+                                    "SGLang, llama.cpp, Ollama, hosted APIs) or vllm (in-process vLLM engine, GPU).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$",
                         description="auto, cpu, cuda, cuda:N or mps.")
@@ -63,6 +67,34 @@ class ModelConfig(_Base):
     chat_format: Literal["auto", "chat_template", "raw"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."
     )
+    # -- openai: a server speaking the OpenAI API ---------------------------------------------------
+    base_url: str | None = Field(None, description="openai backend: the server's base URL, e.g. "
+                                                   "http://localhost:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="openai backend: the environment variable holding the API key (the key "
+                                         "itself is never read from config, logged or stored).")
+    max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight at once.")
+    max_retries: int = Field(8, ge=0, description="openai backend: retries of a request after a 429, a 5xx, a "
+                                                  "timeout, a dropped connection or a malformed reply.")
+    request_timeout: float = Field(120.0, gt=0, description="openai backend: seconds before a request is retried.")
+    logprobs_mode: Literal["auto", "echo", "top_logprobs"] = Field(
+        "auto", description="openai backend, how score_choices reads log-probabilities: echo (exact prompt "
+                            "log-probabilities from /completions), top_logprobs (the next token's top candidates), "
+                            "or auto (echo when the server returns it, else top_logprobs).")
+    tokenizer: str | None = Field(
+        None, description="openai backend: local directory or hub id of the served model's tokenizer, for exact "
+                          "token counts and client-side chat templates; unset: ask the server (/tokenize).")
+    # -- vllm: in-process engine --------------------------------------------------------------------
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs one model is split across.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory used.")
+    enable_prefix_caching: bool = Field(True, description="vllm backend: reuse the KV cache of shared prompt starts "
+                                                          "(constitution, few-shot block).")
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url (e.g. http://localhost:8000/v1); set --base-url")
+        return self
 
 
 class PromptSourceConfig(_Base):
@@ -336,6 +368,22 @@ class ServePMConfig(_Base):
     port: int = Field(5000, ge=0, le=65535, description="Port; POST /get_reward.")
 
 
+class RayConfig(_Base):
+    """Fan critique, sample-pairs and label out over Ray actors (Ray Data ``map_batches``).
+
+    Each actor loads its own backend; the driver alone writes the record store, so resume and
+    exactly-once output work as in a single process. Changes speed only, never what is written.
+    """
+
+    workers: int = Field(0, ge=0, description="Backend actors; 0 runs in this process without Ray.")
+    address: str | None = Field(None, description="Ray cluster to join: auto, ray://HOST:10001; unset starts a "
+                                                  "local Ray.")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; unset: 1 when CUDA is "
+                                                                       "visible to the driver, else 0.")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
+    batch_size: int = Field(16, ge=1, description="Inputs per map_batches call on one actor.")
+
+
 class RunConfig(_Base):
     """The whole job. Each stage reads its own section plus the shared fields."""
 
@@ -356,6 +404,7 @@ class RunConfig(_Base):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="Distributed generation (critique, pairs, labels).")
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")

@@ -12,6 +12,14 @@ def load_backend(config: ModelConfig) -> LanguageModel:
         from constitutional_ai.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(config)
+    if config.backend == "openai":
+        from constitutional_ai.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(config)
+    if config.backend == "vllm":
+        from constitutional_ai.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(config)
     raise ValueError(f"unknown backend {config.backend!r}")  # unreachable: the config validates it
 
 

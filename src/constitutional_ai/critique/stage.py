@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import CritiqueRevisionEngine
-from constitutional_ai.data.prompts import PromptItem, PromptReport, load_prompts
+from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.errors import ConfigError
-from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
+from constitutional_ai.stage_runner import (
+    Output,
+    Processor,
+    Skip,
+    StageResult,
+    load_stage_constitution,
+    run_with_backend,
+)
 
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.
@@ -22,10 +30,10 @@ def stage_dir(config: RunConfig) -> Path:
     return Path(config.output_dir) / STAGE
 
 
-def filter_too_long(items: list[PromptItem], backend: LanguageModel, engine: CritiqueRevisionEngine,
-                    report: PromptReport) -> list[PromptItem]:
-    """Drop prompts whose longest request (the last revision prompt, with response and critique at
-    full length) would not fit the model's context; a long prompt is reported, never a crash."""
+def split_too_long(items: list[PromptItem], backend: LanguageModel,
+                   engine: CritiqueRevisionEngine) -> tuple[list[PromptItem], dict[int, Skip]]:
+    """Set aside prompts whose longest request (the last revision prompt, with response and critique
+    at full length) would not fit the model's context; a long prompt is reported, never a crash."""
     params = engine.params
     probe = engine.constitution.critique_revision
     longest_request = max(probe, key=lambda p: len(p.critique_request) + len(p.revision_request))
@@ -39,14 +47,28 @@ def filter_too_long(items: list[PromptItem], backend: LanguageModel, engine: Cri
         raise ConfigError(f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the model's "
                           f"{backend.context_length}-token context (a critique chain holds up to 3 completions); "
                           "lower --max-new-tokens")
-    kept = []
-    for item, n in zip(items, lengths, strict=True):
+    kept, skipped = [], {}
+    for i, (item, n) in enumerate(zip(items, lengths, strict=True)):
         if n > budget:
-            report.skip("too_long", f"{report.source}:{item.index} ({n} tokens > {budget})")
+            skipped[i] = Skip("too_long", f"{item.index} ({n} tokens > {budget})")
         else:
             kept.append(item)
-    report.kept = len(kept)
-    return kept
+    return kept, skipped
+
+
+def critique_processor(config: RunConfig, backend: LanguageModel | None = None) -> Processor:
+    """The batch processor of this stage: too-long prompts set aside, the rest critiqued and revised."""
+    constitution = load_stage_constitution(config.constitution, "critique_revision", "critique_examples",
+                                           config.critique.few_shot, "--few-shot")
+    backend = backend or load_backend(config.policy)
+    engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
+
+    def process(batch: list[PromptItem], on_step: Callable[[str, int], None]) -> list[Output]:
+        kept, skipped = split_too_long(batch, backend, engine)
+        records = iter(engine.run(kept, on_step=on_step))
+        return [skipped[i] if i in skipped else next(records) for i in range(len(batch))]
+
+    return process
 
 
 def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
@@ -63,19 +85,13 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info) as store:
         config.to_yaml(directory / "config.yaml")
         constitution.save(str(directory / "constitution.yaml"))
-        owns_backend = backend is None
-        backend = backend or load_backend(config.policy)
-        try:
-            store.update_manifest(model_id=backend.model_id, model_revision=getattr(backend, "revision", None),
-                                  prompt_style=backend.style)
-            engine = CritiqueRevisionEngine(backend, constitution, config.critique, seed=config.seed)
-            items = filter_too_long(items, backend, engine, report)
-            written, done_before = stream_batches(
-                store, items, lambda it: it.key, config.critique.batch_size,
-                lambda batch, on_step: engine.run(batch, on_step=on_step), STAGE, "prompts", config.progress)
-            store.close(complete=True, prompts=report.as_dict())
-        finally:
-            if owns_backend:
-                backend.close()
-    return StageResult(STAGE, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
-                       {"resumed_from": done_before, "constitution_hash": constitution.hash})
+        streamed = run_with_backend(store, items, lambda it: it.key, config.critique.batch_size,
+                                    critique_processor, config, config.policy, backend, "model_id", STAGE,
+                                    "prompts")
+        for skip in streamed.skipped:
+            report.skip(skip.reason, f"{report.source}:{skip.detail}")
+        report.kept = len(items) - len(streamed.skipped)
+        store.close(complete=True, prompts=report.as_dict())
+    return StageResult(STAGE, store.path, streamed.written, report.kept, time.perf_counter() - start,
+                       report.as_dict(), {"resumed_from": streamed.done_before,
+                                          "constitution_hash": constitution.hash})

@@ -153,9 +153,9 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
         backend = backend or load_backend(config.feedback.model or config.policy)
         try:
             labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
-            written, _ = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
+            written = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
                                         lambda batch, _: evaluate_batch(batch, backend, labeler, config.seed),
-                                        "eval-labeler", "items", config.progress)
+                                        "eval-labeler", "items", config.progress).written
             results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
                                 labeler_id=backend.model_id, constitution_hash=constitution.hash)
             results["skipped_too_long"] = labeler.too_long

@@ -16,7 +16,14 @@ from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, wr
 from constitutional_ai.errors import DataError
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
+from constitutional_ai.stage_runner import (
+    Output,
+    Processor,
+    Skip,
+    StageResult,
+    load_stage_constitution,
+    run_with_backend,
+)
 
 PAIRS, LABELS = "pairs", "labels"
 PAIRS_SECTIONS = ("seed", "policy", "prompts", "pairs")
@@ -55,6 +62,12 @@ def sample_responses(backend: LanguageModel, items: list[PromptItem], config: Ru
     return records
 
 
+def pairs_processor(config: RunConfig, backend: LanguageModel | None = None) -> Processor:
+    """The batch processor of sample-pairs (loads the policy when no backend is given, as in a Ray actor)."""
+    backend = backend or load_backend(config.policy)
+    return lambda batch, on_step: sample_responses(backend, batch, config, on_step)  # type: ignore[return-value]
+
+
 def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
     start = time.perf_counter()
     items, report = load_prompts(config.prompts)
@@ -62,20 +75,11 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
     directory = stage_path(config, PAIRS)
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
         config.to_yaml(directory / "config.yaml")
-        owns = backend is None
-        backend = backend or load_backend(config.policy)
-        try:
-            store.update_manifest(policy_id=backend.model_id, model_revision=getattr(backend, "revision", None))
-            written, done_before = stream_batches(
-                store, items, lambda it: it.key, config.pairs.batch_size,
-                lambda batch, on_step: sample_responses(backend, batch, config, on_step), PAIRS, "prompts",
-                config.progress)
-            store.close(complete=True, prompts=report.as_dict())
-        finally:
-            if owns:
-                backend.close()
-    return StageResult(PAIRS, store.path, written, len(items), time.perf_counter() - start, report.as_dict(),
-                       {"resumed_from": done_before})
+        streamed = run_with_backend(store, items, lambda it: it.key, config.pairs.batch_size, pairs_processor, config,
+                                    config.policy, backend, "policy_id", PAIRS, "prompts")
+        store.close(complete=True, prompts=report.as_dict())
+    return StageResult(PAIRS, store.path, streamed.written, len(items), time.perf_counter() - start,
+                       report.as_dict(), {"resumed_from": streamed.done_before})
 
 
 # -- label ----------------------------------------------------------------------------------------------
@@ -95,6 +99,20 @@ def comparisons_from_pairs(path: Path) -> list[Comparison]:
     return out
 
 
+def label_processor(config: RunConfig, backend: LanguageModel | None = None) -> Processor:
+    """The batch processor of label: one record per comparison, a skip for one too long to fit."""
+    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                           config.feedback.few_shot, "--feedback-few-shot")
+    backend = backend or load_backend(config.feedback.model or config.policy)
+    labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
+
+    def process(batch: list[Comparison], _: Any) -> list[Output]:
+        records = labeler.label(batch)
+        return [r if r is not None else Skip("too_long", c.key) for r, c in zip(records, batch, strict=True)]
+
+    return process
+
+
 def run_label(config: RunConfig, backend: LanguageModel | None = None,
               comparisons: list[Comparison] | None = None) -> StageResult:
     """Label every comparison (by default, the pairs stage's output) with the feedback model."""
@@ -108,24 +126,16 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
         config.to_yaml(directory / "config.yaml")
         constitution.save(str(directory / "constitution.yaml"))
-        owns = backend is None
-        backend = backend or load_backend(config.feedback.model or config.policy)
-        try:
-            labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
-            store.update_manifest(labeler_id=backend.model_id, model_revision=getattr(backend, "revision", None))
-            written, done_before = stream_batches(
-                store, comparisons, lambda c: c.key, config.feedback.batch_size,
-                lambda batch, _: labeler.label(batch), LABELS, "pairs", config.progress)
-            summary = label_summary(list(store.records()), labeler)
-            store.close(complete=True, summary=summary)
-        finally:
-            if owns:
-                backend.close()
-    return StageResult(LABELS, store.path, written, len(comparisons), time.perf_counter() - start, {},
-                       {"resumed_from": done_before, **summary})
+        streamed = run_with_backend(store, comparisons, lambda c: c.key, config.feedback.batch_size,
+                                    label_processor, config, config.feedback.model or config.policy, backend,
+                                    "labeler_id", LABELS, "pairs")
+        summary = label_summary(list(store.records()), skipped_too_long=len(streamed.skipped))
+        store.close(complete=True, summary=summary)
+    return StageResult(LABELS, store.path, streamed.written, len(comparisons), time.perf_counter() - start, {},
+                       {"resumed_from": streamed.done_before, **summary})
 
 
-def label_summary(records: list[dict[str, Any]], labeler: FeedbackLabeler) -> dict[str, Any]:
+def label_summary(records: list[dict[str, Any]], skipped_too_long: int) -> dict[str, Any]:
     """Run figures: label count, mean confidence, position-bias rate, truncations."""
     first, second = position_pairs(records)
     return {
@@ -133,7 +143,7 @@ def label_summary(records: list[dict[str, Any]], labeler: FeedbackLabeler) -> di
         "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / len(records), 4) if records else None,
         "position_bias_rate": round(position_bias_rate(first, second), 4) if first else None,
         "truncated_conversations": sum(1 for r in records if r.get("truncated")),
-        "skipped_too_long": labeler.too_long,
+        "skipped_too_long": skipped_too_long,
     }
 
 

@@ -1,0 +1,479 @@
+"""Any server that speaks the OpenAI API: vLLM's and SGLang's servers, llama.cpp, Ollama, hosted APIs.
+
+Teams already run these engines; we drive them rather than write our own. Requests go out
+concurrently (asyncio, up to ``max_concurrency`` in flight) and each one is retried on 429, 5xx,
+timeouts, dropped connections and malformed replies, with exponential back-off, full jitter and
+the server's ``Retry-After``. A stage therefore sees every prompt answered exactly once, in order,
+however flaky the server; the record store then makes the run itself resumable.
+
+``score_choices`` needs log-probabilities, which servers offer in one of two ways:
+
+* **echo** (``/completions`` with ``echo`` and ``logprobs``, as lm-evaluation-harness uses): the
+  log-probability of every prompt token, so the continuation's exact sum is read off by character
+  offset. vLLM, SGLang and llama.cpp's Python server give it.
+* **top_logprobs**: only the next token's top candidates. The prompt is extended by what the
+  choices share and each choice is scored by its first distinct token; later tokens are ignored,
+  and a choice outside the top candidates gets the lowest listed value (an upper bound).
+
+The API key is read from the environment variable named in the config, sent only in the
+``Authorization`` header, and never appears in a log line, an error or an artifact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from typing import Any, Literal
+
+from constitutional_ai.backends.base import Generation
+from constitutional_ai.chat_format import render_raw
+from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
+from constitutional_ai.constitution.prompts import Prompt
+from constitutional_ai.errors import CAIError, ModelLoadError, first_line
+
+log = logging.getLogger(__name__)
+
+#: Statuses worth another try: rate limits, overload and server-side failures.
+RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+#: Back-off: the first retry waits up to BASE seconds, doubling per attempt, never more than CAP.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+#: A server asking for more than this is answered with this (a stage should not sleep for hours).
+MAX_RETRY_AFTER = 120.0
+#: Candidates asked for in top_logprobs mode (OpenAI's chat API allows at most 20).
+TOP_LOGPROBS = 20
+#: Context length assumed when neither the config nor the server says.
+DEFAULT_CONTEXT = 4096
+
+
+class ServerError(CAIError):
+    """A request failed for good: a 4xx the server will repeat, or retries exhausted."""
+
+
+class ScoringUnsupportedError(CAIError):
+    """The server returns neither prompt log-probabilities nor top candidates."""
+
+
+def retry_after_seconds(headers: Any, now: float | None = None) -> float | None:
+    """The wait a 429/503 asks for: ``retry-after-ms``, ``Retry-After`` in seconds or as an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return min(MAX_RETRY_AFTER, max(0.0, float(ms) / 1000))
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, when - (time.time() if now is None else now)))
+
+
+def backoff_seconds(attempt: int, rng: random.Random) -> float:
+    """Exponential back-off with full jitter (AWS's recipe): uniform in [0, min(cap, base * 2^attempt)],
+    so many clients that failed together do not retry together."""
+    return rng.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** attempt))
+
+
+def continuation_logprob(logprobs: dict[str, Any], start: int, end: int) -> float:
+    """Sum of the echoed token log-probabilities whose text overlaps ``[start, end)``.
+
+    ``start`` is where the choice begins in the echoed text; a token that straddles it (the prompt's
+    end merged with the choice's start) counts as the choice's, as in the transformers backend.
+    Tokens from ``end`` on are the one generated token and are left out.
+    """
+    tokens = logprobs.get("tokens")
+    values = logprobs.get("token_logprobs")
+    offsets = logprobs.get("text_offset")
+    if not tokens or values is None or offsets is None or len(offsets) != len(tokens) or len(values) != len(tokens):
+        raise ScoringUnsupportedError("the reply carries no per-token prompt log-probabilities")
+    total, seen = 0.0, False
+    for i, (tok, value, offset) in enumerate(zip(tokens, values, offsets, strict=True)):
+        if offset >= end:
+            break
+        token_end = offsets[i + 1] if i + 1 < len(offsets) else offset + len(tok)
+        if token_end <= start:
+            continue
+        if value is None:  # the first token of the text has no log-probability
+            raise ScoringUnsupportedError("the choice starts at the first token, which has no log-probability")
+        total += float(value)
+        seen = True
+    if not seen:
+        raise ScoringUnsupportedError("the echoed tokens do not cover the choice (the server ignored echo)")
+    return total
+
+
+def shared_prefix(texts: Sequence[str]) -> str:
+    """The longest start every choice shares (``The answer is: (`` for ``(A)``/``(B)`` replies)."""
+    if not texts:
+        return ""
+    return os.path.commonprefix(list(texts))
+
+
+def first_token_scores(top: dict[str, float], remainders: Sequence[str]) -> list[float]:
+    """Score each choice by the best top candidate that starts it (longest match), else the floor."""
+    floor = min(top.values()) if top else -1e4
+    scores = []
+    for rest in remainders:
+        best: tuple[int, float] | None = None
+        for token, value in top.items():
+            if token and rest.startswith(token) and (best is None or len(token) > best[0]):
+                best = (len(token), value)
+        scores.append(best[1] if best is not None else floor)
+    return scores
+
+
+class OpenAIBackend:
+    """:class:`~constitutional_ai.backends.base.LanguageModel` over an OpenAI-compatible HTTP server."""
+
+    def __init__(self, config: ModelConfig):
+        try:
+            import httpx
+        except ImportError:  # pragma: no cover - a core dependency
+            raise ModelLoadError("backend openai needs httpx: pip install httpx") from None
+        self._httpx = httpx
+        self.config = config
+        if not config.base_url:
+            raise ModelLoadError("backend openai needs policy.base_url (--base-url), e.g. http://localhost:8000/v1")
+        self.base_url = config.base_url.rstrip("/")
+        self._key = os.environ.get(config.api_key_env) or None
+        self._rng = random.Random(0)
+        #: Requests, retries by reason and failures, for the run summary and the benchmarks.
+        self.stats: Counter[str] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cai-openai", daemon=True)
+        self._thread.start()
+        self._client: Any = None
+        self._sem: asyncio.Semaphore | None = None
+        self._tokenize_route: str | None = None
+        self._scoring: Literal["echo", "top_logprobs"] | None = (
+            None if config.logprobs_mode == "auto" else config.logprobs_mode)
+        self._tokenizer = self._load_tokenizer(config)
+        models = self._models()
+        served = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
+        name = config.model_name_or_path
+        if name == EMBEDDED_MODEL or not name:
+            if not served:
+                raise ModelLoadError(f"{self.base_url}/models lists no model; pass the served name with --model")
+            name = served[0]
+        self.model_id = name
+        self.revision = None
+        has_template = self._tokenizer is not None and getattr(self._tokenizer, "chat_template", None) is not None
+        self.style: Literal["raw", "chat"] = "raw" if config.chat_format == "raw" else "chat"
+        if config.chat_format == "auto" and self._tokenizer is not None and not has_template:
+            self.style = "raw"
+        self._local_template = self.style == "chat" and has_template
+        self.context_length = config.max_context or self._context_from(models, name)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    @staticmethod
+    def _load_tokenizer(config: ModelConfig) -> Any:
+        if not config.tokenizer:
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"tokenizer {config.tokenizer!r}: cannot be loaded ({first_line(exc)}); pass the "
+                                 "served model's tokenizer directory with --tokenizer") from None
+
+    def _models(self) -> list[dict[str, Any]]:
+        try:
+            reply = self._run(self._request("GET", "/models", None))
+        except ServerError as exc:
+            raise ModelLoadError(f"{self.base_url}: no OpenAI-compatible server answers ({exc}); start it or fix "
+                                 "--base-url") from None
+        data = reply.get("data") if isinstance(reply, dict) else None
+        return data if isinstance(data, list) else []
+
+    @staticmethod
+    def _context_from(models: list[dict[str, Any]], name: str) -> int:
+        for m in models:
+            if m.get("id") != name:
+                continue
+            for key in ("max_model_len", "context_length", "max_context_length"):
+                if isinstance(m.get(key), int) and m[key] > 0:
+                    return int(m[key])
+            meta = m.get("meta")
+            if isinstance(meta, dict) and isinstance(meta.get("n_ctx"), int):
+                return int(meta["n_ctx"])
+        log.warning("the server does not report its context length; assuming %d tokens (set --max-context)",
+                    DEFAULT_CONTEXT)
+        return DEFAULT_CONTEXT
+
+    # -- transport -------------------------------------------------------------------------------
+    def _run(self, coro: Awaitable[Any]) -> Any:
+        """Run a coroutine on the backend's own loop thread, so callers stay synchronous and a
+        caller that is itself inside an event loop (a notebook) still works."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
+    async def _ensure_client(self) -> Any:
+        if self._client is None:
+            httpx = self._httpx
+            limits = httpx.Limits(max_connections=self.config.max_concurrency,
+                                  max_keepalive_connections=self.config.max_concurrency)
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.request_timeout), limits=limits)
+            self._sem = asyncio.Semaphore(self.config.max_concurrency)
+        return self._client
+
+    async def _request(self, method: str, path: str, payload: dict[str, Any] | None,
+                       check: str | None = None) -> Any:
+        """One request, retried until it yields JSON (with key ``check`` when given) or fails for good.
+
+        ``path`` is relative to ``base_url`` or a whole URL (the tokenize endpoints live at the root).
+        """
+        client = await self._ensure_client()
+        assert self._sem is not None
+        url = path if path.startswith(("http://", "https://")) else self.base_url + path
+        httpx = self._httpx
+        reason = ""
+        for attempt in range(self.config.max_retries + 1):
+            wait: float | None = None
+            async with self._sem:
+                self.stats["requests"] += 1
+                try:
+                    response = await client.request(method, url, json=payload, headers=self._headers())
+                except httpx.TimeoutException:
+                    reason = "timeout"
+                except httpx.TransportError as exc:  # refused, reset, dropped mid-reply
+                    reason = f"connection ({type(exc).__name__})"
+                else:
+                    status = response.status_code
+                    if status < 300:
+                        try:
+                            body = response.json()
+                        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                            reason = "malformed JSON"
+                        else:
+                            if check is None or (isinstance(body, dict) and check in body):
+                                return body
+                            reason = f"reply without {check!r}"
+                    elif status in RETRY_STATUSES:
+                        reason = f"HTTP {status}"
+                        wait = retry_after_seconds(response.headers)
+                    else:
+                        raise ServerError(self._describe(url, status, response))
+            self.stats[f"retry: {reason}"] += 1
+            if attempt == self.config.max_retries:
+                break
+            await asyncio.sleep(wait if wait is not None else backoff_seconds(attempt, self._rng))
+        self.stats["failed"] += 1
+        raise ServerError(f"{url}: gave up after {self.config.max_retries + 1} attempts (last: {reason}); check "
+                          "the server or raise --max-retries / --request-timeout")
+
+    def _describe(self, url: str, status: int, response: Any) -> str:
+        try:
+            body = response.json()
+            detail = body.get("error", body) if isinstance(body, dict) else body
+            if isinstance(detail, dict):
+                detail = detail.get("message", detail)
+        except ValueError:
+            detail = response.text
+        text = " ".join(str(detail).split())[:300]
+        if self._key:
+            text = text.replace(self._key, "***")
+        if status in (401, 403):
+            return (f"{url}: HTTP {status} ({text}); put the server's API key in the environment variable "
+                    f"{self.config.api_key_env} (--api-key-env names another)")
+        return f"{url}: HTTP {status}: {text}"
+
+    def _gather(self, coros: list[Awaitable[Any]]) -> list[Any]:
+        async def all_of() -> list[Any]:
+            return list(await asyncio.gather(*coros))
+
+        return self._run(all_of())
+
+    # -- formatting ------------------------------------------------------------------------------
+    def _text(self, prompt: Prompt) -> str | None:
+        """The exact text for /completions, or None when only the server can render it (chat)."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.style == "raw":
+            return render_raw(prompt, add_generation_prompt=True)
+        if self._local_template:
+            return self._tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        return None
+
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        if self._tokenizer is not None:
+            out = []
+            for p in prompts:
+                text = self._text(p)
+                if text is None:
+                    text = render_raw(p)
+                out.append(len(self._tokenizer(text, add_special_tokens=self.style == "raw")["input_ids"]))
+            return out
+        return self._gather([self._count_remote(p) for p in prompts])
+
+    async def _count_remote(self, prompt: Prompt) -> int:
+        text = self._text(prompt)
+        if text is None:  # a chat prompt the server templates: its contents plus a few tokens per turn
+            text = "".join(m["content"] for m in prompt)  # type: ignore[index,union-attr]
+            extra = 8 * len(prompt)
+        else:
+            extra = 0
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        routes = [self._tokenize_route] if self._tokenize_route else [
+            "/tokenize", "/extras/tokenize", "root:/tokenize", "root:/extras/tokenize"]
+        for route in routes:
+            if route == "estimate":
+                break
+            url_base = root if route.startswith("root:") else self.base_url
+            path = route.removeprefix("root:")
+            try:  # each server names the text differently: vLLM prompt, llama.cpp content, its Python server input
+                reply = await self._request("POST", url_base + path,
+                                            {"model": self.model_id, "prompt": text, "input": text, "content": text})
+            except ServerError:
+                continue
+            n = self._token_count(reply)
+            if n is not None:
+                self._tokenize_route = route
+                return n + extra
+        if self._tokenize_route != "estimate":
+            log.warning("%s offers no tokenize endpoint; token counts are estimated (3 characters a token); "
+                        "pass --tokenizer for exact counts", self.base_url)
+            self._tokenize_route = "estimate"
+        return len(text) // 3 + 1 + extra
+
+    @staticmethod
+    def _token_count(reply: Any) -> int | None:
+        if not isinstance(reply, dict):
+            return None
+        if isinstance(reply.get("count"), int):
+            return int(reply["count"])
+        tokens = reply.get("tokens")
+        return len(tokens) if isinstance(tokens, list) else None
+
+    # -- generation ------------------------------------------------------------------------------
+    def _sampling(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model_id, "max_tokens": params.max_new_tokens,
+                                "temperature": params.temperature, "top_p": params.top_p}
+        if params.top_k:
+            body["top_k"] = params.top_k  # vLLM, SGLang and llama.cpp extension
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
+                 seeds: Sequence[int] | None = None) -> list[Generation]:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError("generate needs one seed per prompt")
+        if not prompts:
+            return []
+        return self._gather([self._generate_one(p, params, None if seeds is None else int(seeds[i]))
+                             for i, p in enumerate(prompts)])
+
+    async def _generate_one(self, prompt: Prompt, params: GenerationParams, seed: int | None) -> Generation:
+        body = self._sampling(params, seed)
+        text = self._text(prompt)
+        if text is None:
+            body["messages"] = [{"role": m["role"], "content": m["content"]} for m in prompt]  # type: ignore[index,union-attr]
+            reply = await self._request("POST", "/chat/completions", body, check="choices")
+        else:
+            body["prompt"] = text
+            reply = await self._request("POST", "/completions", body, check="choices")
+        try:
+            choice = reply["choices"][0]
+            out = choice["text"] if text is not None else (choice["message"].get("content") or "")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ServerError(f"{self.base_url}: a completion reply without choices[0] text") from None
+        cut = min((i for i in (out.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:  # servers cut at stop strings; some return the text up to and including it
+            out = out[:cut]
+        finish = "length" if choice.get("finish_reason") == "length" and cut < 0 else "stop"
+        usage = reply.get("usage") or {}
+        return Generation(text=out, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                          completion_tokens=int(usage.get("completion_tokens") or 0))
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        if len(prompts) != len(choices):
+            raise ValueError("score_choices needs one list of choices per prompt")
+        texts = [self._text(p) for p in prompts]
+        if any(t is None for t in texts):
+            raise ScoringUnsupportedError(
+                f"model {self.model_id!r}: scoring a chat conversation needs its chat template here, and the "
+                "server only applies it for generation; pass the served model's tokenizer with --tokenizer "
+                "(or use --chat-format raw for a base model)")
+        if self._scoring is None:
+            self._scoring = self._probe_scoring(texts[0], choices[0])  # type: ignore[arg-type]
+        if self._scoring == "echo":
+            flat = [(t, c) for t, cs in zip(texts, choices, strict=True) for c in cs]
+            values = iter(self._gather([self._echo_score(t, c) for t, c in flat]))  # type: ignore[arg-type]
+            return [[next(values) for _ in cs] for cs in choices]
+        return self._gather([self._top_score(t, list(cs)) for t, cs in zip(texts, choices, strict=True)])  # type: ignore[arg-type]
+
+    def _probe_scoring(self, text: str, choices: Sequence[str]) -> Literal["echo", "top_logprobs"]:
+        """Find out once which kind of log-probabilities this server returns."""
+        for mode, probe in (("echo", self._echo_score(text, choices[0])),
+                            ("top_logprobs", self._top_score(text, list(choices)))):
+            try:
+                self._run(probe)
+                return mode  # type: ignore[return-value]
+            except ScoringUnsupportedError:
+                continue
+            except ServerError as exc:
+                log.info("%s scoring not offered: %s", mode, exc)
+                continue
+        raise ScoringUnsupportedError(
+            f"{self.base_url} returns neither prompt log-probabilities (echo + logprobs on /completions) nor "
+            "top_logprobs, so the feedback model cannot score choices there; serve the model with vLLM, SGLang "
+            "or llama.cpp, or use --backend transformers")
+
+    async def _echo_score(self, text: str, choice: str) -> float:
+        body = {"model": self.model_id, "prompt": text + choice, "echo": True, "logprobs": 1, "max_tokens": 1,
+                "temperature": 0.0}
+        reply = await self._request("POST", "/completions", body, check="choices")
+        try:
+            logprobs = reply["choices"][0]["logprobs"] or {}
+        except (KeyError, IndexError, TypeError):
+            raise ScoringUnsupportedError("the reply carries no logprobs") from None
+        return continuation_logprob(logprobs, len(text), len(text) + len(choice))
+
+    async def _top_score(self, text: str, choices: list[str]) -> list[float]:
+        common = shared_prefix(choices)
+        body = {"model": self.model_id, "prompt": text + common, "max_tokens": 1, "logprobs": TOP_LOGPROBS,
+                "temperature": 0.0}
+        reply = await self._request("POST", "/completions", body, check="choices")
+        try:
+            top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+        except (KeyError, IndexError, TypeError):
+            raise ScoringUnsupportedError("the reply carries no top_logprobs") from None
+        if isinstance(top, list):  # the chat-style shape: [{token, logprob}]
+            top = {t["token"]: t["logprob"] for t in top}
+        if not isinstance(top, dict) or not top:
+            raise ScoringUnsupportedError("the reply carries no top_logprobs")
+        return first_token_scores({str(k): float(v) for k, v in top.items()}, [c[len(common):] for c in choices])
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        if self._client is not None:
+            try:
+                self._run(self._client.aclose())
+            except RuntimeError:
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
