@@ -36,12 +36,12 @@ def llama_server_available() -> str | None:
 
 
 @contextmanager
-def llama_server(gguf_path: Path, n_ctx: int = 2048, log_path: Path | None = None) -> Iterator[str]:
+def llama_server(gguf_path: Path, n_ctx: int = 2048, log_path: Path | None = None, threads: int = 1) -> Iterator[str]:
     """Serve ``gguf_path`` with ``python -m llama_cpp.server`` on loopback; yields its /v1 base URL."""
     port = free_port()
     log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "1", "--n_batch", "512",
+           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_batch", "512",
            "--logits_all", "true", "--verbose", "false", "--model_alias", "tiny"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
@@ -147,10 +147,10 @@ class FaultProxy:
                 else:
                     self._send(status, data, kind)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 self._handle()
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._handle()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)

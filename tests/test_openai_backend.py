@@ -25,7 +25,7 @@ from constitutional_ai.backends.openai_backend import (
 from constitutional_ai.config import GenerationParams, ModelConfig, RunConfig
 from constitutional_ai.data.store import read_records
 from constitutional_ai.errors import ModelLoadError
-from servers import FaultProxy, free_port, llama_server, llama_server_available
+from servers import FAULTS, FaultProxy, free_port, llama_server, llama_server_available
 
 # -- pure functions -------------------------------------------------------------------------------
 
@@ -54,6 +54,14 @@ def test_continuation_logprob_counts_a_token_merged_across_the_boundary():
     lp = {"tokens": ["Hi", " there", "!"], "token_logprobs": [None, -1.5, -0.5], "text_offset": [0, 2, 8]}
     assert continuation_logprob(lp, start=5, end=8) == -1.5  # "!" is the generated token, left out
     assert continuation_logprob(lp, start=2, end=9) == -2.0
+    # Offsets that skip special tokens (llama-cpp-python): walked back from the end of the echo instead.
+    specials = {"tokens": ["", "Hi", " there", "!", "?"], "token_logprobs": [None, -0.1, -1.5, -0.5, -9.0],
+                "text_offset": [0, 0, 2, 8, 9]}
+    echoed = "<s>Hi there!?"  # "?" is the generated token
+    assert continuation_logprob(specials, start=8, end=12, echoed=echoed) == -2.0  # "ere!", " there" straddles
+    assert continuation_logprob(specials, start=11, end=12, echoed=echoed) == -0.5
+    # A generated token whose text is not in the reply (a partial UTF-8 byte): usage.completion_tokens decides.
+    assert continuation_logprob(specials, start=8, end=12, echoed="<s>Hi there!", generated_tokens=1) == -2.0
     with pytest.raises(ScoringUnsupportedError):
         continuation_logprob({"tokens": ["x"], "token_logprobs": [None], "text_offset": [0]}, 0, 1)
     with pytest.raises(ScoringUnsupportedError):
@@ -95,7 +103,7 @@ class _Scripted:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = _reply  # noqa: N815
+            do_GET = do_POST = _reply
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -224,7 +232,8 @@ def raw_server(raw_gguf, tmp_path_factory):
 def test_llama_server_scores_agree_with_transformers(raw_server, tiny_model_dir):
     from constitutional_ai.backends.transformers_backend import TransformersBackend
 
-    served = OpenAIBackend(ModelConfig(backend="openai", base_url=raw_server, chat_format="raw"))
+    served = OpenAIBackend(ModelConfig(backend="openai", base_url=raw_server, chat_format="raw",
+                                       extra_body={"repeat_penalty": 1.0}))  # llama.cpp's default is 1.1
     local = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), device="cpu"))
     prompts = ["\n\nHuman: Which is kinder?\n\nAssistant: The answer is:", "The weather today is"]
     choices = [[" (A)", " (B)"], [" sunny", " cold and wet"]]
@@ -235,7 +244,9 @@ def test_llama_server_scores_agree_with_transformers(raw_server, tiny_model_dir)
             assert r_row == pytest.approx(l_row, abs=2e-3)  # the GGUF export is the same model
         assert served.count_tokens(prompts) == local.count_tokens(prompts)  # via the server's /tokenize
         greedy = GenerationParams(max_new_tokens=12, temperature=0.0)
-        assert [g.text for g in served.generate(prompts, greedy)] == [g.text for g in local.generate(prompts, greedy)]
+        # The same tokens; llama.cpp drops bytes that are not valid UTF-8 where transformers writes U+FFFD.
+        assert [g.text for g in served.generate(prompts, greedy)] == [
+            g.text.replace("\ufffd", "") for g in local.generate(prompts, greedy)]
     finally:
         served.close()
         local.close()
@@ -244,7 +255,7 @@ def test_llama_server_scores_agree_with_transformers(raw_server, tiny_model_dir)
 def _stage_config(tmp_path: Path, url: str, name: str, **overrides) -> RunConfig:
     base = {"output_dir": str(tmp_path / name), "progress": False, "prompts.limit": 6,
             "policy.backend": "openai", "policy.base_url": url, "policy.chat_format": "raw",
-            "policy.request_timeout": 1.5, "policy.max_retries": 12, "policy.max_concurrency": 4,
+            "policy.request_timeout": 4.0, "policy.max_retries": 12, "policy.max_concurrency": 4,
             "policy.api_key_env": "CAI_TEST_KEY", "policy.max_context": 2048,
             "critique.n_rounds": 2, "critique.generation.max_new_tokens": 16, "critique.batch_size": 3,
             "pairs.generation.max_new_tokens": 12, "feedback.batch_size": 4, "feedback.few_shot": 1}
@@ -252,7 +263,7 @@ def _stage_config(tmp_path: Path, url: str, name: str, **overrides) -> RunConfig
 
 
 def _texts(path: Path) -> dict[str, str]:
-    return {r["key"]: json.dumps({k: v for k, v in r.items() if k not in ("seconds", "timing")}, sort_keys=True)
+    return {r["key"]: json.dumps({k: v for k, v in r.items() if k not in ("seconds", "timings")}, sort_keys=True)
             for r in read_records(path)}
 
 
@@ -262,14 +273,16 @@ def test_critique_and_labels_through_a_faulty_proxy_match_a_clean_run(raw_server
     from constitutional_ai.feedback.stage import run_label, run_sample_pairs
 
     monkeypatch.setenv("CAI_TEST_KEY", "sk-never-in-artifacts")
-    monkeypatch.setattr("constitutional_ai.backends.openai_backend.BACKOFF_BASE", 0.05)
     clean = _stage_config(tmp_path, raw_server, "clean")
     critique = run_critique(clean)
     pairs = run_sample_pairs(clean)
     labels = run_label(clean)
     assert critique.written == 6 and pairs.written == 6 and labels.written == 6
 
-    with FaultProxy(raw_server, slow_seconds=3.0) as proxy:
+    # llama.cpp's server runs one request at a time and finishes one whose client timed out, so a
+    # timeout shorter than a queue of real requests would feed a retry storm: "slow" waits 5 s, twice that.
+    faults = [f for fault in FAULTS[1:] for f in ("ok", "ok", fault)]  # a third of all requests fail
+    with FaultProxy(raw_server, pattern=faults, slow_seconds=5.0) as proxy:
         faulty = _stage_config(tmp_path, proxy.url, "faulty")
         for run in (run_critique, run_sample_pairs, run_label):
             run(faulty)
@@ -308,8 +321,11 @@ def test_chat_model_generates_through_the_template_and_scores_with_a_local_token
             with pytest.raises(ScoringUnsupportedError, match="--tokenizer"):
                 bare.score_choices([conversation], [["The answer is: (A)", "The answer is: (B)"]])
             choices = [["The answer is: (A)", "The answer is: (B)"]]
+            # llama.cpp puts BOS before any /completions text, the chat template here has none; the
+            # reference is therefore the rendered text as a plain string, which gets BOS too.
+            rendered = local.format(conversation)
             assert served.score_choices([conversation], choices)[0] == pytest.approx(
-                local.score_choices([conversation], choices)[0], abs=2e-3)
+                local.score_choices([rendered], choices)[0], abs=5e-3)
         finally:
             bare.close()
             served.close()

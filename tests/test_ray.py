@@ -65,9 +65,8 @@ def test_critique_pairs_and_labels_on_two_ray_workers_match_one_process(tmp_path
 
 def test_a_given_backend_and_ray_workers_conflict(tmp_path, tiny_model_dir):
     from conftest import ScriptedBackend
-
     from constitutional_ai.critique.stage import run_critique
     from constitutional_ai.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="ray.workers"):
+    with pytest.raises(ConfigError, match=r"ray\.workers"):
         run_critique(_config(tmp_path, "x", tiny_model_dir, **{"ray.workers": 1}), backend=ScriptedBackend())

@@ -64,6 +64,27 @@ MODEL_FLAGS: dict[str, Flag] = {
     "max_context": _flag("policy.max_context", int, "--max-context"),
     "chat_format": _flag("policy.chat_format", str, "--chat-format"),
     "trust_remote_code": _flag("policy.trust_remote_code", bool, "--trust-remote-code/--no-trust-remote-code"),
+    "backend": _flag("policy.backend", str, "--backend"),
+    "base_url": _flag("policy.base_url", str, "--base-url"),
+    "api_key_env": _flag("policy.api_key_env", str, "--api-key-env"),
+    "max_concurrency": _flag("policy.max_concurrency", int, "--max-concurrency"),
+    "max_retries": _flag("policy.max_retries", int, "--max-retries"),
+    "request_timeout": _flag("policy.request_timeout", float, "--request-timeout"),
+    "logprobs_mode": _flag("policy.logprobs_mode", str, "--logprobs-mode"),
+    "tokenizer": _flag("policy.tokenizer", str, "--tokenizer"),
+    "extra_body": _flag("policy.extra_body", str, "--extra-body"),
+    "tensor_parallel_size": _flag("policy.tensor_parallel_size", int, "--tensor-parallel-size", "--tp"),
+    "gpu_memory_utilization": _flag("policy.gpu_memory_utilization", float, "--gpu-memory-utilization"),
+    "enable_prefix_caching": _flag("policy.enable_prefix_caching", bool,
+                                   "--enable-prefix-caching/--no-enable-prefix-caching"),
+}
+#: Distributed generation (critique, sample-pairs, label) over Ray actors.
+RAY_FLAGS: dict[str, Flag] = {
+    "ray_workers": _flag("ray.workers", int, "--ray-workers"),
+    "ray_address": _flag("ray.address", str, "--ray-address"),
+    "ray_gpus_per_worker": _flag("ray.num_gpus_per_worker", float, "--ray-gpus-per-worker"),
+    "ray_cpus_per_worker": _flag("ray.num_cpus_per_worker", float, "--ray-cpus-per-worker"),
+    "ray_batch_size": _flag("ray.batch_size", int, "--ray-batch-size"),
 }
 PROMPT_FLAGS: dict[str, Flag] = {
     "prompts": _flag("prompts.path", str, "--prompts", "-p"),
@@ -412,13 +433,14 @@ def run(config: RunConfig) -> None:
 
 
 STAGE_FLAGS = {**COMMON_FLAGS, **MODEL_FLAGS, **PROMPT_FLAGS}
+GENERATION_FLAGS = {**STAGE_FLAGS, **RAY_FLAGS}
 #: Command name -> (function, flags). Tests check every flag maps onto a real config field.
 COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
-    "critique": (critique, {**STAGE_FLAGS, **CRITIQUE_FLAGS}),
+    "critique": (critique, {**GENERATION_FLAGS, **CRITIQUE_FLAGS}),
     "export-sft": (export_sft, {"output_dir": COMMON_FLAGS["output_dir"], "seed": COMMON_FLAGS["seed"],
                                 **EXPORT_FLAGS}),
-    "sample-pairs": (sample_pairs, {**STAGE_FLAGS, **PAIRS_FLAGS}),
-    "label": (label, {**STAGE_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
+    "sample-pairs": (sample_pairs, {**GENERATION_FLAGS, **PAIRS_FLAGS}),
+    "label": (label, {**GENERATION_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS}),
     "export-preferences": (export_preferences, {"output_dir": COMMON_FLAGS["output_dir"]}),
     "eval-labeler": (eval_labeler, {**COMMON_FLAGS, **MODEL_FLAGS, **FEEDBACK_FLAGS, **EVAL_FLAGS}),
     "train-pm": (train_pm, {**COMMON_FLAGS, **PM_FLAGS}),
@@ -430,7 +452,7 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], Any], dict[str, Flag]]] = {
     "dpo": (dpo, {**COMMON_FLAGS, **DPO_FLAGS}),
     "eval": (evaluate, {**COMMON_FLAGS, **MODEL_FLAGS, **ELO_FLAGS}),
     "serve-pm": (serve_pm, {"output_dir": COMMON_FLAGS["output_dir"], **SERVE_PM_FLAGS}),
-    "run": (run, {**STAGE_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS, **PM_FLAGS,
+    "run": (run, {**GENERATION_FLAGS, **CRITIQUE_FLAGS, **EXPORT_FLAGS, **PAIRS_FLAGS, **FEEDBACK_FLAGS, **PM_FLAGS,
                   **{k: v for k, v in SFT_FLAGS.items() if k != "sft_model"}, **RL_FLAGS, **ELO_FLAGS}),
 }
 for _name, (_func, _flags) in COMMANDS.items():

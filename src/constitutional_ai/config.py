@@ -84,11 +84,25 @@ class ModelConfig(_Base):
     tokenizer: str | None = Field(
         None, description="openai backend: local directory or hub id of the served model's tokenizer, for exact "
                           "token counts and client-side chat templates; unset: ask the server (/tokenize).")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="openai backend: server-specific sampling fields sent with every generation "
+                                          "request, as the OpenAI SDK's extra_body (llama.cpp: repeat_penalty: 1.0 "
+                                          "turns off its default repetition penalty; vLLM: repetition_penalty).")
     # -- vllm: in-process engine --------------------------------------------------------------------
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs one model is split across.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory used.")
     enable_prefix_caching: bool = Field(True, description="vllm backend: reuse the KV cache of shared prompt starts "
                                                           "(constitution, few-shot block).")
+
+    @field_validator("extra_body", mode="before")
+    @classmethod
+    def _json_object(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the command line: --extra-body '{"repeat_penalty": 1.0}'
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object ({exc.msg}); pass e.g. '{{\"repeat_penalty\": 1.0}}'") from None
+        return v
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> ModelConfig:

@@ -109,9 +109,12 @@ def check_models(config: RunConfig) -> None:
     from constitutional_ai.backends.transformers_backend import check_hub_model
     from constitutional_ai.config import EMBEDDED_MODEL
 
+    served = [m.model_name_or_path for m in (config.policy, config.feedback.model)
+              if m is not None and m.backend == "openai"]  # a name the server knows, not a hub id
     names = [config.policy.model_name_or_path, config.pm.model_name_or_path, config.rl.policy,
              config.rl.reward_model, config.eval.judge, config.feedback.model.model_name_or_path
              if config.feedback.model else ""]
+    names = [n for n in names if n not in served]
     for name in dict.fromkeys(n for n in names if n and n != EMBEDDED_MODEL):
         if not Path(name).expanduser().exists():
             check_hub_model(name, None)

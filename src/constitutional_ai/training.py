@@ -1,13 +1,59 @@
 """What every training stage shares: our config turned into TRL/transformers arguments, LoRA,
-and a callback that streams every logged step to the stage's record store."""
+and a callback that streams every logged step to the stage's record store.
+
+Under ``accelerate launch`` (see docs/distributed-training.md) every process runs the whole stage;
+only the main process (global rank 0) writes records, manifests and models.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from constitutional_ai.config import TrainingConfig
 from constitutional_ai.data.store import RecordStore
+from constitutional_ai.errors import ConfigError
+
+#: Where launchers put a process's global rank (torchrun and ``accelerate launch``, then MPI), as accelerate reads it.
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the stage's files: global rank 0 under a distributed launcher, or
+    the only process. Read from the launcher's environment, so it holds before any Accelerator exists."""
+    rank = next((os.environ[name] for name in _RANK_VARIABLES if os.environ.get(name)), "0")
+    return int(rank) == 0
+
+
+def sharded_launch() -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when ``accelerate launch`` shards the weights themselves
+    (from the environment it sets), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+class _NoStore:
+    """A non-main process's stand-in for a stage's record store: rank 0 records the run, so the
+    log has each step once (and the store's one-writer lock is not fought over)."""
+
+    def write(self, records: Any) -> int:
+        return 0
+
+    def update_manifest(self, **fields: Any) -> None:
+        pass
+
+    def close(self, complete: bool = False, **fields: Any) -> None:
+        pass
+
+
+def stage_store(directory: str | Path, identity: dict[str, Any], **kwargs: Any) -> RecordStore:
+    """A training stage's :class:`RecordStore`, opened by the main process only (see :class:`_NoStore`)."""
+    return RecordStore(directory, identity, **kwargs) if is_main_process() else _NoStore()  # type: ignore[return-value]
 
 
 def training_arguments(cfg: TrainingConfig, args_cls: Any, output: Path, seed: int, progress: bool,
@@ -35,6 +81,10 @@ def peft_config(cfg: TrainingConfig, task_type: str) -> Any:
     """``peft.LoraConfig`` when the stage trains adapters, else None."""
     if cfg.lora is None:
         return None
+    if sharded_launch():  # fail now, not after training: merging needs every weight in one process
+        raise ConfigError(f"LoRA under {sharded_launch()}: the adapters are merged into a plain checkpoint at the "
+                          "end, which needs unsharded weights; launch LoRA runs with configs/accelerate/ddp.yaml or "
+                          "zero2.yaml (LoRA keeps the optimizer state small anyway)")
     from peft import LoraConfig
 
     return LoraConfig(task_type=task_type, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
@@ -59,8 +109,12 @@ def metrics_callback(store: RecordStore) -> Any:
 
 
 def fresh_checkpoints(directory: Path, overwrite: bool) -> None:
-    """``--overwrite`` discards a stage's old checkpoints too: resuming another config's would be wrong."""
-    if overwrite and directory.is_dir():
+    """``--overwrite`` discards a stage's old checkpoints too: resuming another config's would be wrong.
+
+    The main process deletes them. Every stage calls this before its first collective operation
+    (the process group's start-up, or wrapping the model), which the other processes cannot pass
+    until the main process gets there: none of them looks for a checkpoint before they are gone."""
+    if overwrite and directory.is_dir() and is_main_process():
         import shutil
 
         shutil.rmtree(directory)
@@ -94,9 +148,29 @@ def train(trainer: Any, checkpoints: Path, resume: bool) -> tuple[Any, float]:
     return output, time.perf_counter() - start
 
 
-def save_trained(model: Any, tokenizer: Any, directory: Path, lora: bool) -> Any:
-    """Save a trained model as a plain ``from_pretrained`` checkpoint (LoRA adapters merged in)."""
-    final = model.merge_and_unload() if lora else model
-    final.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
-    return final
+def save_trained(model: Any, tokenizer: Any, directory: Path, lora: bool, accelerator: Any = None) -> Any:
+    """Save a trained model as a plain ``from_pretrained`` checkpoint (LoRA adapters merged in).
+
+    Under ``accelerate launch`` every process calls this with the wrapped model and its
+    ``accelerator``: FSDP and ZeRO-3 keep the weights in shards, and gathering them is collective.
+    Only the main process writes. Returns the saved model where this process holds it whole (the
+    main process, weights not sharded), else None.
+    """
+    state_dict = None
+    if accelerator is not None:
+        from accelerate.utils import DistributedType
+
+        kind = accelerator.distributed_type
+        if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and
+                                            accelerator.state.deepspeed_plugin.zero_stage == 3):
+            state_dict = accelerator.get_state_dict(model)  # the whole model, gathered on the main process
+        model = accelerator.unwrap_model(model)
+    final = None
+    if is_main_process():
+        final = model.merge_and_unload() if lora else model
+        final.save_pretrained(str(directory), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(str(directory))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the model is on disk before any process goes on
+    return final if state_dict is None else None

@@ -22,6 +22,7 @@ The API key is read from the environment variable named in the config, sent only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -90,18 +91,28 @@ def backoff_seconds(attempt: int, rng: random.Random) -> float:
     return rng.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** attempt))
 
 
-def continuation_logprob(logprobs: dict[str, Any], start: int, end: int) -> float:
+def continuation_logprob(logprobs: dict[str, Any], start: int, end: int, echoed: str | None = None,
+                         generated_tokens: int | None = None) -> float:
     """Sum of the echoed token log-probabilities whose text overlaps ``[start, end)``.
 
     ``start`` is where the choice begins in the echoed text; a token that straddles it (the prompt's
     end merged with the choice's start) counts as the choice's, as in the transformers backend.
-    Tokens from ``end`` on are the one generated token and are left out.
+    Tokens from ``end`` on are the one generated token and are left out. Some servers (llama.cpp's
+    Python server) count special tokens as empty text in ``text_offset``, so when the offsets do not
+    add up to ``echoed`` (the reply's text) the tokens are walked back from the prompt's last token
+    instead: the reply's last ``generated_tokens`` (its usage's ``completion_tokens``) are dropped,
+    or, without usage, as many characters as the generated text has.
     """
     tokens = logprobs.get("tokens")
     values = logprobs.get("token_logprobs")
     offsets = logprobs.get("text_offset")
     if not tokens or values is None or offsets is None or len(offsets) != len(tokens) or len(values) != len(tokens):
         raise ScoringUnsupportedError("the reply carries no per-token prompt log-probabilities")
+    if echoed is not None and offsets[-1] + len(tokens[-1]) != len(echoed):
+        if generated_tokens is not None and 0 <= generated_tokens < len(tokens):
+            kept = len(tokens) - generated_tokens
+            return _logprob_from_end(tokens[:kept], values[:kept], 0, end - start)
+        return _logprob_from_end(tokens, values, len(echoed) - end, end - start)
     total, seen = 0.0, False
     for i, (tok, value, offset) in enumerate(zip(tokens, values, offsets, strict=True)):
         if offset >= end:
@@ -118,11 +129,29 @@ def continuation_logprob(logprobs: dict[str, Any], start: int, end: int) -> floa
     return total
 
 
+def _logprob_from_end(tokens: Sequence[str], values: Sequence[float | None], generated: int, length: int) -> float:
+    """Skip ``generated`` characters of tokens from the end, then sum tokens covering ``length`` more."""
+    pos = len(tokens) - 1
+    while generated > 0 and pos >= 0:
+        generated -= len(tokens[pos])
+        pos -= 1
+    total, need = 0.0, length
+    while need > 0 and pos >= 0:
+        if values[pos] is None:
+            raise ScoringUnsupportedError("the choice starts at the first token, which has no log-probability")
+        total += float(values[pos])  # type: ignore[arg-type]
+        need -= len(tokens[pos])
+        pos -= 1
+    if need > 0:
+        raise ScoringUnsupportedError("the echoed tokens do not cover the choice (the server ignored echo)")
+    return total
+
+
 def shared_prefix(texts: Sequence[str]) -> str:
     """The longest start every choice shares (``The answer is: (`` for ``(A)``/``(B)`` replies)."""
     if not texts:
         return ""
-    return os.path.commonprefix(list(texts))
+    return os.path.commonprefix(list(texts))  # noqa: RUF071 - characters, not paths
 
 
 def first_token_scores(top: dict[str, float], remainders: Sequence[str]) -> list[float]:
@@ -322,7 +351,10 @@ class OpenAIBackend:
                     text = render_raw(p)
                 out.append(len(self._tokenizer(text, add_special_tokens=self.style == "raw")["input_ids"]))
             return out
-        return self._gather([self._count_remote(p) for p in prompts])
+        if not prompts:
+            return []
+        first = [self._run(self._count_remote(prompts[0]))]  # finds the server's tokenize route once
+        return first + self._gather([self._count_remote(p) for p in prompts[1:]])
 
     async def _count_remote(self, prompt: Prompt) -> int:
         text = self._text(prompt)
@@ -373,7 +405,7 @@ class OpenAIBackend:
             body["stop"] = list(params.stop)
         if seed is not None:
             body["seed"] = seed
-        return body
+        return {**body, **self.config.extra_body}
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  seeds: Sequence[int] | None = None) -> list[Generation]:
@@ -426,10 +458,11 @@ class OpenAIBackend:
 
     def _probe_scoring(self, text: str, choices: Sequence[str]) -> Literal["echo", "top_logprobs"]:
         """Find out once which kind of log-probabilities this server returns."""
-        for mode, probe in (("echo", self._echo_score(text, choices[0])),
-                            ("top_logprobs", self._top_score(text, list(choices)))):
+        probes = {"echo": lambda: self._echo_score(text, choices[0]),
+                  "top_logprobs": lambda: self._top_score(text, list(choices))}
+        for mode, probe in probes.items():
             try:
-                self._run(probe)
+                self._run(probe())
                 return mode  # type: ignore[return-value]
             except ScoringUnsupportedError:
                 continue
@@ -442,14 +475,22 @@ class OpenAIBackend:
             "or llama.cpp, or use --backend transformers")
 
     async def _echo_score(self, text: str, choice: str) -> float:
-        body = {"model": self.model_id, "prompt": text + choice, "echo": True, "logprobs": 1, "max_tokens": 1,
-                "temperature": 0.0}
+        body: dict[str, Any] = {"model": self.model_id, "prompt": text + choice, "echo": True, "logprobs": 1,
+                                "max_tokens": 1, "temperature": 0.0}
+        if self._local_template:  # the template wrote its own special tokens (vLLM honours this)
+            body["add_special_tokens"] = False
         reply = await self._request("POST", "/completions", body, check="choices")
         try:
             logprobs = reply["choices"][0]["logprobs"] or {}
-        except (KeyError, IndexError, TypeError):
+            echoed = reply["choices"][0].get("text")
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise ScoringUnsupportedError("the reply carries no logprobs") from None
-        return continuation_logprob(logprobs, len(text), len(text) + len(choice))
+        if not isinstance(echoed, str) or not echoed.startswith(text + choice):
+            echoed = None  # a server that does not echo the prompt into the text
+        usage = reply.get("usage") or {}
+        n_generated = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        return continuation_logprob(logprobs, len(text), len(text) + len(choice), echoed,
+                                    n_generated if isinstance(n_generated, int) else None)
 
     async def _top_score(self, text: str, choices: list[str]) -> list[float]:
         common = shared_prefix(choices)
@@ -470,10 +511,8 @@ class OpenAIBackend:
         if self._loop.is_closed():
             return
         if self._client is not None:
-            try:
+            with contextlib.suppress(RuntimeError):
                 self._run(self._client.aclose())
-            except RuntimeError:
-                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()

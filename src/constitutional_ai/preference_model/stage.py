@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.config import PreferenceModelConfig, RunConfig
-from constitutional_ai.data.store import RecordStore, write_atomic
+from constitutional_ai.data.store import write_atomic
 from constitutional_ai.errors import ConfigError, DataError
 from constitutional_ai.evaluation.calibration import calibration_summary, reliability_diagram
 from constitutional_ai.preference_model.data import PreferencePair, mix_sources, split_heldout
@@ -24,10 +24,12 @@ from constitutional_ai.preference_model.reward_model import PM_INFO, RewardModel
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
+    is_main_process,
     last_checkpoint,
     metrics_callback,
     peft_config,
     save_trained,
+    stage_store,
     train,
     training_arguments,
 )
@@ -97,7 +99,7 @@ def run_train_pm(config: RunConfig) -> StageResult:
         train_pairs, eval_pairs = split_heldout(train_pairs, cfg.eval_fraction)
         eval_reports = []
     identity = {"stage": PM, "config": config.fingerprint(("seed", PM))}
-    store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite)
+    store = stage_store(directory, identity, resume=config.resume, overwrite=config.overwrite)
     try:
         model, tokenizer = load_sequence_classifier(cfg.model_name_or_path, cfg.revision, cfg.trust_remote_code)
         encoder = PairEncoder(tokenizer, cfg.max_length)
@@ -113,9 +115,10 @@ def run_train_pm(config: RunConfig) -> StageResult:
         last = last_checkpoint(checkpoints, config.resume)
         output, seconds = train(trainer, checkpoints, config.resume)
         model_dir = directory / "model"
-        final = save_trained(trainer.model, tokenizer, model_dir, cfg.lora is not None)
+        final = save_trained(trainer.model_wrapped, tokenizer, model_dir, cfg.lora is not None, trainer.accelerator)
         steps_run = output.global_step - (int(Path(last).name.split("-")[-1]) if last else 0)
-        pairs_per_s = steps_run * args.per_device_train_batch_size * args.gradient_accumulation_steps / seconds
+        pairs_per_s = steps_run * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+            * trainer.accelerator.num_processes / seconds
         info = {
             "base_model": cfg.model_name_or_path, "max_length": cfg.max_length, "layout": encoder.layout,
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "truncated_pairs": truncated,
@@ -123,12 +126,15 @@ def run_train_pm(config: RunConfig) -> StageResult:
             "constitution_hashes": sorted({h for r in reports for h in r.constitution_hashes}),
             "config_fingerprint": identity["config"], "train_seconds": round(seconds, 1),
             "train_pairs_per_s": round(pairs_per_s, 2), "global_step": output.global_step,
-            "resumed_from": last, "train_loss": output.training_loss,
+            "resumed_from": last, "train_loss": output.training_loss, "world_size": trainer.accelerator.num_processes,
         }
-        write_atomic(model_dir / PM_INFO, json.dumps(info, indent=2, ensure_ascii=False))
+        if is_main_process():
+            write_atomic(model_dir / PM_INFO, json.dumps(info, indent=2, ensure_ascii=False))
         extra: dict[str, Any] = {"model": str(model_dir), **{k: info[k] for k in (
             "train_pairs", "eval_pairs", "truncated_pairs", "train_seconds", "train_pairs_per_s", "global_step")}}
-        if eval_pairs:
+        if eval_pairs and final is None and is_main_process():  # FSDP/ZeRO-3: no whole model in this process
+            extra["eval"] = "skipped under sharded training; run `cai eval-pm`"
+        elif eval_pairs and final is not None:  # the main process only: one writer of the results
             device = "cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "auto"
             scorer = RewardModel(final.to(trainer.args.device if device == "auto" else "cpu"), tokenizer,
                                  cfg.max_length, cfg.batch_size, str(model_dir))

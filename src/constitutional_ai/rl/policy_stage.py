@@ -8,6 +8,7 @@ on exactly the text the policy produced. Every step's metrics stream to
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,6 @@ from constitutional_ai.chat_format import parse_raw, render_raw
 from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution.prompts import Conversation
 from constitutional_ai.data.prompts import load_prompts
-from constitutional_ai.data.store import RecordStore
 from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
 from constitutional_ai.rl.sft import model_path, policy_path
 from constitutional_ai.stage_runner import StageResult
@@ -26,6 +26,7 @@ from constitutional_ai.training import (
     metrics_callback,
     peft_config,
     save_trained,
+    stage_store,
     train,
     training_arguments,
 )
@@ -35,9 +36,14 @@ RL = "rl"
 
 def pm_reward(config: RunConfig) -> RewardFn:
     """The trained preference model as a reward function (``prompts, responses -> rewards``)."""
+    import torch
+
     from constitutional_ai.preference_model.stage import trained_pm
 
-    return trained_pm(config, config.rl.reward_model, "--reward-model", config.rl.device).score_responses
+    device = config.rl.device
+    if device == "auto" and torch.cuda.is_available() and os.environ.get("LOCAL_RANK"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # under accelerate launch: this process's GPU, not GPU 0
+    return trained_pm(config, config.rl.reward_model, "--reward-model", device).score_responses
 
 
 def rl_prompts(config: RunConfig) -> list[Conversation]:
@@ -52,8 +58,8 @@ def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
     return run_trl_online(config, reward_fn)
 
 
-def _store(config: RunConfig) -> RecordStore:
-    return RecordStore(Path(config.output_dir) / RL, {"stage": RL, "config": config.fingerprint(("seed", RL))},
+def _store(config: RunConfig) -> Any:
+    return stage_store(Path(config.output_dir) / RL, {"stage": RL, "config": config.fingerprint(("seed", RL))},
                        resume=config.resume, overwrite=config.overwrite)
 
 
@@ -92,9 +98,10 @@ def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
         start = time.perf_counter()
         history = trainer.train(progress=config.progress)
         seconds = time.perf_counter() - start
-        save_trained(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None)
+        save_trained(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None, accelerator)
         accelerator.end_training()
         summary = {"algo": "ppo", "steps": trainer.global_step, "seconds": round(seconds, 1),
+                   "world_size": accelerator.num_processes,
                    **({"first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
                        "last_kl": history[-1]["kl"]} if history else {})}
         store.close(complete=True, **summary)
@@ -150,9 +157,10 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
                              train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
         output, seconds = train(trainer, checkpoints, config.resume)
-        save_trained(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
+        save_trained(trainer.model_wrapped, tokenizer, directory / "model", cfg.lora is not None, trainer.accelerator)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         summary = {"algo": cfg.algo, "steps": output.global_step, "seconds": round(seconds, 1),
+                   "world_size": trainer.accelerator.num_processes,
                    **({"first_reward": rewards[0], "last_reward": rewards[-1]} if rewards else {})}
         store.close(complete=True, **summary)
     except BaseException:

@@ -27,6 +27,7 @@ import torch
 
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.errors import ConfigError
 from constitutional_ai.rl.core import (
     KLController,
     entropy_from_logits,
@@ -116,6 +117,17 @@ class PolicyAndValue(torch.nn.Module):
         return out.logits, score(hidden).squeeze(-1).float()
 
 
+def _check_data_parallel(accelerator: Any) -> None:
+    """This trainer is data parallel only: generation runs on the unwrapped policy, which FSDP and
+    ZeRO-3 hold in shards, and its checkpoints hold one process's optimizer state, which ZeRO splits."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"--algo ppo runs on one device or data parallel (configs/accelerate/ddp.yaml), not "
+                          f"{accelerator.distributed_type.value}; for DeepSpeed or FSDP use --algo grpo or --algo "
+                          "rloo (TRL's trainers), or LoRA (--rl-lora-r) to fit PPO in DDP")
+
+
 def _takes_logits_to_keep(model: Any) -> bool:
     import inspect
 
@@ -140,6 +152,7 @@ class PPOTrainer:
 
         self.s = settings
         self.accelerator = accelerator or Accelerator()
+        _check_data_parallel(self.accelerator)
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -217,7 +230,7 @@ class PPOTrainer:
         raw_scores = scores.clone()
         if self.s.missing_eos_penalty is not None:
             scores = scores - self.s.missing_eos_penalty * (~ended).float()
-        self._update_reward_stats(raw_scores)
+        self._update_reward_stats(self.accelerator.gather(raw_scores))  # every process's: the same stats in each
         if self.s.normalize_reward and self.reward_stats["count"] > 1:
             std = math.sqrt(self.reward_stats["m2"] / (self.reward_stats["count"] - 1)) or 1.0
             scores = (scores - self.reward_stats["mean"]) / std
@@ -303,18 +316,21 @@ class PPOTrainer:
                                    **pg_stats, **vf_stats}.items():
                     stats.setdefault(key, []).append(float(value.detach()))
         mask = batch["resp_mask"]
-        seq_kl = batch["kl"].sum(1)
-        self.kl.update(float(seq_kl.mean()), n)
+        # the whole (all-process) batch for the KL controller and the logged means: every process keeps
+        # the same KL coefficient, and the log describes the update, not rank 0's share of it
+        scores, seq_kl, lengths, ended = (self.accelerator.gather(t) for t in (
+            batch["scores"], batch["kl"].sum(1), batch["lengths"], batch["ended"].float()))
+        self.kl.update(float(seq_kl.mean()), len(seq_kl))
         self.global_step += 1
         metrics = {
             "step": self.global_step,
-            "reward": float(batch["scores"].mean()), "reward_std": float(batch["scores"].std()) if n > 1 else 0.0,
+            "reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "reward_running_mean": self.reward_stats["mean"],
             "reward_running_std": math.sqrt(self.reward_stats["m2"] / max(1, self.reward_stats["count"] - 1)),
             "kl": float(seq_kl.mean()), "kl_coef": self.kl.value,
             "explained_variance": explained_variance(batch["values"], batch["returns"], mask),
-            "response_length": float(batch["lengths"].float().mean()),
-            "eos_fraction": float(batch["ended"].float().mean()),
+            "response_length": float(lengths.float().mean()),
+            "eos_fraction": float(ended.float().mean()),
             **{k: sum(v) / len(v) for k, v in stats.items()},
             "seconds": time.perf_counter() - start,
         }

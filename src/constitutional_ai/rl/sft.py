@@ -13,15 +13,17 @@ from typing import Any
 
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
-from constitutional_ai.data.store import RecordStore, read_records, write_atomic
+from constitutional_ai.data.store import read_records, write_atomic
 from constitutional_ai.errors import DataError
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
+    is_main_process,
     load_causal_lm,
     metrics_callback,
     peft_config,
     save_trained,
+    stage_store,
     train,
     training_arguments,
 )
@@ -83,7 +85,7 @@ def run_sft(config: RunConfig) -> StageResult:
     cfg = config.sft
     directory = Path(config.output_dir) / SFT / "trainer"
     conversations = _conversations(config)
-    store = RecordStore(directory, {"stage": SFT, "config": config.fingerprint(("seed", SFT))},
+    store = stage_store(directory, {"stage": SFT, "config": config.fingerprint(("seed", SFT))},
                         resume=config.resume, overwrite=config.overwrite)
     try:
         model, tokenizer = load_causal_lm(model_path(cfg.model_name_or_path))
@@ -96,11 +98,12 @@ def run_sft(config: RunConfig) -> StageResult:
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
         output, seconds = train(trainer, checkpoints, config.resume)
         out = sft_model_dir(config)
-        save_trained(trainer.model, tokenizer, out, cfg.lora is not None)
+        save_trained(trainer.model_wrapped, tokenizer, out, cfg.lora is not None, trainer.accelerator)
         info = {"base_model": cfg.model_name_or_path, "examples": len(conversations),
                 "train_seconds": round(seconds, 1), "global_step": output.global_step,
-                "train_loss": output.training_loss}
-        write_atomic(out / "sft_info.json", json.dumps(info, indent=2))
+                "train_loss": output.training_loss, "world_size": trainer.accelerator.num_processes}
+        if is_main_process():
+            write_atomic(out / "sft_info.json", json.dumps(info, indent=2))
         store.close(complete=True, **info)
     except BaseException:
         store.close(complete=False)

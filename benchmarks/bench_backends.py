@@ -1,0 +1,108 @@
+"""The same critique workload through each way of running it, side by side in one run.
+
+* ``transformers``: the in-process backend (batched generation), all threads.
+* ``openai``: the OpenAI-compatible backend against llama.cpp's server on loopback, serving a GGUF
+  export of the same model (``max_concurrency`` requests in flight; that server runs one at a time).
+* ``ray-1`` / ``ray-2``: the in-process backend inside Ray Data actors, one thread each, on one
+  worker and on two. The driver writes the records either way.
+
+Every system writes the full critique records (initial response, rounds of critique and revision)
+for the same prompts and seeds. Throughput is prompts per second of the whole stage, model loading
+included (Ray's start-up is not: a cluster is started once per session).
+
+The last line is JSON. ``ratio`` is the scale-out figure, Ray on 2 workers over 1 (the baseline
+for distributed generation is the same stage on one worker); ``openai_vs_transformers`` says what
+a llama.cpp server costs or gains against the in-process backend on this CPU.
+
+    python benchmarks/bench_backends.py            # 32 prompts, 2 rounds, 32 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the llama.cpp server helper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_model_args(ap)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "openai", "ray"])
+    args = ap.parse_args()
+    tmp, model_dir = _common.setup(args, "backends")
+
+    from constitutional_ai.config import RunConfig
+    from constitutional_ai.critique.stage import run_critique
+
+    work = Path(tempfile.mkdtemp(prefix="bench-backends-runs-"))
+
+    def config(name: str, **overrides: object) -> RunConfig:
+        return RunConfig().with_overrides({
+            "output_dir": str(work / name), "progress": False, "overwrite": True, "seed": 0,
+            "prompts.limit": args.prompts, "critique.n_rounds": args.rounds,
+            "critique.generation.max_new_tokens": args.max_new_tokens, "policy.model_name_or_path": str(model_dir),
+            "policy.device": "cpu", **overrides})
+
+    def measure(name: str, cfg: RunConfig) -> float:
+        start = time.perf_counter()
+        result = run_critique(cfg)
+        seconds = time.perf_counter() - start
+        assert result.written == args.prompts, result.as_dict()
+        rate = args.prompts / seconds
+        print(f"{name:>14}: {seconds:7.1f} s  {rate:6.2f} prompts/s", flush=True)
+        return rate
+
+    figures: dict[str, float] = {}
+    if "transformers" not in args.skip:
+        figures["transformers"] = measure("transformers", config("transformers"))
+
+    if "openai" not in args.skip:
+        from constitutional_ai.models.gguf import export_llama_gguf
+        from servers import llama_server, llama_server_available
+
+        reason = llama_server_available()
+        if reason:
+            print(f"openai: skipped ({reason})")
+        else:
+            gguf = export_llama_gguf(model_dir, Path(tmp.name) / "model.gguf")
+            with llama_server(gguf, n_ctx=4096, threads=args.threads) as url:
+                figures["openai"] = measure("openai", config(
+                    "openai", **{"policy.backend": "openai", "policy.base_url": url, "policy.chat_format": "raw",
+                                 "policy.max_context": 4096, "policy.max_concurrency": args.concurrency,
+                                 "policy.extra_body": {"repeat_penalty": 1.0}}))
+
+    if "ray" not in args.skip:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        for workers in (1, 2):
+            figures[f"ray-{workers}"] = measure(f"ray-{workers}", config(
+                f"ray{workers}", **{"ray.workers": workers, "ray.num_cpus_per_worker": 1, "ray.batch_size": 8}))
+        ray.shutdown()
+
+    shutil.rmtree(work, ignore_errors=True)
+    tmp.cleanup()
+    out = {"workload": f"critique, {args.prompts} prompts x {args.rounds} rounds, {args.max_new_tokens} new tokens",
+           "prompts_per_second": {k: round(v, 3) for k, v in figures.items()}}
+    if "openai" in figures and "transformers" in figures:
+        out["openai_vs_transformers"] = round(figures["openai"] / figures["transformers"], 3)
+    if "ray-1" in figures:
+        out["ray_2_vs_1"] = round(figures["ray-2"] / figures["ray-1"], 3)
+        out["ratio"] = out["ray_2_vs_1"]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
