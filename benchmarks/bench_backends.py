@@ -14,7 +14,7 @@ The last line is JSON. ``ratio`` is the scale-out figure, Ray on 2 workers over 
 for distributed generation is the same stage on one worker); ``openai_vs_transformers`` says what
 a llama.cpp server costs or gains against the in-process backend on this CPU.
 
-    python benchmarks/bench_backends.py            # 32 prompts, 2 rounds, 32 new tokens
+    python benchmarks/bench_backends.py            # 52 prompts, 4 rounds, 48 new tokens
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ll
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_model_args(ap)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=52, help="at most 52 (the embedded red-team sample)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
+    ap.add_argument("--ray-batch-size", type=int, default=8, help="inputs per map_batches call")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "openai", "ray"])
     args = ap.parse_args()
     tmp, model_dir = _common.setup(args, "backends")
@@ -59,8 +60,8 @@ def main() -> None:
         start = time.perf_counter()
         result = run_critique(cfg)
         seconds = time.perf_counter() - start
-        assert result.written == args.prompts, result.as_dict()
-        rate = args.prompts / seconds
+        assert result.written == result.total, result.as_dict()  # the embedded set has 52 prompts
+        rate = result.total / seconds
         print(f"{name:>14}: {seconds:7.1f} s  {rate:6.2f} prompts/s", flush=True)
         return rate
 
@@ -89,7 +90,8 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         for workers in (1, 2):
             figures[f"ray-{workers}"] = measure(f"ray-{workers}", config(
-                f"ray{workers}", **{"ray.workers": workers, "ray.num_cpus_per_worker": 1, "ray.batch_size": 8}))
+                f"ray{workers}", **{"ray.workers": workers, "ray.num_cpus_per_worker": 1,
+                                                    "ray.batch_size": args.ray_batch_size}))
         ray.shutdown()
 
     shutil.rmtree(work, ignore_errors=True)

@@ -310,6 +310,10 @@ app.add_typer(constitution_app, name="constitution")
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    from constitutional_ai.training import is_main_process
+
+    if not is_main_process():  # under accelerate launch every rank finishes; one table is enough
+        return
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))

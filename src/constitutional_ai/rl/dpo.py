@@ -13,7 +13,6 @@ from typing import Any
 
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.config import RunConfig
-from constitutional_ai.data.store import RecordStore
 from constitutional_ai.preference_model.data import PreferencePair, mix_sources
 from constitutional_ai.rl.sft import policy_path
 from constitutional_ai.stage_runner import StageResult
@@ -23,6 +22,7 @@ from constitutional_ai.training import (
     metrics_callback,
     peft_config,
     save_trained,
+    stage_store,
     train,
     training_arguments,
 )
@@ -52,13 +52,13 @@ def run_dpo(config: RunConfig) -> StageResult:
     checkpoints = directory / "checkpoints"
     fresh_checkpoints(checkpoints, config.overwrite)
     args = training_arguments(cfg, DPOConfig, checkpoints, config.seed, config.progress, beta=cfg.beta)
-    store = RecordStore(directory, {"stage": DPO, "config": config.fingerprint(("seed", DPO))},
+    store = stage_store(directory, {"stage": DPO, "config": config.fingerprint(("seed", DPO))},
                         resume=config.resume, overwrite=config.overwrite)
     try:
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
         output, seconds = train(trainer, checkpoints, config.resume)
-        save_trained(trainer.model, tokenizer, directory / "model", cfg.lora is not None)
+        save_trained(trainer.model_wrapped, tokenizer, directory / "model", cfg.lora is not None, trainer.accelerator)
         summary = {"pairs": len(pairs), "steps": output.global_step, "seconds": round(seconds, 1),
                    "train_loss": output.training_loss, "sources": [r.as_dict() for r in reports]}
         store.close(complete=True, **{k: v for k, v in summary.items() if k != "sources"})
