@@ -3,6 +3,8 @@
 * ``transformers``: the in-process backend (batched generation), all threads.
 * ``openai``: the OpenAI-compatible backend against llama.cpp's server on loopback, serving a GGUF
   export of the same model (``max_concurrency`` requests in flight; that server runs one at a time).
+* ``vllm`` (only where vLLM and a CUDA GPU are present): vLLM's engine against the transformers
+  backend on the same GPU.
 * ``ray-1`` / ``ray-2``: the in-process backend inside Ray Data actors, one thread each, on one
   worker and on two. The driver writes the records either way.
 
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
     ap.add_argument("--ray-batch-size", type=int, default=8, help="inputs per map_batches call")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "openai", "ray"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "openai", "ray", "vllm"])
     args = ap.parse_args()
     tmp, model_dir = _common.setup(args, "backends")
 
@@ -84,6 +86,18 @@ def main() -> None:
                                  "policy.max_context": 4096, "policy.max_concurrency": args.concurrency,
                                  "policy.extra_body": {"repeat_penalty": 1.0}}))
 
+    if "vllm" not in args.skip:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            print("vllm: skipped (needs the vllm package and a CUDA GPU)")
+        else:  # the GPU check: the same model and workload in vLLM's engine and on the GPU in transformers
+            figures["transformers-cuda"] = measure("transformers-cuda", config("tcuda", **{"policy.device": "cuda"}))
+            figures["vllm"] = measure("vllm", config("vllm", **{"policy.backend": "vllm", "policy.device": "auto",
+                                                               "policy.gpu_memory_utilization": 0.5}))
+
     if "ray" not in args.skip:
         import ray
 
@@ -100,6 +114,8 @@ def main() -> None:
            "prompts_per_second": {k: round(v, 3) for k, v in figures.items()}}
     if "openai" in figures and "transformers" in figures:
         out["openai_vs_transformers"] = round(figures["openai"] / figures["transformers"], 3)
+    if "vllm" in figures:
+        out["vllm_vs_transformers_cuda"] = round(figures["vllm"] / figures["transformers-cuda"], 3)
     if "ray-1" in figures:
         out["ray_2_vs_1"] = round(figures["ray-2"] / figures["ray-1"], 3)
         out["ratio"] = out["ray_2_vs_1"]

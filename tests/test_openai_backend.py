@@ -252,6 +252,31 @@ def test_llama_server_scores_agree_with_transformers(raw_server, tiny_model_dir)
         local.close()
 
 
+@needs_llama
+def test_top_logprobs_mode_scores_the_first_distinct_token(raw_server, tiny_model_dir):
+    import torch
+
+    from constitutional_ai.backends.transformers_backend import TransformersBackend
+
+    local = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), device="cpu"))
+    prompt = "\n\nHuman: Which is kinder?\n\nAssistant: The answer is: ("
+    ids = local.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top = local.model(ids).logits[0, -1].log_softmax(-1).topk(10)
+    # the two likeliest next tokens that are whole characters (a lone UTF-8 byte has no text to match)
+    likely = [(local.tokenizer.decode([int(i)]), float(v)) for i, v in zip(top.indices, top.values, strict=True)]
+    likely = [(text, value) for text, value in likely if text and "\ufffd" not in text][:2]
+    choices, expected = [text for text, _ in likely], [value for _, value in likely]
+    served = OpenAIBackend(ModelConfig(backend="openai", base_url=raw_server, chat_format="raw",
+                                       logprobs_mode="top_logprobs"))
+    try:
+        scores = served.score_choices([prompt[:-1]], [["(" + c for c in choices]])[0]  # "(" is shared
+        assert scores == pytest.approx(expected, abs=2e-3)
+    finally:
+        served.close()
+        local.close()
+
+
 def _stage_config(tmp_path: Path, url: str, name: str, **overrides) -> RunConfig:
     base = {"output_dir": str(tmp_path / name), "progress": False, "prompts.limit": 6,
             "policy.backend": "openai", "policy.base_url": url, "policy.chat_format": "raw",
