@@ -35,6 +35,17 @@ def _build(root: Path, chat: bool) -> Path:
                                 num_heads=2, chat=chat, seed=0, initializer_range=0.2)
 
 
+def write_sft_data(path: Path, n: int) -> list[dict[str, Any]]:
+    """``n`` SFT conversations (a question, then the same safe answer) as JSONL at ``path``."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"How do I do thing {i}?"},
+                          {"role": "assistant", "content": "I can't help with that, but here is a safe way."}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Llama with a BPE tokenizer and no chat template (the paper's raw format)."""

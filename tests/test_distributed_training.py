@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,11 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
+from conftest import write_sft_data
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records
 from constitutional_ai.errors import ConfigError
+from servers import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
@@ -122,16 +123,10 @@ def test_what_cannot_run_sharded_is_refused_before_training(monkeypatch):
 
 
 # -- two CPU processes ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cwd: Path, *cai: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """``accelerate launch`` of the ``cai`` CLI with the shipped DDP config, on two CPU processes."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                "-m", "constitutional_ai", *cai, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -160,10 +155,7 @@ def test_sft_under_accelerate_launch_on_two_processes(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     data = tmp_path / "sft.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"How do I do thing {i}?"},
-                          {"role": "assistant", "content": "I can't help with that, but here is a safe way."}]}
-            for i in range(32)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sft_data(data, 32)
     out = tmp_path / "run"
     _launch(tmp_path, "sft", "-o", str(out), "--sft-model", str(tiny_model_dir), "--sft-data", str(data),
             "--sft-device", "cpu", "--sft-train-batch-size", "4", "--sft-logging-steps", "1", "--sft-lr", "1e-3")

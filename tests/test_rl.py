@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_sft_data
 from constitutional_ai.config import RunConfig
 from constitutional_ai.rl.core import KLController, explained_variance, gae, policy_loss, value_loss, whiten
 
@@ -178,10 +179,7 @@ def test_sft_trains_on_the_final_assistant_turn_and_saves_a_loadable_model(tmp_p
     from constitutional_ai.rl.sft import prompt_completion, run_sft
 
     data = tmp_path / "sft.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"How do I do thing {i}?"},
-                          {"role": "assistant", "content": "I can't help with that, but here is a safe way."}]}
-            for i in range(24)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = write_sft_data(data, 24)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pc = prompt_completion(rows[0]["messages"], tokenizer)
     assert pc["prompt"].endswith("Assistant:") and pc["completion"].startswith(" I can't help")

@@ -44,6 +44,23 @@ def hub_offline_reason(timeout: float = 3.0, offline_vars: tuple[str, ...] = ("H
 
 
 @contextmanager
+def quiet_model_loading() -> Iterator[None]:
+    """Loading a model for a backend: no hub retry warnings, transformers' messages and progress
+    bars off, all restored after. A failure is reported by our own one-line error instead."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with quiet_hub_logs():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def quiet_hub_logs() -> Iterator[None]:
     """Silence huggingface_hub's per-retry warnings; our own error says what went wrong."""
     logger = logging.getLogger("huggingface_hub")

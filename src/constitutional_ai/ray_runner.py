@@ -21,7 +21,7 @@ from constitutional_ai.config import RayConfig
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.errors import ConfigError, first_line
 from constitutional_ai.progress import StageProgress
-from constitutional_ai.stage_runner import Processor, Skip, Streamed
+from constitutional_ai.stage_runner import Processor, Skip, Streamed, pending, write_outputs
 
 T = TypeVar("T")
 
@@ -73,8 +73,7 @@ def stream_batches_ray(store: RecordStore, items: Sequence[T], key: Callable[[T]
                        make_processor: Callable[[], Processor], config: RayConfig, description: str, unit: str,
                        progress: bool) -> Streamed:
     """As :func:`~constitutional_ai.stage_runner.stream_batches`, over ``config.workers`` Ray actors."""
-    todo = [it for it in items if key(it) not in store]
-    done_before = len(items) - len(todo)
+    todo, done_before = pending(store, items, key)
     written, skipped = 0, []
     if not todo:
         return Streamed(0, done_before, [])
@@ -97,7 +96,6 @@ def stream_batches_ray(store: RecordStore, items: Sequence[T], key: Callable[[T]
     with StageProgress(description, total=len(items), completed=done_before, enabled=progress, unit=unit) as bar:
         for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="numpy", prefetch_batches=0):
             outputs = [_decode(text) for text in batch["out"]]
-            skipped += [o for o in outputs if isinstance(o, Skip)]
-            written += store.write([o for o in outputs if isinstance(o, dict)])
+            written += write_outputs(store, outputs, skipped)
             bar.advance(len(outputs))
     return Streamed(written, done_before, skipped)

@@ -75,19 +75,28 @@ class StageResult:
                 "seconds": round(self.seconds, 3), "prompts": self.prompt_report, **self.extra}
 
 
+def pending(store: RecordStore, items: Sequence[T], key: Callable[[T], str]) -> tuple[list[T], int]:
+    """The items not yet in ``store`` (resume skips the rest), and how many were done before."""
+    todo = [it for it in items if key(it) not in store]
+    return todo, len(items) - len(todo)
+
+
+def write_outputs(store: RecordStore, outputs: Sequence[Output], skipped: list[Skip]) -> int:
+    """Write a batch's records durably and collect its skips; returns the records written."""
+    skipped += [o for o in outputs if isinstance(o, Skip)]
+    return store.write([o for o in outputs if isinstance(o, dict)])
+
+
 def stream_batches(store: RecordStore, items: Sequence[T], key: Callable[[T], str], batch_size: int,
                    process: Processor, description: str, unit: str, progress: bool) -> Streamed:
     """Process the items not yet in ``store`` a batch at a time, writing each batch durably."""
-    todo = [it for it in items if key(it) not in store]
-    done_before = len(items) - len(todo)
+    todo, done_before = pending(store, items, key)
     written = 0
     skipped: list[Skip] = []
     with StageProgress(description, total=len(items), completed=done_before, enabled=progress, unit=unit) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            outputs = process(batch, bar.step)
-            skipped += [o for o in outputs if isinstance(o, Skip)]
-            written += store.write([o for o in outputs if isinstance(o, dict)])
+            written += write_outputs(store, process(batch, bar.step), skipped)
             bar.advance(len(batch))
     return Streamed(written, done_before, skipped)
 
@@ -113,7 +122,7 @@ def run_with_backend(store: RecordStore, items: Sequence[T], key: Callable[[T], 
     backend = backend or load_backend(model)
     try:
         store.update_manifest(**{manifest_key: backend.model_id,
-                                 "model_revision": getattr(backend, "revision", None)})
+                                 "model_revision": getattr(backend, "revision", None), "prompt_style": backend.style})
         return stream_batches(store, items, key, batch_size, processor(config, backend), description, unit,
                               config.progress)
     finally:

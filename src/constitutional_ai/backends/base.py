@@ -27,6 +27,13 @@ class Generation:
     completion_tokens: int
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one was found. Every backend cuts here: an
+    engine may stop after the string, or return it, and records must not depend on which."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     """What every backend provides.

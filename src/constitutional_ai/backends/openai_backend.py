@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
 
-from constitutional_ai.backends.base import Generation
+from constitutional_ai.backends.base import Generation, cut_at_stop
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
 from constitutional_ai.constitution.prompts import Prompt
@@ -177,8 +177,7 @@ class OpenAIBackend:
             raise ModelLoadError("backend openai needs httpx: pip install httpx") from None
         self._httpx = httpx
         self.config = config
-        if not config.base_url:
-            raise ModelLoadError("backend openai needs policy.base_url (--base-url), e.g. http://localhost:8000/v1")
+        assert config.base_url is not None  # ModelConfig refuses backend openai without one
         self.base_url = config.base_url.rstrip("/")
         self._key = os.environ.get(config.api_key_env) or None
         self._rng = random.Random(0)
@@ -430,10 +429,8 @@ class OpenAIBackend:
             out = choice["text"] if text is not None else (choice["message"].get("content") or "")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ServerError(f"{self.base_url}: a completion reply without choices[0] text") from None
-        cut = min((i for i in (out.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:  # servers cut at stop strings; some return the text up to and including it
-            out = out[:cut]
-        finish = "length" if choice.get("finish_reason") == "length" and cut < 0 else "stop"
+        out, hit_stop = cut_at_stop(out, params.stop)  # some servers return the stop string too
+        finish = "length" if choice.get("finish_reason") == "length" and not hit_stop else "stop"
         usage = reply.get("usage") or {}
         return Generation(text=out, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
                           completion_tokens=int(usage.get("completion_tokens") or 0))

@@ -17,12 +17,13 @@ from typing import Any, Literal
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from constitutional_ai.backends.base import Generation
+from constitutional_ai.backends.base import Generation, cut_at_stop
 from constitutional_ai.chat_format import render_raw
-from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
+from constitutional_ai.config import GenerationParams, ModelConfig
 from constitutional_ai.constitution.prompts import Prompt
 from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_hub_logs
+from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_model_loading
+from constitutional_ai.models import model_path
 
 #: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -167,25 +168,17 @@ class TransformersBackend:
 
     def __init__(self, config: ModelConfig, model: Any = None, tokenizer: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         self.config = config
         name = config.model_name_or_path
-        path = name
-        if name == EMBEDDED_MODEL:
-            from constitutional_ai.models.tiny import ensure_demo_model
-
-            path = str(ensure_demo_model())
+        path = model_path(name)
         self.model_id = name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if not Path(path).expanduser().exists():
             check_hub_model(name, config.revision)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            with quiet_hub_logs():
+            with quiet_model_loading():
                 self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
                     path, revision=config.revision, trust_remote_code=config.trust_remote_code)
                 self.model = model or AutoModelForCausalLM.from_pretrained(
@@ -193,9 +186,6 @@ class TransformersBackend:
                     dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError, ImportError, KeyError) as exc:
             raise _load_error(name, exc) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         try:
             self.model.to(self.device)
         except (RuntimeError, AssertionError) as exc:
@@ -298,11 +288,6 @@ class TransformersBackend:
             kwargs["cache_implementation"] = "static"
         return GenerationConfig(**kwargs)
 
-    @staticmethod
-    def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
-
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  seeds: Sequence[int] | None = None) -> list[Generation]:
         try:
@@ -345,7 +330,7 @@ class TransformersBackend:
                     while n and tokens[n - 1] == self.tokenizer.pad_token_id:
                         n -= 1
                 text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-                text, hit_stop = self._cut_at_stop(text, params.stop)
+                text, hit_stop = cut_at_stop(text, params.stop)
                 out[i] = Generation(text=text, finish_reason="stop" if hit_eos or hit_stop else "length",
                                     prompt_tokens=len(encoded[i]), completion_tokens=n)
         return [g for g in out if g is not None]

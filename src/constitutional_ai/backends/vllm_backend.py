@@ -22,20 +22,20 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from constitutional_ai.backends.base import FinishReason, Generation
+from constitutional_ai.backends.base import FinishReason, Generation, cut_at_stop
 from constitutional_ai.backends.transformers_backend import (
     CHAT_MARKERS,
     END_OF_TURN_TOKENS,
-    TransformersBackend,
     _common_length,
     _load_error,
     check_hub_model,
 )
 from constitutional_ai.chat_format import render_raw
-from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
+from constitutional_ai.config import GenerationParams, ModelConfig
 from constitutional_ai.constitution.prompts import Prompt
 from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.hub import quiet_hub_logs
+from constitutional_ai.hub import quiet_model_loading
+from constitutional_ai.models import model_path
 
 #: What to tell a user whose environment cannot run the engine at all.
 INSTALL_HINT = "pip install 'constitutional-ai[vllm]' on a machine with a CUDA GPU, or use backend: transformers"
@@ -141,7 +141,7 @@ def finish_generation(token_ids: Sequence[int], prompt_tokens: int, end_ids: Seq
     and we did not.
     """
     n, hit_end = completion_length(token_ids, end_ids, pad_id)
-    text, hit_stop = TransformersBackend._cut_at_stop(decode(list(token_ids[:n])), stops)
+    text, hit_stop = cut_at_stop(decode(list(token_ids[:n])), stops)
     reason: FinishReason = "stop" if hit_end or hit_stop or engine_reason == "stop" else "length"
     return Generation(text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=n)
 
@@ -268,26 +268,18 @@ class VLLMBackend:
         except ImportError:  # moved in some releases; a TypedDict, so a plain dict is the same request
             tokens_prompt = dict
         from transformers import AutoConfig, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         self.config = config
         name = config.model_name_or_path
-        path = name
-        if name == EMBEDDED_MODEL:
-            from constitutional_ai.models.tiny import ensure_demo_model
-
-            path = str(ensure_demo_model())
+        path = model_path(name)
         self.model_id = name
         local = Path(path).expanduser()
         if not local.exists():
             check_hub_model(name, config.revision)
         elif local.is_dir() and not any(local.glob("*.safetensors")):
             raise _load_error(name, OSError("no safetensors weights"))
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            with quiet_hub_logs():
+            with quiet_model_loading():
                 self.tokenizer = AutoTokenizer.from_pretrained(
                     path, revision=config.revision, trust_remote_code=config.trust_remote_code)
                 hf_config = AutoConfig.from_pretrained(
@@ -295,9 +287,6 @@ class VLLMBackend:
                 model_eos = _model_eos(path, hf_config, config.revision)
         except (OSError, ValueError, ImportError, KeyError) as exc:
             raise _load_error(name, exc) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         has_template = getattr(self.tokenizer, "chat_template", None) is not None
         if config.chat_format == "chat_template" and not has_template:
             raise ModelLoadError(f"model {name!r} has no chat template; set policy.chat_format: raw or auto")

@@ -25,14 +25,10 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
     from transformers.utils import logging as hf_logging
 
     from constitutional_ai.backends.transformers_backend import _load_error, check_hub_model
-    from constitutional_ai.config import EMBEDDED_MODEL
     from constitutional_ai.hub import quiet_hub_logs
+    from constitutional_ai.models import model_path
 
-    path = name
-    if name == EMBEDDED_MODEL:
-        from constitutional_ai.models.tiny import ensure_demo_model
-
-        path = str(ensure_demo_model())
+    path = model_path(name)
     if not Path(path).expanduser().exists():
         check_hub_model(name, revision)
     verbosity = hf_logging.get_verbosity()

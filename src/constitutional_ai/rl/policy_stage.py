@@ -18,8 +18,9 @@ from constitutional_ai.chat_format import parse_raw, render_raw
 from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution.prompts import Conversation
 from constitutional_ai.data.prompts import load_prompts
+from constitutional_ai.models import model_path
 from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
-from constitutional_ai.rl.sft import model_path, policy_path
+from constitutional_ai.rl.sft import policy_path
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.chat_format import render_raw
-from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
+from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records, write_atomic
 from constitutional_ai.errors import DataError
+from constitutional_ai.models import model_path
 from constitutional_ai.stage_runner import StageResult
 from constitutional_ai.training import (
     fresh_checkpoints,
@@ -29,15 +30,6 @@ from constitutional_ai.training import (
 )
 
 SFT = "sft"
-
-
-def model_path(name: str) -> str:
-    """A loadable path for a model name (the embedded demo model is built on first use)."""
-    if name == EMBEDDED_MODEL:
-        from constitutional_ai.models.tiny import ensure_demo_model
-
-        return str(ensure_demo_model())
-    return name
 
 
 def sft_model_dir(config: RunConfig) -> Path:
