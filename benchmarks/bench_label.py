@@ -12,8 +12,8 @@ block our labeler uses for that comparison):
   calls it (64 comparisons at a time); the question ends in ``Assistant: The answer is:`` and the
   label is read from the log-probabilities of `` (A)`` and `` (B)`` (``score_choices``: a prefix
   tree of batched forward passes where a few-shot block shared by many questions is computed once
-  and kept in the prefix cache, which is emptied at the start of every timed run; nothing
-  generated);
+  and kept in the prefix cache, which is emptied at the start of every timed run, and attended to
+  in place by all the questions on it (shared-stem attention); nothing generated);
 * ``generate_loop``: the LLM-as-a-judge loop: ``model.generate(max_new_tokens=3, greedy)`` on one
   question at a time (batch size 1), then a regex pulls ``A`` or ``B`` out of the generated text;
 * ``generate_batched``: the same judge batched (left padding, ``--judge-batch-size`` questions per

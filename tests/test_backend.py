@@ -135,12 +135,13 @@ def _reference_logprob(backend, prompt, choice):
     return sum(float(logp[k - 1, full[k]]) for k in range(start, len(full)))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-suffixes", "suffix-pass"])
+@pytest.mark.parametrize("fused", ["shared-stems", "fused-suffixes", "suffix-pass"])
 @pytest.mark.parametrize("which", ["raw_backend", "chat_backend"])
 def test_score_choices_matches_unbatched_reference(which, fused, request, monkeypatch):
     backend = request.getfixturevalue(which)
-    assert backend.fuse_suffixes  # sdpa on CPU
-    monkeypatch.setattr(backend, "fuse_suffixes", fused)
+    assert backend.fuse_suffixes and backend.shared_stem_attention  # sdpa on CPU
+    monkeypatch.setattr(backend, "fuse_suffixes", fused != "suffix-pass")
+    monkeypatch.setattr(backend, "shared_stem_attention", fused == "shared-stems")
     # "hel" + "lo" merges across the boundary in a BPE vocabulary trained on English text
     prompts = [PROMPTS[0], "The answer is:", PROMPTS[3], "Say hel"]
     choices = [[" (A)", " (B)"], [" yes", " no", " perhaps not"], [" (A)", " (B)"], ["lo", "p me"]]
@@ -175,9 +176,12 @@ def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused
     assert calls[0][1] > 30 and calls[1][1] <= (3 + 3 * 3 if fused else 3)
 
 
-def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-stems", "stem-copied-per-row"])
+def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, shared, monkeypatch):
+    monkeypatch.setattr(raw_backend, "shared_stem_attention", shared)
+    raw_backend.clear_prefix_cache()
     block = "A long few-shot block that every question repeats before its own text. " * 6
-    prompts = [block + f"Question {k}: which of the two options is better?" for k in range(4)]
+    prompts = [block + f"Question {k}: which of the two options is better{'?' * k}" for k in range(4)]
     choices = [[" (A)", " (B)"]] * 4
     calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices(prompts, choices))
     block_tokens = len(raw_backend.tokenizer(block)["input_ids"])
@@ -246,6 +250,26 @@ def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
         assert len(chunk) == 1 or len(chunk) * max(length[g] - questions[g].stem for g in chunk) + stems <= 100
     assert chunks[0] == [7]  # longer than the budget alone: still scored, on its own
     assert chunks[1] == [0, 1]  # a stem group stays together while it fits: 2 x 35 + 5 <= 100 < 3 x 35 + 5
+
+
+def test_scoring_chunks_by_own_length_across_groups_once_their_stems_are_stored(tiny_model_dir):
+    from constitutional_ai.backends.transformers_backend import _Question
+
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=4,
+                                              max_batch_tokens=100))
+    # two few-shot blocks (stems of 60 tokens, already in the store) and one question of its own
+    own = {0: 30, 1: 12, 2: 25, 3: 11, 4: 24, 5: 10, 6: 20}
+    group = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 2}
+    stems = {0: 60, 1: 60, 2: 5}
+    questions = {g: _Question([], [], [], limit=0, length=own[g] + stems[group[g]], stem=stems[group[g]],
+                              group=group[g], peers=3 if group[g] < 2 else 1) for g in own}
+    groups = [[0, 1, 2], [3, 4, 5], [6]]
+    chunks = backend._token_budget_chunks(groups, questions, stems_stored=True)
+    assert sorted(g for c in chunks for g in c) == sorted(own)
+    # longest own text first, groups mixed; a stored stem costs nothing: 3 x 30 <= 100 < 4 x 30
+    assert chunks == [[0, 2, 4], [1, 3, 5, 6]]  # the last joins: 4 x 20 + its own stem of 5 <= 100
+    grouped = backend._token_budget_chunks(groups, questions)
+    assert all(len({group[g] for g in c}) == 1 for c in grouped)  # stems not stored: one group per chunk
 
 
 def test_prefix_cache_reuses_a_stem_in_later_calls_with_the_same_scores(tiny_model_dir):

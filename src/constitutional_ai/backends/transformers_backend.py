@@ -7,6 +7,7 @@ stops on its own at end-of-sequence or a stop string.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from constitutional_ai.backends import stem_attention
 from constitutional_ai.backends.base import Generation, cut_at_stop
 from constitutional_ai.chat_format import render_raw
 from constitutional_ai.config import GenerationParams, ModelConfig
@@ -217,7 +219,12 @@ class TransformersBackend:
         self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
         #: Whether the attention kernel takes a custom 4D mask, so choices can share one row in scoring.
         self.fuse_suffixes = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        #: Whether scoring attends to shared stems in place (no per-row KV copies): CPU sdpa models.
+        #: A model handed in (a policy being trained) keeps its attention implementation.
+        self.shared_stem_attention = self.fuse_suffixes and model is None and stem_attention.install(self.model)
         self._rust_ids_agree: bool | None = None
+        #: False once a model's cache turned out not to be plain per-token K/V (nothing stored per stem).
+        self._split_stems = True
         #: KV of recent shared stems (few-shot blocks), least recently used first: token ids -> per layer (K, V).
         self._stems: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.model_generation_defaults = self.model.generation_config
@@ -394,7 +401,9 @@ class TransformersBackend:
         live = [g for g in range(len(groups)) if groups[g]]
         questions = {g: _Question.split(groups[g]) for g in live}
         stem_groups = _assign_stems([questions[g] for g in live])
-        for chunk in self._token_budget_chunks([[live[i] for i in members] for members in stem_groups], questions):
+        stored = self._store_shared_stems([questions[live[members[0]]] for members in stem_groups])
+        for chunk in self._token_budget_chunks([[live[i] for i in members] for members in stem_groups], questions,
+                                               stored):
             try:
                 results = self._score_tree([questions[g] for g in chunk])
             except (TypeError, ValueError, AttributeError, NotImplementedError):
@@ -404,25 +413,54 @@ class TransformersBackend:
                 scores[g] = row
         return scores
 
-    def _token_budget_chunks(self, stem_groups: list[list[int]],
-                             questions: dict[int, _Question]) -> list[list[int]]:
+    def _store_shared_stems(self, firsts: list[_Question]) -> bool:
+        """Compute the stems shared by several questions into the prefix store before any chunk needs
+        them; True when every shared stem is stored, so chunks need not follow stem groups.
+
+        With the stems in the store, a chunk only attaches them, so rows can be chunked by length
+        across groups (less padding) instead of by group.
+        """
+        budget = self.config.prefix_cache_tokens
+        shared = [q.prefix[:q.stem] for q in firsts if q.peers > 1]
+        if not shared or not (budget and self._split_stems) or sum(len(s) for s in shared) > budget:
+            return False
+        missing = [stem for stem in shared if self._cached_prefix(stem) is None]
+        step = max(1, (self.config.max_batch_tokens or 4096) // max(len(s) for s in shared)) \
+            if self.device.type == "cpu" or self.config.max_batch_tokens else len(missing)
+        try:
+            for start in range(0, len(missing), step):
+                part = missing[start:start + step]
+                self._stem_kvs(part, [True] * len(part))
+        except NotImplementedError:  # a cache that cannot be stored per stem
+            return False
+        return all(self._cached_prefix(stem) is not None for stem in shared)
+
+    def _token_budget_chunks(self, stem_groups: list[list[int]], questions: dict[int, _Question],
+                             stems_stored: bool = False) -> list[list[int]]:
         """Micro-batches of at most ``batch_size`` prompts and ``max_batch_tokens`` computed tokens.
 
         A chunk's cost is its stems, each computed once, plus its rows times the longest
         remainder. On a CPU a pass over fewer, shorter rows stays in cache: scoring 284-token
         questions ran 40% faster at 16 rows than at 32 on the 2-core CI machine. Longest first and
-        stem groups kept together, so each micro-batch carries little padding and shares its stems.
+        stem groups kept together, so each micro-batch carries little padding and shares its stems;
+        when the shared stems are already stored (``stems_stored``) they cost nothing to attach, and
+        rows are ordered by their own length across groups.
         """
         budget = self.config.max_batch_tokens or (4096 if self.device.type == "cpu" else None)
-        ordered = sorted(stem_groups, key=lambda members: -max(questions[g].length for g in members))
+        if stems_stored:
+            shared = [g for members in stem_groups if len(members) > 1 for g in members]
+            single = [g for members in stem_groups if len(members) == 1 for g in members]
+            ordered = [sorted(shared, key=lambda g: -(questions[g].length - questions[g].stem))] + [[g] for g in single]
+        else:
+            ordered = sorted(stem_groups, key=lambda members: -max(questions[g].length for g in members))
         chunks: list[list[int]] = []
         width = stems = 0
         seen: set[int] = set()
         for members in ordered:
-            for g in sorted(members, key=lambda g: -questions[g].length):
+            for g in sorted(members, key=lambda g: -(questions[g].length - questions[g].stem)):
                 q = questions[g]
                 new_width = max(width, q.length - q.stem)
-                new_stems = stems + (0 if q.group in seen else q.stem)
+                new_stems = stems + (0 if q.group in seen or (stems_stored and q.peers > 1) else q.stem)
                 current = chunks[-1] if chunks else None
                 if current is not None and len(current) < self.config.batch_size and (
                         budget is None or (len(current) + 1) * new_width + new_stems <= budget):
@@ -430,7 +468,8 @@ class TransformersBackend:
                     width, stems = new_width, new_stems
                 else:
                     chunks.append([g])
-                    width, stems, seen = q.length - q.stem, q.stem, set()
+                    width = q.length - q.stem
+                    stems, seen = (0 if stems_stored and q.peers > 1 else q.stem), set()
                 seen.add(q.group)
         return chunks
 
@@ -493,21 +532,41 @@ class TransformersBackend:
             raise ValueError("a prompt too short to share")
         group_ids = list(dict.fromkeys(q.group for q in questions))
         firsts = [next(q for q in questions if q.group == gid) for gid in group_ids]
-        cache, s_mask, lengths = self._stem_cache([q.prefix[:q.stem] for q in firsts], [q.peers > 1 for q in firsts])
+        stems, keep_stems = [q.prefix[:q.stem] for q in firsts], [q.peers > 1 for q in firsts]
+        shared: stem_attention.SharedStems | None = None
+        if self.shared_stem_attention and self.fuse_suffixes:  # the stems' KV stays out of the rows
+            kvs, lengths = self._stem_kvs(stems, keep_stems)
+            shared = stem_attention.SharedStems(kvs, [])
+        else:
+            cache, s_mask, lengths = self._stem_cache(stems, keep_stems)
         for q in questions:  # a stem read from the store may be shorter: the rest is the question's own
             q.stem = lengths[group_ids.index(q.group)]
-        stem_rows = torch.tensor([group_ids.index(q.group) for q in questions], device=s_mask.device)
-        cache.batch_select_indices(stem_rows)
-
         m_ids, m_mask = self._padded([q.prefix[q.stem:] for q in questions], left=True)
-        mask = torch.cat([s_mask[stem_rows], m_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -m_ids.shape[1]:]
+        stem_rows = torch.tensor([group_ids.index(q.group) for q in questions], device=m_ids.device)
+        if shared is not None:
+            shared.rows = [(stem_rows == j).nonzero().flatten() for j in range(len(group_ids))]
+            cache = self._empty_cache()
+            s_mask = m_mask[:, :0]
+            positions = torch.tensor([lengths[j] for j in stem_rows.tolist()], device=m_ids.device)[:, None] \
+                + (m_mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            cache.batch_select_indices(stem_rows)
+            s_mask = s_mask[stem_rows]
+            positions = (torch.cat([s_mask, m_mask], 1).cumsum(-1) - 1).clamp(min=0)[:, -m_ids.shape[1]:]
+        mask = torch.cat([s_mask, m_mask], dim=1)
         own = [len(q.prefix) - len(ctx) + 1 for q in questions for ctx, _ in q.pairs]
         keep = min(m_ids.shape[1], max(1, *own))
         # where each choice's suffix logits are: (tensor row, first column)
         spots: list[list[tuple[torch.Tensor, int]]] = []
         if self.fuse_suffixes:
-            logits, starts = self._remainders_and_suffixes(questions, m_ids, m_mask, mask, positions, keep, cache)
+            try:
+                with stem_attention.sharing_stems(shared) if shared is not None else contextlib.nullcontext():
+                    logits, starts = self._remainders_and_suffixes(questions, m_ids, m_mask, mask, positions, keep,
+                                                                   cache)
+            except NotImplementedError:
+                if shared is not None:  # an attention variant the merge lacks: copy stems from now on
+                    self.shared_stem_attention = False
+                raise
             prefix_logits = logits[:, :keep]
             spots = [[(logits[i], keep + start) for start in starts[i]] for i in range(len(questions))]
         else:
@@ -556,16 +615,17 @@ class TransformersBackend:
         self._stems.move_to_end(found[0])
         return [(k[:, :, :best], v[:, :, :best]) for k, v in found[1]], best
 
-    def _stem_cache(self, stems: list[list[int]], keep: list[bool]) -> tuple[Any, torch.Tensor, list[int]]:
-        """The KV cache of ``stems`` (one left-padded row each), its attention mask, and how many
-        tokens of each stem it holds (a stem read from the store may be cut shorter; the rest of it
-        is computed with each question's own text).
+    def _stem_kvs(self, stems: list[list[int]], keep: list[bool],
+                  ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+        """Each stem's per-layer (K, V) without padding, and how many of its tokens they hold (a stem
+        read from the store may be cut shorter; the rest of it is computed with each question's own
+        text).
 
         Stems seen recently (few-shot blocks shared by many questions, batch after batch) come from
         an LRU store of at most ``prefix_cache_tokens`` tokens, matched on their longest shared
         start as in SGLang's radix cache and vLLM's automatic prefix caching; the rest are computed
         in one pass, and those shared by several questions (``keep``) are stored. Models whose
-        cache layers are not plain per-token K/V (sliding windows) are never stored.
+        cache layers are not plain per-token K/V (sliding windows) raise ``NotImplementedError``.
         """
         budget = self.config.prefix_cache_tokens
         known = [self._cached_prefix(stem) if budget else None for stem in stems]
@@ -575,23 +635,36 @@ class TransformersBackend:
         if missing:
             ids, mask = self._padded([stems[j] for j in missing], left=True)
             _, fresh = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=1)
-            if len(missing) == len(stems) and not (budget and any(keep)):
-                return fresh, mask, lengths
             layers = getattr(fresh, "layers", None)
             if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-                if len(missing) == len(stems):
-                    return fresh, mask, lengths
-                raise NotImplementedError("this model's cache cannot be stored per stem")
+                self._split_stems = False
+                raise NotImplementedError("this model's cache cannot be split per stem")
             for r, j in enumerate(missing):
                 n = len(stems[j])
-                kvs[j] = [(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
-                          for layer in layers]
+                kvs[j] = [(layer.keys[r:r + 1, :, -n:], layer.values[r:r + 1, :, -n:]) for layer in layers]
                 if budget and keep[j] and n <= budget:
-                    self._stems[tuple(stems[j])] = kvs[j]
+                    self._stems[tuple(stems[j])] = [(k.clone(), v.clone()) for k, v in kvs[j]]
             while sum(len(k) for k in self._stems) > budget:
                 self._stems.popitem(last=False)
+        return kvs, lengths
+
+    def _empty_cache(self) -> Any:
         from transformers import DynamicCache
 
+        return DynamicCache(config=self.model.config)
+
+    def _stem_cache(self, stems: list[list[int]], keep: list[bool]) -> tuple[Any, torch.Tensor, list[int]]:
+        """The KV cache of ``stems`` (one left-padded row each), its attention mask, and how many
+        tokens of each stem it holds (see :meth:`_stem_kvs`)."""
+        budget = self.config.prefix_cache_tokens
+        if not (budget and self._split_stems) or not (any(keep) or any(self._cached_prefix(stem) for stem in stems)):
+            # nothing to store or reuse: the pass's own cache, padding and all (any cache type)
+            ids, mask = self._padded(stems, left=True)
+            _, fresh = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=1)
+            return fresh, mask, [len(stem) for stem in stems]
+        from transformers import DynamicCache
+
+        kvs, lengths = self._stem_kvs(stems, keep)
         width = max(lengths)
         _, mask = self._padded([stem[:n] for stem, n in zip(stems, lengths, strict=True)], left=True)
         data = []
@@ -623,6 +696,8 @@ class TransformersBackend:
         allowed[:, :, :width_s] = mask[:, None, :width_s].bool()
         causal = torch.ones((width_m, width_m), dtype=torch.bool, device=device).tril()
         allowed[:, :width_m, width_s:width_s + width_m] = causal[None] & m_mask[:, None, :].bool()
+        # padding sees itself, so no query is left without keys (shared-stem attention has no stem columns)
+        allowed[:, range(width_m), range(width_s, width_s + width_m)] = True
         allowed[:, width_m:, width_s:width_s + width_m] = m_mask[:, None, :].bool()
         x_positions = torch.zeros((batch, width_x), dtype=torch.long, device=device)
         for i, q in enumerate(questions):
