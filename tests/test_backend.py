@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.backends import LanguageModel, load_backend, stem_attention, transformers_backend
 from constitutional_ai.backends.transformers_backend import TransformersBackend, resolve_dtype
 from constitutional_ai.config import GenerationParams, ModelConfig
 from constitutional_ai.errors import ModelLoadError
@@ -142,6 +142,7 @@ def test_score_choices_matches_unbatched_reference(which, fused, request, monkey
     assert backend.fuse_suffixes and backend.shared_stem_attention  # sdpa on CPU
     monkeypatch.setattr(backend, "fuse_suffixes", fused != "suffix-pass")
     monkeypatch.setattr(backend, "shared_stem_attention", fused == "shared-stems")
+    monkeypatch.setattr(transformers_backend, "MIN_SHARED_STEM", 0)  # these prompts' stems are short
     # "hel" + "lo" merges across the boundary in a BPE vocabulary trained on English text
     prompts = [PROMPTS[0], "The answer is:", PROMPTS[3], "Say hel"]
     choices = [[" (A)", " (B)"], [" yes", " no", " perhaps not"], [" (A)", " (B)"], ["lo", "p me"]]
@@ -180,6 +181,9 @@ def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused
 def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, shared, monkeypatch):
     monkeypatch.setattr(raw_backend, "shared_stem_attention", shared)
     raw_backend.clear_prefix_cache()
+    entered = []
+    sharing = stem_attention.sharing_stems
+    monkeypatch.setattr(stem_attention, "sharing_stems", lambda stems: entered.append(stems) or sharing(stems))
     block = "A long few-shot block that every question repeats before its own text. " * 6
     prompts = [block + f"Question {k}: which of the two options is better{'?' * k}" for k in range(4)]
     choices = [[" (A)", " (B)"]] * 4
@@ -187,6 +191,8 @@ def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, sha
     block_tokens = len(raw_backend.tokenizer(block)["input_ids"])
     assert calls[0][0] == 1 and calls[0][1] >= block_tokens - 1  # the block, once
     assert calls[1][0] == 4 and calls[1][1] < block_tokens / 2  # each question's own text
+    assert block_tokens >= transformers_backend.MIN_SHARED_STEM
+    assert [len(r) for s in entered for r in s.rows] == ([4] if shared else [])  # all four on the one stem, in place
     for p, cs, row in zip(prompts, choices, scores, strict=True):
         for c, s in zip(cs, row, strict=True):
             assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
@@ -301,3 +307,36 @@ def test_prefix_cache_stays_within_its_token_budget(tiny_model_dir):
     off = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=0))
     off.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
     assert not off._stems
+
+
+def test_shared_stems_are_stored_before_chunking_and_found_again(tiny_model_dir, monkeypatch):
+    from constitutional_ai.backends.transformers_backend import _assign_stems, _Question
+
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    blocks = [f"Few-shot block {name}, the same words before every question that uses it. " * 3
+              for name in ("one", "two")]
+    prompts = [block + f"Question {k}?" for block in blocks for k in range(3)]
+    groups = backend._tokenize_choices(prompts, [[" (A)", " (B)"]] * len(prompts))
+    questions = [_Question.split(g) for g in groups]
+    firsts = [questions[members[0]] for members in _assign_stems(questions)]
+    assert len(firsts) == 2 and backend._store_shared_stems(firsts)
+    assert len(backend._stems) == 2
+    # all stored already: nothing computed, on any device (an accelerator has no token budget)
+    monkeypatch.setattr(backend, "device", torch.device("meta"))
+    monkeypatch.setattr(backend, "_forward", None)
+    assert backend._store_shared_stems(firsts)
+    small = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=40))
+    assert not small._store_shared_stems(firsts)  # the two blocks do not fit the store: chunk by group
+
+
+def test_common_length_is_the_shared_start_of_two_token_lists():
+    import random
+
+    from constitutional_ai.backends.transformers_backend import _common_length
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
+        b = a[:rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 4))]
+        expected = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert _common_length(a, b) == _common_length(tuple(a), b) == _common_length(b, a) == expected
