@@ -49,7 +49,7 @@ def quiet_model_loading() -> Iterator[None]:
     bars off, all restored after. A failure is reported by our own one-line error instead."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -57,7 +57,8 @@ def quiet_model_loading() -> Iterator[None]:
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 #: The attention implementation name registered with transformers.
 NAME = "cai_sdpa_stems"
@@ -87,10 +88,6 @@ def sharing_stems(stems: SharedStems) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -102,8 +99,6 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     """
     stems = _ACTIVE.get()
     if stems is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
@@ -112,7 +107,7 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     groups = getattr(module, "num_key_value_groups", 1)
     _, heads, q_len, dim = query.shape
-    own_out, own_lse = flash(query, _repeat_heads(key, groups), _repeat_heads(value, groups),
+    own_out, own_lse = flash(query, repeat_kv(key, groups), repeat_kv(value, groups),
                              attn_mask=attention_mask, scale=scaling)
     out = torch.empty_like(own_out)
     for kv, members in zip(stems.kv, stems.rows, strict=True):
@@ -120,7 +115,7 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
         n = members.numel()
         # all queries of the rows on this stem as one sequence: [1, heads, n * q, d]
         q = query.index_select(0, members).transpose(0, 1).reshape(1, heads, n * q_len, dim)
-        stem_out, stem_lse = flash(q, _repeat_heads(k, groups), _repeat_heads(v, groups), scale=scaling)
+        stem_out, stem_lse = flash(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scaling)
         stem_out = stem_out.reshape(heads, n, q_len, dim).transpose(0, 1)
         stem_lse = stem_lse.reshape(heads, n, q_len).transpose(0, 1)
         mine_lse = own_lse.index_select(0, members)

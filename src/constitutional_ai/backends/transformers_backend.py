@@ -125,7 +125,7 @@ class _Question:
     def split(cls, pairs: list[tuple[list[int], list[int]]]) -> _Question:
         fulls = [ctx + cont for ctx, cont in pairs]
         most = min(len(f) for f in fulls) - 1  # every choice keeps at least one token of its own
-        shared = min(most, *(_common_length(fulls[0], f) for f in fulls[1:])) if len(fulls) > 1 else most
+        shared = min([most, *(_common_length(fulls[0], f) for f in fulls[1:])])
         return cls(pairs, fulls[0][:shared], [f[shared:] for f in fulls],
                    limit=min(shared, *(len(ctx) for ctx, _ in pairs)) - 1, length=max(len(f) for f in fulls))
 
@@ -443,7 +443,8 @@ class TransformersBackend:
                 self._stem_kvs(part, [True] * len(part))
         except NotImplementedError:  # a cache that cannot be stored per stem
             return False
-        return all(self._cached_prefix(stem) is not None for stem in shared)
+        # All stored: they fit the budget together and are the most recently used, so none was evicted.
+        return True
 
     def _token_budget_chunks(self, stem_groups: list[list[int]], questions: dict[int, _Question],
                              stems_stored: bool = False) -> list[list[int]]:
@@ -543,22 +544,23 @@ class TransformersBackend:
         group_ids = list(dict.fromkeys(q.group for q in questions))
         firsts = [next(q for q in questions if q.group == gid) for gid in group_ids]
         stems, keep_stems = [q.prefix[:q.stem] for q in firsts], [q.peers > 1 for q in firsts]
-        shared: stem_attention.SharedStems | None = None
-        if (self.shared_stem_attention and self.fuse_suffixes  # the stems' KV stays out of the rows
-                and sum(q.stem for q in questions) >= MIN_SHARED_STEM * len(questions)):
+        share = (self.shared_stem_attention and self.fuse_suffixes  # the stems' KV stays out of the rows
+                 and sum(q.stem for q in questions) >= MIN_SHARED_STEM * len(questions))
+        if share:
             kvs, lengths = self._stem_kvs(stems, keep_stems)
-            shared = stem_attention.SharedStems(kvs, [])
         else:
             cache, s_mask, lengths = self._stem_cache(stems, keep_stems)
         for q in questions:  # a stem read from the store may be shorter: the rest is the question's own
             q.stem = lengths[group_ids.index(q.group)]
         m_ids, m_mask = self._padded([q.prefix[q.stem:] for q in questions], left=True)
         stem_rows = torch.tensor([group_ids.index(q.group) for q in questions], device=m_ids.device)
-        if shared is not None:
-            shared.rows = [(stem_rows == j).nonzero().flatten() for j in range(len(group_ids))]
+        shared: stem_attention.SharedStems | None = None
+        if share:
+            shared = stem_attention.SharedStems(kvs, [(stem_rows == j).nonzero().flatten()
+                                                      for j in range(len(group_ids))])
             cache = self._empty_cache()
             s_mask = m_mask[:, :0]
-            positions = torch.tensor([lengths[j] for j in stem_rows.tolist()], device=m_ids.device)[:, None] \
+            positions = torch.tensor(lengths, device=m_ids.device)[stem_rows, None] \
                 + (m_mask.cumsum(-1) - 1).clamp(min=0)
         else:
             cache.batch_select_indices(stem_rows)

@@ -22,27 +22,22 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
     """``(model, tokenizer)``: any Hugging Face model as a one-output sequence classifier (a fresh
     score head on a base model, or a trained PM), safetensors only, with a padding token set."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from constitutional_ai.backends.transformers_backend import _load_error, check_hub_model
-    from constitutional_ai.hub import quiet_hub_logs
+    from constitutional_ai.hub import quiet_model_loading
     from constitutional_ai.models import model_path
 
     path = model_path(name)
     if not Path(path).expanduser().exists():
         check_hub_model(name, revision)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "some weights were newly initialized" is the point here
     try:
-        with quiet_hub_logs():
+        with quiet_model_loading():  # "some weights were newly initialized" is the point here
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
                 **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, ImportError, KeyError) as exc:
         raise _load_error(name, exc) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
