@@ -47,7 +47,7 @@ def main() -> None:
     tmp, model_dir = _common.setup(args, "backends")
 
     from constitutional_ai.config import RunConfig
-    from constitutional_ai.critique.stage import run_critique
+    from constitutional_ai.stages.critique import run_critique
 
     work = Path(tempfile.mkdtemp(prefix="bench-backends-runs-"))
 

@@ -38,11 +38,12 @@ from transformers.utils import logging as hf_logging
 
 from _common import add_model_args, setup, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
-from constitutional_ai.chat_format import RAW_STOP, render_raw
+from constitutional_ai.common.chat_format import RAW_STOP, render_raw
+from constitutional_ai.common.text import clean_completion
 from constitutional_ai.config import CritiqueConfig, GenerationParams, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution, CritiqueRevisionPrinciple
 from constitutional_ai.constitution.prompts import CritiquePromptBuilder, CritiqueStep
-from constitutional_ai.critique.engine import CritiqueRevisionEngine, clean_completion
+from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 
 

@@ -60,8 +60,8 @@ def worker(args: argparse.Namespace) -> None:
     from constitutional_ai.config import PreferenceModelConfig
     from constitutional_ai.preference_model.encoding import PairEncoder
     from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
-    from constitutional_ai.preference_model.stage import encode_pairs, pm_training_arguments
     from constitutional_ai.preference_model.trainer import SoftLabelCollator, SoftLabelRewardTrainer
+    from constitutional_ai.preference_model.training import encode_pairs, pm_training_arguments
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

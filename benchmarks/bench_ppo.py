@@ -43,7 +43,7 @@ def build_models(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Path
     """Policy and reward folders plus a prompts file, built locally (nothing downloaded)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from constitutional_ai.chat_format import render_raw
+    from constitutional_ai.common.chat_format import render_raw
     from constitutional_ai.config import PromptSourceConfig
     from constitutional_ai.data.prompts import load_prompts
     from constitutional_ai.models.tiny import build_tiny_causal_lm
@@ -73,7 +73,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from constitutional_ai.chat_format import parse_raw
+    from constitutional_ai.common.chat_format import parse_raw
     from constitutional_ai.preference_model.reward_model import RewardModel
     from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
 

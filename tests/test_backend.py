@@ -5,8 +5,8 @@ import torch
 
 from constitutional_ai.backends import LanguageModel, load_backend, stem_attention, transformers_backend
 from constitutional_ai.backends.transformers_backend import TransformersBackend, resolve_dtype
+from constitutional_ai.common.errors import ModelLoadError
 from constitutional_ai.config import GenerationParams, ModelConfig
-from constitutional_ai.errors import ModelLoadError
 
 PROMPTS = [
     [{"role": "user", "content": "How do I bake bread at home?"}],

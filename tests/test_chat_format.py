@@ -1,5 +1,5 @@
 from conftest import HH_DEV, needs_hh
-from constitutional_ai.chat_format import parse_raw, render_raw
+from constitutional_ai.common.chat_format import parse_raw, render_raw
 from constitutional_ai.data.prompts import hh_prompt, hh_split
 
 

@@ -67,7 +67,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_and_names_the_debug_switch(monkeypatch):
-    import constitutional_ai.critique.stage as stage
+    import constitutional_ai.stages.critique as stage
 
     def boom(config, backend=None):
         raise RuntimeError("something deep inside a library\nwith a second line")

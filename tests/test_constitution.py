@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from conftest import PAPER_DIR, needs_paper
+from constitutional_ai.common.errors import ConstitutionError
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.errors import ConstitutionError
 
 
 def test_default_constitution_has_16_pairs_and_16_comparison_principles():

@@ -15,9 +15,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from conftest import write_sft_data
+from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records
-from constitutional_ai.errors import ConfigError
 from servers import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -67,7 +67,7 @@ def test_the_fsdp_and_deepspeed_configs_become_the_plugins_they_describe(monkeyp
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    from constitutional_ai.training import sharded_launch
+    from constitutional_ai.training.common import sharded_launch
 
     def environment(m: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         for key, value in env.items():
@@ -99,7 +99,7 @@ def test_the_fsdp_and_deepspeed_configs_become_the_plugins_they_describe(monkeyp
 
 def test_what_cannot_run_sharded_is_refused_before_training(monkeypatch):
     from constitutional_ai.rl.ppo import _check_data_parallel
-    from constitutional_ai.training import peft_config
+    from constitutional_ai.training.common import peft_config
 
     lora = RunConfig().with_overrides({"sft.lora": {"r": 4}}).sft
     assert peft_config(lora, "CAUSAL_LM") is not None

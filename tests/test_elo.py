@@ -50,7 +50,7 @@ def test_cai_eval_rates_checkpoints_on_both_prompt_sets(tmp_path, tiny_model_dir
     import json
 
     from constitutional_ai.config import RunConfig
-    from constitutional_ai.evaluation.elo_eval import run_eval
+    from constitutional_ai.stages.eval import run_eval
 
     config = RunConfig().with_overrides({
         "output_dir": str(tmp_path / "run"), "progress": False,
@@ -99,7 +99,7 @@ def test_cai_eval_can_be_judged_by_the_feedback_model_under_principles(tmp_path,
     import json
 
     from constitutional_ai.config import RunConfig
-    from constitutional_ai.evaluation.elo_eval import run_eval
+    from constitutional_ai.stages.eval import run_eval
 
     config = RunConfig().with_overrides({
         "output_dir": str(tmp_path / "run"), "progress": False, "policy.model_name_or_path": str(tiny_model_dir),

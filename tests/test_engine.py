@@ -4,9 +4,10 @@ import pytest
 
 from conftest import ScriptedBackend
 from constitutional_ai.backends.transformers_backend import TransformersBackend
+from constitutional_ai.common.text import clean_completion
 from constitutional_ai.config import CritiqueConfig, GenerationParams, ModelConfig
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.critique import CritiqueRevisionEngine, clean_completion
+from constitutional_ai.critique import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, conversation_key
 
 

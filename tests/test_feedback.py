@@ -9,10 +9,10 @@ from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, RunConfig
 from constitutional_ai.constitution import Constitution
 from constitutional_ai.data.store import read_records
-from constitutional_ai.feedback.evaluate import run_eval_labeler
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, normalise
 from constitutional_ai.feedback.prompts import defang
-from constitutional_ai.feedback.stage import labels_to_preferences, run_label, run_sample_pairs
+from constitutional_ai.stages.eval_labeler import run_eval_labeler
+from constitutional_ai.stages.feedback import labels_to_preferences, run_label, run_sample_pairs
 
 CONV = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -335,8 +335,8 @@ def test_an_asymmetric_clamp_bounds_the_label_of_the_response_in_both_orders():
 def test_eval_labeler_rejects_malformed_rows_in_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["not an object"]))
-    from constitutional_ai.errors import DataError
-    from constitutional_ai.feedback.evaluate import load_eval_items
+    from constitutional_ai.common.errors import DataError
+    from constitutional_ai.evaluation.labeler import load_eval_items
 
     with pytest.raises(DataError, match=r"bad.json:1: expected a JSON object"):
         load_eval_items(str(bad))

@@ -22,9 +22,9 @@ from constitutional_ai.backends.openai_backend import (
     first_token_scores,
     retry_after_seconds,
 )
+from constitutional_ai.common.errors import ModelLoadError
 from constitutional_ai.config import GenerationParams, ModelConfig, RunConfig
 from constitutional_ai.data.store import read_records
-from constitutional_ai.errors import ModelLoadError
 from servers import FAULTS, FaultProxy, free_port, llama_server, llama_server_available
 
 # -- pure functions -------------------------------------------------------------------------------
@@ -294,8 +294,8 @@ def _texts(path: Path) -> dict[str, str]:
 
 @needs_llama
 def test_critique_and_labels_through_a_faulty_proxy_match_a_clean_run(raw_server, tmp_path, monkeypatch):
-    from constitutional_ai.critique.stage import run_critique
-    from constitutional_ai.feedback.stage import run_label, run_sample_pairs
+    from constitutional_ai.stages.critique import run_critique
+    from constitutional_ai.stages.feedback import run_label, run_sample_pairs
 
     monkeypatch.setenv("CAI_TEST_KEY", "sk-never-in-artifacts")
     clean = _stage_config(tmp_path, raw_server, "clean")

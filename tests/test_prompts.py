@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import HH_DEV, needs_hh
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.config import PromptSourceConfig
 from constitutional_ai.data.prompts import load_prompts
-from constitutional_ai.errors import DataError
 
 
 def _load(path, **kw):

@@ -36,8 +36,8 @@ def _records(path):
 
 @pytest.mark.slow
 def test_critique_pairs_and_labels_on_two_ray_workers_match_one_process(tmp_path, tiny_model_dir):
-    from constitutional_ai.critique.stage import run_critique
-    from constitutional_ai.feedback.stage import run_label, run_sample_pairs
+    from constitutional_ai.stages.critique import run_critique
+    from constitutional_ai.stages.feedback import run_label, run_sample_pairs
 
     local = _config(tmp_path, "local", tiny_model_dir)
     fanned = _config(tmp_path, "ray", tiny_model_dir, **{"ray.workers": 2})
@@ -65,8 +65,8 @@ def test_critique_pairs_and_labels_on_two_ray_workers_match_one_process(tmp_path
 
 def test_a_given_backend_and_ray_workers_conflict(tmp_path, tiny_model_dir):
     from conftest import ScriptedBackend
-    from constitutional_ai.critique.stage import run_critique
-    from constitutional_ai.errors import ConfigError
+    from constitutional_ai.common.errors import ConfigError
+    from constitutional_ai.stages.critique import run_critique
 
     with pytest.raises(ConfigError, match=r"ray\.workers"):
         run_critique(_config(tmp_path, "x", tiny_model_dir, **{"ray.workers": 1}), backend=ScriptedBackend())

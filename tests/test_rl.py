@@ -71,8 +71,8 @@ def _planted_word(model_dir: Path) -> str:
     """A token the tiny random policy samples often enough to learn from (never end-of-sequence)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from constitutional_ai.chat_format import render_raw
-    from constitutional_ai.rl.policy_stage import rl_prompts
+    from constitutional_ai.common.chat_format import render_raw
+    from constitutional_ai.stages.rl import rl_prompts
 
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
@@ -95,7 +95,7 @@ def _rl_config(tmp_path: Path, model_dir: Path, **rl) -> RunConfig:
 
 
 def _train(tmp_path, model_dir, word, **rl):
-    from constitutional_ai.rl.policy_stage import run_rl
+    from constitutional_ai.stages.rl import run_rl
 
     config = _rl_config(tmp_path, model_dir, **rl)
     run_rl(config, reward_fn=lambda prompts, responses: [float(r.count(word)) for r in responses])
@@ -132,7 +132,7 @@ def test_ppo_with_a_separate_value_model_and_lora_runs_and_logs(tmp_path, tiny_m
 @pytest.mark.slow
 def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from constitutional_ai.rl import ppo as ppo_module
-    from constitutional_ai.rl.policy_stage import run_rl
+    from constitutional_ai.stages.rl import run_rl
 
     config = _rl_config(tmp_path, tiny_model_dir, total_steps=6, save_steps=2)
     reward = lambda prompts, responses: [float(len(r)) / 10 for r in responses]  # noqa: E731
@@ -176,7 +176,8 @@ def test_grpo_through_trl_raises_the_planted_reward_unless_the_kl_term_holds_it(
 def test_sft_trains_on_the_final_assistant_turn_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from constitutional_ai.rl.sft import prompt_completion, run_sft
+    from constitutional_ai.stages.sft import run_sft
+    from constitutional_ai.training.sft import prompt_completion
 
     data = tmp_path / "sft.jsonl"
     rows = write_sft_data(data, 24)
@@ -196,7 +197,7 @@ def test_sft_trains_on_the_final_assistant_turn_and_saves_a_loadable_model(tmp_p
 
 @pytest.mark.slow
 def test_dpo_trains_on_ai_preference_pairs(tmp_path, tiny_model_dir):
-    from constitutional_ai.rl.dpo import run_dpo
+    from constitutional_ai.stages.dpo import run_dpo
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}],

@@ -3,12 +3,12 @@ import json
 import pytest
 
 from conftest import ScriptedBackend
+from constitutional_ai.common.errors import ConfigError, DataError, ResumeError
 from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.critique.stage import run_critique
 from constitutional_ai.data.export import critique_to_sft
 from constitutional_ai.data.store import read_records
-from constitutional_ai.errors import ConfigError, DataError, ResumeError
+from constitutional_ai.stages.critique import run_critique
 
 
 def _config(tmp_path, **overrides):

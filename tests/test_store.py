@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from constitutional_ai.common.errors import DataError, ResumeError
 from constitutional_ai.data.store import RecordStore, read_records
-from constitutional_ai.errors import DataError, ResumeError
 
 ID = {"stage": "t", "config": "sha256:a", "constitution": "sha256:b"}
 

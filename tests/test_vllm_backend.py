@@ -24,8 +24,8 @@ from constitutional_ai.backends.vllm_backend import (
     split_continuation,
     tokenize_choices,
 )
+from constitutional_ai.common.errors import CAIError, ModelLoadError
 from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
-from constitutional_ai.errors import CAIError, ModelLoadError
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm_gpu = pytest.mark.skipif(

@@ -6,9 +6,9 @@ backend protocol in :mod:`constitutional_ai.backends` and write data only throug
 :class:`constitutional_ai.data.store.RecordStore`.
 """
 
+from constitutional_ai.common.errors import CAIError
 from constitutional_ai.config import GenerationParams, ModelConfig, RunConfig
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.errors import CAIError
 
 __version__ = "0.1.0"
 

@@ -29,9 +29,9 @@ import click
 import typer
 from rich.table import Table
 
+from constitutional_ai.common.errors import CAIError, first_line
+from constitutional_ai.common.progress import console
 from constitutional_ai.config import RunConfig
-from constitutional_ai.errors import CAIError, first_line
-from constitutional_ai.progress import console
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ app.add_typer(constitution_app, name="constitution")
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
-    from constitutional_ai.training import is_main_process
+    from constitutional_ai.training.common import is_main_process
 
     if not is_main_process():  # under accelerate launch every rank finishes; one table is enough
         return
@@ -322,15 +322,15 @@ def _print_summary(title: str, summary: dict[str, Any]) -> None:
 
 def critique(config: RunConfig) -> None:
     """SL-CAI data: initial responses, then rounds of critique and revision, resumable."""
-    from constitutional_ai.critique.stage import run_critique
+    from constitutional_ai.stages.critique import run_critique
 
     _print_summary("critique", run_critique(config).as_dict())
 
 
 def export_sft(config: RunConfig) -> None:
     """Export critique records as conversational SFT data (TRL ``messages`` format)."""
-    from constitutional_ai.critique.stage import stage_dir
     from constitutional_ai.data.export import critique_to_sft
+    from constitutional_ai.stages.critique import stage_dir
 
     result = critique_to_sft(stage_dir(config) / "records.jsonl", Path(config.output_dir) / "sft" / "train.jsonl",
                              config.sft_export, seed=config.seed)
@@ -339,21 +339,21 @@ def export_sft(config: RunConfig) -> None:
 
 def sample_pairs(config: RunConfig) -> None:
     """RL-CAI: sample K responses per prompt from the policy and pair them, resumable."""
-    from constitutional_ai.feedback.stage import run_sample_pairs
+    from constitutional_ai.stages.feedback import run_sample_pairs
 
     _print_summary("sample-pairs", run_sample_pairs(config).as_dict())
 
 
 def label(config: RunConfig) -> None:
     """RL-CAI: soft preference labels from the feedback model under the constitution, resumable."""
-    from constitutional_ai.feedback.stage import run_label
+    from constitutional_ai.stages.feedback import run_label
 
     _print_summary("label", run_label(config).as_dict())
 
 
 def export_preferences(config: RunConfig) -> None:
     """Export labels as a TRL preference dataset (prompt/chosen/rejected messages + p_chosen)."""
-    from constitutional_ai.feedback.stage import LABELS, labels_to_preferences, stage_path
+    from constitutional_ai.stages.feedback import LABELS, labels_to_preferences, stage_path
 
     out = Path(config.output_dir) / "preferences" / "train.jsonl"
     n = labels_to_preferences(stage_path(config, LABELS) / "records.jsonl", out)
@@ -362,14 +362,14 @@ def export_preferences(config: RunConfig) -> None:
 
 def eval_labeler(config: RunConfig) -> None:
     """Measure a feedback configuration on data with known answers: accuracy, ECE, reliability, bias."""
-    from constitutional_ai.feedback.evaluate import run_eval_labeler
+    from constitutional_ai.stages.eval_labeler import run_eval_labeler
 
     _print_summary("eval-labeler", run_eval_labeler(config).as_dict())
 
 
 def train_pm(config: RunConfig) -> None:
     """Train a preference model (Bradley-Terry, soft labels) on mixed preference sources."""
-    from constitutional_ai.preference_model.stage import run_train_pm
+    from constitutional_ai.stages.preference_model import run_train_pm
 
     result = run_train_pm(config)
     _print_summary("train-pm", result.extra)
@@ -377,7 +377,7 @@ def train_pm(config: RunConfig) -> None:
 
 def eval_pm(config: RunConfig) -> None:
     """Measure a preference model on held-out pairs: accuracy, margin, calibration (JSON + PNG)."""
-    from constitutional_ai.preference_model.stage import run_eval_pm
+    from constitutional_ai.stages.preference_model import run_eval_pm
 
     result = run_eval_pm(config)
     _print_summary("eval-pm", {"output": str(result.output), **result.extra})
@@ -386,7 +386,7 @@ def eval_pm(config: RunConfig) -> None:
 def serve_pm(config: RunConfig) -> None:
     """Serve a preference model over HTTP for OpenRLHF's --remote_rm_url (POST /get_reward)."""
     from constitutional_ai.preference_model.server import RewardServer
-    from constitutional_ai.preference_model.stage import trained_pm
+    from constitutional_ai.stages.preference_model import trained_pm
 
     scorer = trained_pm(config, config.serve_pm.model, "--pm", config.pm.device)
     server = RewardServer(scorer, config.serve_pm.host, config.serve_pm.port)
@@ -399,28 +399,28 @@ def serve_pm(config: RunConfig) -> None:
 
 def sft(config: RunConfig) -> None:
     """SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA)."""
-    from constitutional_ai.rl.sft import run_sft
+    from constitutional_ai.stages.sft import run_sft
 
     _print_summary("sft", run_sft(config).extra)
 
 
 def ppo(config: RunConfig) -> None:
     """RL-CAI: train the policy against the preference model (--algo ppo: ours; rloo, grpo: TRL)."""
-    from constitutional_ai.rl.policy_stage import run_rl
+    from constitutional_ai.stages.rl import run_rl
 
     _print_summary("ppo", run_rl(config).extra)
 
 
 def dpo(config: RunConfig) -> None:
     """DPO on the AI preference pairs (TRL DPOTrainer), the alternative to a PM plus RL."""
-    from constitutional_ai.rl.dpo import run_dpo
+    from constitutional_ai.stages.dpo import run_dpo
 
     _print_summary("dpo", run_dpo(config).extra)
 
 
 def evaluate(config: RunConfig) -> None:
     """Elo of checkpoints (initial, SL-CAI, RL-CAI...) on red-team and helpfulness prompts, judged by the PM."""
-    from constitutional_ai.evaluation.elo_eval import run_eval
+    from constitutional_ai.stages.eval import run_eval
 
     result = run_eval(config)
     _print_summary("eval", {"output": str(result.output), **{f"{k}_elo": v for k, v in result.extra.items()}})
@@ -429,7 +429,7 @@ def evaluate(config: RunConfig) -> None:
 def run(config: RunConfig) -> None:
     """The whole pipeline on one config: critique, SFT, pairs, labels, PM, RL, evaluation, report.
     Complete and unchanged stages are skipped; changed ones run again; an interrupted one resumes."""
-    from constitutional_ai.pipeline import run_pipeline
+    from constitutional_ai.stages.pipeline import run_pipeline
 
     summary = run_pipeline(config, progress=lambda line: console.print(f"[bold]cai run[/] {line}", highlight=False))
     _print_summary("run", {name: ("skipped (unchanged)" if s["skipped"] else f"{s['seconds']} s")

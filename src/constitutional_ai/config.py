@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from constitutional_ai.errors import ConfigError, first_line, format_validation_error
+from constitutional_ai.common.errors import ConfigError, first_line, format_validation_error
 
 EMBEDDED_MODEL = "embedded:tiny-demo"
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams
-from constitutional_ai.constitution.prompts import Prompt
 
 FinishReason = Literal["stop", "length"]
 

@@ -35,10 +35,10 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
 
 from constitutional_ai.backends.base import Generation, cut_at_stop
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.errors import CAIError, ModelLoadError, first_line
+from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
-from constitutional_ai.constitution.prompts import Prompt
-from constitutional_ai.errors import CAIError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from constitutional_ai.backends import stem_attention
+import constitutional_ai.backends.stem_attention as stem_attention
 from constitutional_ai.backends.base import Generation, cut_at_stop
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.errors import CAIError, DataError, ModelLoadError, first_line
+from constitutional_ai.common.hub import hub_offline_reason, looks_like_path, quiet_model_loading
+from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams, ModelConfig
-from constitutional_ai.constitution.prompts import Prompt
-from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.hub import hub_offline_reason, looks_like_path, quiet_model_loading
 from constitutional_ai.models import model_path
 
 #: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).

@@ -30,11 +30,11 @@ from constitutional_ai.backends.transformers_backend import (
     _load_error,
     check_hub_model,
 )
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.errors import CAIError, DataError, ModelLoadError, first_line
+from constitutional_ai.common.hub import quiet_model_loading
+from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams, ModelConfig
-from constitutional_ai.constitution.prompts import Prompt
-from constitutional_ai.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.hub import quiet_model_loading
 from constitutional_ai.models import model_path
 
 #: What to tell a user whose environment cannot run the engine at all.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from importlib import resources
@@ -10,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from constitutional_ai.chat_format import parse_raw, split_blocks
-from constitutional_ai.constitution.model import Constitution
-from constitutional_ai.errors import ConstitutionError, first_line, format_validation_error
+from constitutional_ai.common.chat_format import parse_raw, split_blocks
+from constitutional_ai.common.errors import ConstitutionError, first_line
 
 PAPER_FILES = {
     "critique_revision": "CritiqueRevisionInstructions.json",
@@ -26,20 +23,11 @@ PAPER_FILES = {
 PAPER_SCHEME = "anthropic-paper:"
 
 
-def constitution_from_dict(raw: Any, source: str) -> Constitution:
-    """Validate raw data, turning pydantic's report into one line that names file, entry, field."""
-    if not isinstance(raw, dict):
-        raise ConstitutionError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return Constitution.model_validate(raw)
-    except ValidationError as exc:
-        raise ConstitutionError(format_validation_error(source, exc, raw)) from None
-
-
-def load_constitution_file(path: str | Path) -> Constitution:
+def read_constitution_file(path: str | Path) -> tuple[Any, str]:
+    """The raw data of a YAML/JSON constitution (or of the paper's directory) and its source name."""
     path = Path(path)
     if path.is_dir():
-        return load_anthropic_paper(path)
+        return read_anthropic_paper(path)
     if not path.exists():
         raise ConstitutionError(f"{path}: no such constitution file; pass a YAML/JSON file or 'default'")
     text = path.read_text(encoding="utf-8")
@@ -50,35 +38,32 @@ def load_constitution_file(path: str | Path) -> Constitution:
         at = f" (line {line + 1 if hasattr(exc, 'problem_mark') else line})" if line is not None else ""
         raise ConstitutionError(f"{path}{at}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                                 f"{first_line(exc)}") from None
-    return constitution_from_dict(raw, str(path))
+    return raw, str(path)
 
 
-@functools.cache
-def load_default() -> Constitution:
-    """The bundled constitution; parsed once per process (it is immutable)."""
+def read_default() -> tuple[Any, str]:
+    """The raw data of the bundled constitution."""
     ref = resources.files("constitutional_ai") / "resources" / "constitution.yaml"
-    return constitution_from_dict(yaml.safe_load(ref.read_text(encoding="utf-8")), "<default constitution>")
+    return yaml.safe_load(ref.read_text(encoding="utf-8")), "<default constitution>"
 
 
-def save_constitution(constitution: Constitution, path: str | Path) -> None:
+def write_constitution(data: dict[str, Any], path: str | Path) -> None:
+    """Write a constitution's data as JSON (``.json``) or YAML (anything else)."""
     path = Path(path)
-    data = constitution.model_dump(mode="json")
     if path.suffix == ".json":
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     else:
         path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100), encoding="utf-8")
 
 
-def resolve_constitution(spec: str | Path | None) -> Constitution:
-    if spec is None or str(spec) in ("", "default"):
-        return load_default()
+def read_spec(spec: str | Path) -> tuple[Any, str]:
+    """A config value (``anthropic-paper:DIR``, a directory or a file; not ``default``) read as raw data."""
     spec = str(spec)
     if spec.startswith(PAPER_SCHEME):
-        return load_anthropic_paper(spec[len(PAPER_SCHEME):])
-    return load_constitution_file(spec)
+        return read_anthropic_paper(spec[len(PAPER_SCHEME):])
+    return read_constitution_file(spec)
 
 
-# -- the paper's files ------------------------------------------------------------------------------
 def _strip_label(text: str, label: str) -> str:
     """``\\n\\nCritiqueRequest: X\\n\\nCritique:`` -> ``X``."""
     blocks = split_blocks(text if text.startswith("\n\n") else "\n\n" + text)
@@ -113,8 +98,8 @@ def _read_json(directory: Path, name: str) -> Any:
         raise ConstitutionError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
 
 
-def load_anthropic_paper(directory: str | Path) -> Constitution:
-    """Load the paper's published principles and few-shot prompts as a :class:`Constitution`.
+def read_anthropic_paper(directory: str | Path) -> tuple[Any, str]:
+    """The paper's published principles and few-shot prompts as raw constitution data.
 
     Critique/revision and comparison strings keep the paper's wording; only the framing labels
     (``CritiqueRequest:``, ``Critique:``, trailing ``Options:``) are removed, because our prompt
@@ -158,4 +143,4 @@ def load_anthropic_paper(directory: str | Path) -> Constitution:
         "chain_of_thought_examples": cot,
         "metadata": {"source": "anthropics/ConstitutionalHarmlessnessPaper"},
     }
-    return constitution_from_dict(raw, str(directory))
+    return raw, str(directory)

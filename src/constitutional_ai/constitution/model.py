@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import constitutional_ai.constitution.loaders as loaders
+from constitutional_ai.common.errors import ConstitutionError, format_validation_error
 
 Role = Literal["system", "user", "assistant"]
 
@@ -134,37 +138,44 @@ class Constitution(BaseModel):
                 return principle
         raise KeyError(principle_id)
 
-    # -- loaders (implemented in constitution.loaders, exposed here for discoverability) -------
+    # -- loading and saving (file formats are read by constitution.loaders) -------------------
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> Constitution:
+        """Validate raw data, turning pydantic's report into one line that names file, entry, field."""
+        if not isinstance(raw, dict):
+            raise ConstitutionError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConstitutionError(format_validation_error(source, exc, raw)) from None
+
     @classmethod
     def from_file(cls, path: str) -> Constitution:
         """Load our YAML or JSON format."""
-        from constitutional_ai.constitution.loaders import load_constitution_file
-
-        return load_constitution_file(path)
+        return cls.from_dict(*loaders.read_constitution_file(path))
 
     @classmethod
     def from_anthropic_paper(cls, directory: str) -> Constitution:
         """Load the JSON files published with the paper (anthropics/ConstitutionalHarmlessnessPaper)."""
-        from constitutional_ai.constitution.loaders import load_anthropic_paper
-
-        return load_anthropic_paper(directory)
+        return cls.from_dict(*loaders.read_anthropic_paper(directory))
 
     @classmethod
     def default(cls) -> Constitution:
-        """The constitution that ships with the package, written in our own words."""
-        from constitutional_ai.constitution.loaders import load_default
-
-        return load_default()
+        """The constitution that ships with the package, written in our own words (parsed once)."""
+        return _default()
 
     @classmethod
     def load(cls, spec: str | None) -> Constitution:
         """Resolve a config value: ``None``/``"default"``, ``"anthropic-paper:DIR"``, a directory
         holding the paper's files, or a YAML/JSON file."""
-        from constitutional_ai.constitution.loaders import resolve_constitution
-
-        return resolve_constitution(spec)
+        if spec is None or str(spec) in ("", "default"):
+            return _default()
+        return cls.from_dict(*loaders.read_spec(spec))
 
     def save(self, path: str) -> None:
-        from constitutional_ai.constitution.loaders import save_constitution
+        loaders.write_constitution(self.model_dump(mode="json"), path)
 
-        save_constitution(self, path)
+
+@functools.cache
+def _default() -> Constitution:
+    return Constitution.from_dict(*loaders.read_default())

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.types import Conversation, Prompt, Style
 from constitutional_ai.constitution.model import CritiqueExample
-
-Style = Literal["raw", "chat"]
-Conversation = list[dict[str, str]]
-Prompt = str | Conversation
 
 
 def _msg(role: str, content: str) -> dict[str, str]:

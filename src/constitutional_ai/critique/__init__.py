@@ -1,5 +1,5 @@
-"""SL-CAI: critique-revision engine and the stage that runs it over a prompt set."""
+"""SL-CAI: the critique-revision engine (the stage that runs it is ``stages/critique.py``)."""
 
-from constitutional_ai.critique.engine import CritiqueRevisionEngine, clean_completion
+from constitutional_ai.critique.engine import CritiqueRevisionEngine
 
-__all__ = ["CritiqueRevisionEngine", "clean_completion"]
+__all__ = ["CritiqueRevisionEngine"]

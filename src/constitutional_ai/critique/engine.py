@@ -8,41 +8,20 @@ then all revisions), so the backend always sees a full batch instead of one prom
 
 from __future__ import annotations
 
-import hashlib
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from constitutional_ai.backends.base import Generation, LanguageModel
-from constitutional_ai.chat_format import BLOCK_LABELS, RAW_STOP
+from constitutional_ai.common.chat_format import RAW_STOP
+from constitutional_ai.common.seeding import derive_seed
+from constitutional_ai.common.text import clean_completion
 from constitutional_ai.config import CritiqueConfig, GenerationParams
 from constitutional_ai.constitution.model import Constitution, CritiqueRevisionPrinciple
 from constitutional_ai.constitution.prompts import CritiquePromptBuilder, CritiqueStep
 from constitutional_ai.data.prompts import PromptItem
-
-_LEADING_LABEL = re.compile(r"^\s*(?:" + "|".join(BLOCK_LABELS) + r")\s*:\s*", re.IGNORECASE)
-_NEXT_TURN = re.compile(r"\n+(?:" + "|".join(BLOCK_LABELS) + r"):")
-
-
-def clean_completion(text: str, style: str = "raw") -> str:
-    """Strip an echoed label (``Revision: ...``) and, in the raw format, cut where the model starts
-    the next block (``\nHuman:``, ``\nCritiqueRequest:``...). Chat models end their turn with a
-    token instead, so their text is never cut: a reply may legitimately quote such a label."""
-    text = _LEADING_LABEL.sub("", text, count=1)
-    if style == "raw":
-        match = _NEXT_TURN.search(text)
-        if match:
-            text = text[:match.start()]
-    return text.strip()
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts; the same parts give the same seed on every machine."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.config import PromptSourceConfig, SFTExportConfig
 from constitutional_ai.data.prompts import PromptReport, conversation_key, iter_rows, row_conversation
 from constitutional_ai.data.store import MANIFEST, read_records, write_atomic
-from constitutional_ai.errors import DataError
 
 
 @dataclass

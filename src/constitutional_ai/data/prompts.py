@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.chat_format import ASSISTANT, parse_raw
+from constitutional_ai.common.chat_format import ASSISTANT, parse_raw
+from constitutional_ai.common.errors import DataError, first_line
+from constitutional_ai.common.hub import looks_like_path
 from constitutional_ai.config import PromptSourceConfig
-from constitutional_ai.errors import DataError, first_line
-from constitutional_ai.hub import looks_like_path
 
 EMBEDDED = "embedded:"
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -178,7 +178,7 @@ def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tupl
 
 
 def hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
-    from constitutional_ai.hub import hub_offline_reason, quiet_hub_logs
+    from constitutional_ai.common.hub import hub_offline_reason, quiet_hub_logs
 
     reason = None if _hub_dataset_cached(config.path) else hub_offline_reason(
         offline_vars=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

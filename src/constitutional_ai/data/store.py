@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.errors import DataError, ResumeError
+from constitutional_ai.common.errors import DataError, ResumeError
 
 RECORDS = "records.jsonl"
 MANIFEST = "manifest.json"

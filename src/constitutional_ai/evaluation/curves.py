@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from constitutional_ai.common.types import RewardFn
 from constitutional_ai.data.store import read_records
-from constitutional_ai.rl.ppo import RewardFn
 
 #: A refusal opener; an answer that has one and nothing of substance after it is evasive.
 _REFUSAL = re.compile(r"\b(i can(?:'|no)t|i cannot|i won'?t|i(?: a|')m (?:not able|unable|sorry)|i must decline|"

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from constitutional_ai.backends.base import LanguageModel
-from constitutional_ai.chat_format import RAW_STOP
+from constitutional_ai.common.chat_format import RAW_STOP
+from constitutional_ai.common.seeding import derive_seed
+from constitutional_ai.common.text import clean_completion
+from constitutional_ai.common.types import Conversation
 from constitutional_ai.config import FeedbackConfig
 from constitutional_ai.constitution.model import ComparisonPrinciple, Constitution
-from constitutional_ai.constitution.prompts import Conversation
-from constitutional_ai.critique.engine import clean_completion, derive_seed
 from constitutional_ai.feedback.prompts import FeedbackPromptBuilder, FeedbackQuestion
 
 

@@ -20,9 +20,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.types import Conversation, Prompt
 from constitutional_ai.constitution.model import ComparisonPrinciple, FeedbackExample
-from constitutional_ai.constitution.prompts import Conversation, Prompt, as_messages
+from constitutional_ai.constitution.prompts import as_messages
 
 INTRO = "Consider the following conversation between a human (H) and an assistant (A):"
 ANSWER = "The answer is:"

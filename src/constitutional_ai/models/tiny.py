@@ -26,11 +26,11 @@ DEMO_MODEL_VERSION = "v2"
 def bundled_corpus() -> list[str]:
     """The package's own text (constitution, worked examples, embedded prompts and helpful answers)
     rendered in the paper's dialogue format: what the demo tokenizer and model are trained on."""
-    from constitutional_ai.chat_format import render_raw
-    from constitutional_ai.constitution.loaders import load_default
+    from constitutional_ai.common.chat_format import render_raw
+    from constitutional_ai.constitution.model import Constitution
     from constitutional_ai.constitution.prompts import CritiquePromptBuilder
 
-    constitution = load_default()
+    constitution = Constitution.default()
     texts = [CritiquePromptBuilder.raw_example(e) for e in constitution.critique_examples]
     texts += [render_raw([*e.messages, {"role": "assistant", "content": e.chosen}], False)
               for e in constitution.feedback_examples]

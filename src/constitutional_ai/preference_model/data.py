@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.chat_format import parse_raw
+from constitutional_ai.common.chat_format import parse_raw
+from constitutional_ai.common.errors import DataError, first_line
+from constitutional_ai.common.hub import looks_like_path
+from constitutional_ai.common.seeding import derive_seed
+from constitutional_ai.common.types import Conversation
 from constitutional_ai.config import PreferenceSourceConfig, PromptSourceConfig
-from constitutional_ai.constitution.prompts import Conversation
-from constitutional_ai.critique.engine import derive_seed
 from constitutional_ai.data.prompts import conversation_key, hh_pair, hub_rows
 from constitutional_ai.data.store import read_records
-from constitutional_ai.errors import DataError, first_line
-from constitutional_ai.hub import looks_like_path
 
 #: ``run:preferences`` names this run's AI labels, written by ``cai label``/``cai export-preferences``.
 RUN_PREFERENCES = "run:preferences"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from constitutional_ai.chat_format import render_raw
-from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.types import Conversation
 
 
 def transcript(conversation: Conversation) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from constitutional_ai.constitution.prompts import Conversation
-from constitutional_ai.errors import ModelLoadError
+from constitutional_ai.common.errors import ModelLoadError
+from constitutional_ai.common.types import Conversation
 from constitutional_ai.preference_model.encoding import PairEncoder
 
 #: Written next to a trained PM: base model, max_length, data and training figures.
@@ -24,7 +24,7 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from constitutional_ai.backends.transformers_backend import _load_error, check_hub_model
-    from constitutional_ai.hub import quiet_model_loading
+    from constitutional_ai.common.hub import quiet_model_loading
     from constitutional_ai.models import model_path
 
     path = model_path(name)

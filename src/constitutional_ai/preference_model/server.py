@@ -20,8 +20,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from constitutional_ai.chat_format import parse_raw
-from constitutional_ai.constitution.prompts import Conversation
+from constitutional_ai.common.chat_format import parse_raw
+from constitutional_ai.common.types import Conversation
 from constitutional_ai.preference_model.reward_model import RewardModel
 
 log = logging.getLogger(__name__)

@@ -192,7 +192,7 @@ def build_report(run: str | Path) -> Path:
     """Write ``report.html`` and ``report.md`` into the run directory; returns the HTML path."""
     run = Path(run)
     if not run.is_dir():
-        from constitutional_ai.errors import ConfigError
+        from constitutional_ai.common.errors import ConfigError
 
         raise ConfigError(f"{run}: no such run directory; pass the --output-dir of a run")
     facts = collect(run)

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from constitutional_ai.chat_format import render_raw
-from constitutional_ai.constitution.prompts import Conversation
-from constitutional_ai.errors import ConfigError
+from constitutional_ai.common.chat_format import render_raw
+from constitutional_ai.common.errors import ConfigError
+from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.rl.core import (
     KLController,
     entropy_from_logits,
@@ -38,9 +38,6 @@ from constitutional_ai.rl.core import (
     value_loss,
     whiten,
 )
-
-#: ``reward_fn(prompts, responses) -> rewards``: a PM (:class:`RewardModel.score_responses`) or any rule.
-RewardFn = Callable[[list[Conversation], list[str]], list[float]]
 
 
 @dataclass

@@ -9,21 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.common.errors import DataError
+from constitutional_ai.common.seeding import derive_seed
+from constitutional_ai.common.text import clean_completion
 from constitutional_ai.config import RunConfig
-from constitutional_ai.critique.engine import clean_completion, derive_seed
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
-from constitutional_ai.errors import DataError
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.stage_runner import (
-    Output,
-    Processor,
-    Skip,
-    StageResult,
-    load_stage_constitution,
-    run_with_backend,
-)
+from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
+from constitutional_ai.stages.streaming import Output, Processor, Skip
 
 PAIRS, LABELS = "pairs", "labels"
 PAIRS_SECTIONS = ("seed", "policy", "prompts", "pairs")
@@ -43,7 +38,7 @@ def sample_responses(backend: LanguageModel, items: list[PromptItem], config: Ru
     seeds = [derive_seed(config.seed, "pairs", it.key, j) for it in items for j in range(k)]
     params = config.pairs.generation
     if backend.style == "raw":
-        from constitutional_ai.chat_format import RAW_STOP
+        from constitutional_ai.common.chat_format import RAW_STOP
 
         params = params.model_copy(update={"stop": [*params.stop, *(s for s in RAW_STOP if s not in params.stop)]})
     outs = backend.generate(prompts, params, seeds=seeds)

@@ -1,23 +1,15 @@
-"""``cai sft``: SL-CAI fine-tuning with TRL's ``SFTTrainer`` on the exported revisions.
-
-Each conversation becomes a prompt-completion pair (everything before the final assistant turn,
-then that turn), so the loss falls on the assistant's (revised) answer only, and the result is an
-ordinary ``from_pretrained`` checkpoint in ``<output_dir>/sft/model``: the RL policy.
-"""
-
+"""``cai sft``: SL-CAI fine-tuning on the exported revisions (TRL SFTTrainer); the model is the RL policy."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from constitutional_ai.chat_format import render_raw
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records, write_atomic
-from constitutional_ai.errors import DataError
 from constitutional_ai.models import model_path
-from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import (
+from constitutional_ai.stages.runner import StageResult
+from constitutional_ai.training.common import (
     fresh_checkpoints,
     is_main_process,
     load_causal_lm,
@@ -28,6 +20,7 @@ from constitutional_ai.training import (
     train,
     training_arguments,
 )
+from constitutional_ai.training.sft import prompt_completion
 
 SFT = "sft"
 
@@ -59,15 +52,6 @@ def _conversations(config: RunConfig) -> list[list[dict[str, str]]]:
                 raise DataError(f"{path}:{n}: expected {{\"messages\": [...]}} ending with an assistant turn")
             out.append(messages)
     return out
-
-
-def prompt_completion(messages: list[dict[str, str]], tokenizer: Any) -> dict[str, Any]:
-    """TRL's prompt-completion form of one conversation: conversational for chat models, the
-    paper's raw text (ending in the end-of-sequence token) for the rest."""
-    if getattr(tokenizer, "chat_template", None):
-        return {"prompt": messages[:-1], "completion": [messages[-1]]}
-    return {"prompt": render_raw(messages[:-1], add_generation_prompt=True),
-            "completion": " " + messages[-1]["content"].strip() + (tokenizer.eos_token or "")}
 
 
 def run_sft(config: RunConfig) -> StageResult:

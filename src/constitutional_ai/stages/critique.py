@@ -7,19 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.errors import ConfigError
-from constitutional_ai.stage_runner import (
-    Output,
-    Processor,
-    Skip,
-    StageResult,
-    load_stage_constitution,
-    run_with_backend,
-)
+from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
+from constitutional_ai.stages.streaming import Output, Processor, Skip
 
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.

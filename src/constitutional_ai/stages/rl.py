@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.chat_format import parse_raw, render_raw
+from constitutional_ai.common.chat_format import parse_raw, render_raw
+from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RunConfig
-from constitutional_ai.constitution.prompts import Conversation
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.models import model_path
-from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer, RewardFn
-from constitutional_ai.rl.sft import policy_path
-from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import (
+from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+from constitutional_ai.stages.runner import StageResult
+from constitutional_ai.stages.sft import policy_path
+from constitutional_ai.training.common import (
     fresh_checkpoints,
     metrics_callback,
     peft_config,
@@ -39,7 +39,7 @@ def pm_reward(config: RunConfig) -> RewardFn:
     """The trained preference model as a reward function (``prompts, responses -> rewards``)."""
     import torch
 
-    from constitutional_ai.preference_model.stage import trained_pm
+    from constitutional_ai.stages.preference_model import trained_pm
 
     device = config.rl.device
     if device == "auto" and torch.cuda.is_available() and os.environ.get("LOCAL_RANK"):

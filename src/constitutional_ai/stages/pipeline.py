@@ -33,7 +33,7 @@ class Stage:
 
 
 def _critique(config: RunConfig) -> Any:
-    from constitutional_ai.critique.stage import run_critique
+    from constitutional_ai.stages.critique import run_critique
 
     return run_critique(config)
 
@@ -47,19 +47,19 @@ def _export_sft(config: RunConfig) -> Any:
 
 
 def _sft(config: RunConfig) -> Any:
-    from constitutional_ai.rl.sft import run_sft
+    from constitutional_ai.stages.sft import run_sft
 
     return run_sft(config)
 
 
 def _pairs(config: RunConfig) -> Any:
-    from constitutional_ai.feedback.stage import run_sample_pairs
+    from constitutional_ai.stages.feedback import run_sample_pairs
 
     return run_sample_pairs(config)
 
 
 def _labels(config: RunConfig) -> Any:
-    from constitutional_ai.feedback.stage import labels_to_preferences, run_label
+    from constitutional_ai.stages.feedback import labels_to_preferences, run_label
 
     result = run_label(config)
     labels_to_preferences(result.output, Path(config.output_dir) / "preferences" / "train.jsonl")
@@ -67,19 +67,19 @@ def _labels(config: RunConfig) -> Any:
 
 
 def _pm(config: RunConfig) -> Any:
-    from constitutional_ai.preference_model.stage import run_train_pm
+    from constitutional_ai.stages.preference_model import run_train_pm
 
     return run_train_pm(config)
 
 
 def _rl(config: RunConfig) -> Any:
-    from constitutional_ai.rl.policy_stage import run_rl
+    from constitutional_ai.stages.rl import run_rl
 
     return run_rl(config)
 
 
 def _eval(config: RunConfig) -> Any:
-    from constitutional_ai.evaluation.elo_eval import run_eval
+    from constitutional_ai.stages.eval import run_eval
 
     return run_eval(config)
 

@@ -9,20 +9,20 @@ out, ``eval_results.json`` and ``reliability.png`` beside it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.config import PreferenceModelConfig, RunConfig
+from constitutional_ai.common.errors import ConfigError
+from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import write_atomic
-from constitutional_ai.errors import ConfigError, DataError
-from constitutional_ai.evaluation.calibration import calibration_summary, reliability_diagram
-from constitutional_ai.preference_model.data import PreferencePair, mix_sources, split_heldout
+from constitutional_ai.evaluation.pm import EVAL_RESULTS, evaluate_pm
+from constitutional_ai.preference_model.data import mix_sources, split_heldout
 from constitutional_ai.preference_model.encoding import PairEncoder
 from constitutional_ai.preference_model.reward_model import PM_INFO, RewardModel, load_sequence_classifier
-from constitutional_ai.stage_runner import StageResult
-from constitutional_ai.training import (
+from constitutional_ai.preference_model.training import encode_pairs, pm_training_arguments
+from constitutional_ai.stages.runner import StageResult
+from constitutional_ai.training.common import (
     fresh_checkpoints,
     is_main_process,
     last_checkpoint,
@@ -31,11 +31,9 @@ from constitutional_ai.training import (
     save_trained,
     stage_store,
     train,
-    training_arguments,
 )
 
 PM = "pm"
-EVAL_RESULTS = "eval_results.json"
 
 
 def pm_dir(config: RunConfig) -> Path:
@@ -54,33 +52,6 @@ def trained_pm(config: RunConfig, explicit: str, flag: str, device: str = "auto"
     """:func:`pm_model_dir`, loaded for scoring."""
     return RewardModel.from_pretrained(str(pm_model_dir(config, explicit, flag)), device=device,
                                        batch_size=config.pm.batch_size)
-
-
-def encode_pairs(pairs: list[PreferencePair], encoder: PairEncoder) -> tuple[Any, int]:
-    """A ``datasets.Dataset`` in TRL's tokenized preference format (``chosen_ids``/``rejected_ids``)
-    plus ``p_chosen`` and ``length`` (for length-grouped batches); and how many sides were cut."""
-    from datasets import Dataset
-
-    rows: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": [], "length": []}
-    truncated = 0
-    for pair in pairs:
-        chosen, cut_c = encoder.encode(pair.prompt, pair.chosen)
-        rejected, cut_r = encoder.encode(pair.prompt, pair.rejected)
-        truncated += int(cut_c or cut_r)
-        rows["chosen_ids"].append(chosen)
-        rows["rejected_ids"].append(rejected)
-        rows["p_chosen"].append(pair.p)
-        rows["length"].append(max(len(chosen), len(rejected)))
-    return Dataset.from_dict(rows), truncated
-
-
-def pm_training_arguments(cfg: PreferenceModelConfig, output: Path, seed: int, progress: bool) -> Any:
-    from trl import RewardConfig
-
-    return training_arguments(cfg, RewardConfig, output, seed, progress, remove_unused_columns=False,
-                              center_rewards_coefficient=cfg.center_rewards_coefficient,
-                              train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-                              length_column_name="length", disable_dropout=cfg.disable_dropout)
 
 
 def run_train_pm(config: RunConfig) -> StageResult:
@@ -146,36 +117,6 @@ def run_train_pm(config: RunConfig) -> StageResult:
         raise
     return StageResult(PM, directory / "model", written=len(train_pairs), total=len(train_pairs), seconds=seconds,
                        prompt_report={"sources": info["sources"]}, extra=extra)
-
-
-def evaluate_pm(scorer: RewardModel, pairs: list[PreferencePair], directory: Path, n_bins: int = 10,
-                title: str = "eval pairs", name: str = EVAL_RESULTS) -> dict[str, Any]:
-    """Pairwise accuracy, mean margin, agreement with soft labels and calibration of
-    ``sigma(r_w - r_l)``; written as JSON (and a reliability PNG) in ``directory``."""
-    if not pairs:
-        raise DataError("no evaluation pairs; pass --eval-data or set pm.eval_fraction above 0")
-    chosen = scorer.score_responses([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = scorer.score_responses([p.prompt for p in pairs], [p.rejected for p in pairs])
-    margins = [w - lo for w, lo in zip(chosen, rejected, strict=True)]
-    p_model = [1.0 / (1.0 + math.exp(-m)) for m in margins]
-    calibration = calibration_summary(p_model, n_bins)
-    png = reliability_diagram(p_model, directory / name.replace(".json", "_reliability.png"),
-                              title=f"Preference model reliability ({title})", n_bins=n_bins)
-    soft = [(p.p, q) for p, q in zip(pairs, p_model, strict=True) if 0.0 < p.p < 1.0]
-    by_source: dict[str, list[float]] = {}
-    for pair, m in zip(pairs, margins, strict=True):
-        by_source.setdefault(pair.source, []).append(1.0 if m > 0 else 0.5 if m == 0 else 0.0)
-    summary = {
-        "model": scorer.name, "pairs": len(pairs),
-        "accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins),
-        "mean_margin": sum(margins) / len(margins),
-        "ece": calibration["ece"], "mean_confidence": calibration["mean_confidence"],
-        "soft_label_mae": sum(abs(p - q) for p, q in soft) / len(soft) if soft else None,
-        "accuracy_by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
-        "truncated_sides": scorer.truncated, "reliability_diagram": str(png), "bins": calibration["bins"],
-    }
-    write_atomic(directory / name, json.dumps(summary, indent=2))
-    return summary
 
 
 def run_eval_pm(config: RunConfig) -> StageResult:

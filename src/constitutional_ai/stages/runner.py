@@ -1,5 +1,5 @@
-"""What every stage shares: open the record store before the model, then stream batches into it
-with a progress bar. A stage only says how to turn one batch of inputs into records."""
+"""What every generation stage shares: open the record store before the model, then stream batches
+into it (here or over Ray). A stage only says how to turn one batch of inputs into records."""
 
 from __future__ import annotations
 
@@ -7,42 +7,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from constitutional_ai.backends import load_backend
+from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.constitution.model import Constitution
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.errors import ConfigError
-from constitutional_ai.progress import StageProgress
+from constitutional_ai.stages.streaming import Processor, Streamed, stream_batches
 
 if TYPE_CHECKING:
     from constitutional_ai.backends.base import LanguageModel
     from constitutional_ai.config import ModelConfig, RunConfig
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Skip:
-    """An input a stage leaves out (a prompt too long for the context): reported, never written,
-    and tried again on resume."""
-
-    reason: str
-    detail: str
-
-
-#: What a stage makes of one input: its record, a reported skip, or None (left out silently).
-Output = dict[str, Any] | Skip | None
-#: ``process(batch, on_step)``: one output per input, in order.
-Processor = Callable[[list[Any], Callable[[str, int], None]], list[Output]]
-
-
-class Streamed(NamedTuple):
-    """What streaming a stage's inputs did."""
-
-    written: int
-    done_before: int
-    skipped: list[Skip]
 
 
 def load_stage_constitution(spec: str, principles: str, examples: str, few_shot: int, flag: str) -> Constitution:
@@ -75,32 +52,6 @@ class StageResult:
                 "seconds": round(self.seconds, 3), "prompts": self.prompt_report, **self.extra}
 
 
-def pending(store: RecordStore, items: Sequence[T], key: Callable[[T], str]) -> tuple[list[T], int]:
-    """The items not yet in ``store`` (resume skips the rest), and how many were done before."""
-    todo = [it for it in items if key(it) not in store]
-    return todo, len(items) - len(todo)
-
-
-def write_outputs(store: RecordStore, outputs: Sequence[Output], skipped: list[Skip]) -> int:
-    """Write a batch's records durably and collect its skips; returns the records written."""
-    skipped += [o for o in outputs if isinstance(o, Skip)]
-    return store.write([o for o in outputs if isinstance(o, dict)])
-
-
-def stream_batches(store: RecordStore, items: Sequence[T], key: Callable[[T], str], batch_size: int,
-                   process: Processor, description: str, unit: str, progress: bool) -> Streamed:
-    """Process the items not yet in ``store`` a batch at a time, writing each batch durably."""
-    todo, done_before = pending(store, items, key)
-    written = 0
-    skipped: list[Skip] = []
-    with StageProgress(description, total=len(items), completed=done_before, enabled=progress, unit=unit) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            written += write_outputs(store, process(batch, bar.step), skipped)
-            bar.advance(len(batch))
-    return Streamed(written, done_before, skipped)
-
-
 def run_with_backend(store: RecordStore, items: Sequence[T], key: Callable[[T], str], batch_size: int,
                      processor: Callable[..., Processor], config: RunConfig, model: ModelConfig,
                      backend: LanguageModel | None, manifest_key: str, description: str, unit: str) -> Streamed:
@@ -111,7 +62,7 @@ def run_with_backend(store: RecordStore, items: Sequence[T], key: Callable[[T], 
     driver never loads a model and only writes the store.
     """
     if config.ray.workers:
-        from constitutional_ai.ray_runner import stream_batches_ray
+        from constitutional_ai.stages.ray_runner import stream_batches_ray
 
         if backend is not None:
             raise ConfigError("ray.workers > 0 loads a backend in every Ray actor; do not also pass one")

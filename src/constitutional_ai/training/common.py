@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import TrainingConfig
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.errors import ConfigError
 
 #: Where launchers put a process's global rank (torchrun and ``accelerate launch``, then MPI), as accelerate reads it.
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")

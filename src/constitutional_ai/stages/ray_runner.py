@@ -17,11 +17,11 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from constitutional_ai.common.errors import ConfigError, first_line
+from constitutional_ai.common.progress import StageProgress
 from constitutional_ai.config import RayConfig
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.errors import ConfigError, first_line
-from constitutional_ai.progress import StageProgress
-from constitutional_ai.stage_runner import Processor, Skip, Streamed, pending, write_outputs
+from constitutional_ai.stages.streaming import Processor, Skip, Streamed, pending, write_outputs
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def init_ray(config: RayConfig) -> Any:
 def stream_batches_ray(store: RecordStore, items: Sequence[T], key: Callable[[T], str],
                        make_processor: Callable[[], Processor], config: RayConfig, description: str, unit: str,
                        progress: bool) -> Streamed:
-    """As :func:`~constitutional_ai.stage_runner.stream_batches`, over ``config.workers`` Ray actors."""
+    """As :func:`~constitutional_ai.stages.streaming.stream_batches`, over ``config.workers`` Ray actors."""
     todo, done_before = pending(store, items, key)
     written, skipped = 0, []
     if not todo:

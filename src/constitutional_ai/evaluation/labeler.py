@@ -13,24 +13,18 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.backends import LanguageModel, load_backend
-from constitutional_ai.chat_format import parse_raw
-from constitutional_ai.config import RunConfig
-from constitutional_ai.critique.engine import derive_seed
+from constitutional_ai.backends import LanguageModel
+from constitutional_ai.common.chat_format import parse_raw
+from constitutional_ai.common.errors import DataError, first_line
+from constitutional_ai.common.seeding import derive_seed
 from constitutional_ai.data.prompts import conversation_key, hh_pair, hh_split
-from constitutional_ai.data.store import RecordStore, read_records, write_atomic
-from constitutional_ai.errors import DataError, first_line
+from constitutional_ai.data.store import read_records
 from constitutional_ai.evaluation.calibration import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.stage_runner import StageResult, load_stage_constitution, stream_batches
-
-STAGE = "eval_labeler"
-SECTIONS = ("seed", "policy", "constitution", "feedback", "eval_labeler")
 
 
 @dataclass(frozen=True)
@@ -138,34 +132,6 @@ def evaluate_batch(items: list[EvalItem], backend: LanguageModel, labeler: Feedb
         out[it.key] = {"key": it.key, "kind": it.kind, "p_correct": p_correct, "correct_in_slot": "B" if flips[
             it.key] else "A", "principles": record["principles"], "truncated": record["truncated"]}
     return [out[it.key] for it in items]
-
-
-def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
-    start = time.perf_counter()
-    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
-                                           config.feedback.few_shot, "--feedback-few-shot")
-    items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
-    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
-                "data": str(Path(config.eval_labeler.data).resolve())}
-    directory = Path(config.output_dir) / STAGE
-    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
-        owns = backend is None
-        backend = backend or load_backend(config.feedback.model or config.policy)
-        try:
-            labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
-            written = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
-                                        lambda batch, _: evaluate_batch(batch, backend, labeler, config.seed),
-                                        "eval-labeler", "items", config.progress).written
-            results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
-                                labeler_id=backend.model_id, constitution_hash=constitution.hash)
-            results["skipped_too_long"] = labeler.too_long
-            write_atomic(directory / "results.json", json.dumps(results, indent=2))
-            store.close(complete=True)
-        finally:
-            if owns:
-                backend.close()
-    return StageResult(STAGE, directory / "results.json", written, len(items), time.perf_counter() - start, {},
-                       {k: v for k, v in results.items() if k != "bins"})
 
 
 def summarise(records: list[dict[str, Any]], directory: Path, n_bins: int, **meta: Any) -> dict[str, Any]:

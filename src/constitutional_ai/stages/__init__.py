@@ -1,0 +1,1 @@
+"""Runnable stages: the registry, the streaming runner, and one module per stage."""

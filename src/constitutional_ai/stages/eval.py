@@ -1,0 +1,102 @@
+"""``cai eval``: checkpoints answer held-out prompts, a judge compares every pair, Elo comes out (see evaluation.elo_eval)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from constitutional_ai.common.errors import ConfigError
+from constitutional_ai.common.seeding import derive_seed
+from constitutional_ai.common.text import clean_completion
+from constitutional_ai.common.types import RewardFn
+from constitutional_ai.config import RunConfig
+from constitutional_ai.data.prompts import load_prompts
+from constitutional_ai.data.store import RecordStore, read_records, write_atomic
+from constitutional_ai.evaluation.curves import extra_figures
+from constitutional_ai.evaluation.elo_eval import SETS, feedback_judgments, summarise
+from constitutional_ai.stages.runner import StageResult
+
+EVAL = "eval"
+
+
+def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
+    """``(name, path)`` of each checkpoint to compare; ``run:`` names this run's stages."""
+    out = Path(config.output_dir)
+    run_paths = {"run:initial": config.policy.model_name_or_path, "run:sft": str(out / "sft" / "model"),
+                 "run:rl": str(out / "rl" / "model"), "run:dpo": str(out / "dpo" / "model")}
+    found = []
+    for spec in config.eval.models:
+        if spec in run_paths:
+            path = run_paths[spec]
+            if spec != "run:initial" and not Path(path).is_dir():
+                continue  # this run has not made that checkpoint
+            found.append((spec.removeprefix("run:"), path))
+        else:
+            path = Path(spec)
+            found.append((path.parent.name if path.name == "model" and path.parent.name else path.name or spec, spec))
+    seen: dict[str, int] = {}
+    for i, (name, path) in enumerate(found):  # two runs' rl/model must not share a name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            found[i] = (f"{name}-{seen[name]}", path)
+    if len(found) < 2:
+        raise ConfigError(f"cai eval needs at least two checkpoints, found {[n for n, _ in found]}; run `cai sft`/"
+                          "`cai ppo` first or pass --eval-model DIR (twice or more)")
+    return found
+
+
+def _judge(config: RunConfig) -> RewardFn:
+    from constitutional_ai.stages.preference_model import trained_pm
+
+    return trained_pm(config, config.eval.judge, "--judge").score_responses
+
+
+def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
+    from constitutional_ai.backends.transformers_backend import TransformersBackend
+
+    start = time.perf_counter()
+    checkpoints = resolve_checkpoints(config)
+    by_feedback = judge is None and config.eval.judge == "feedback"
+    if by_feedback:  # the feedback model judges; this run's PM (if any) still draws the curves
+        try:
+            judge = _judge(config.with_overrides({"eval.judge": ""}))
+        except ConfigError:
+            judge = None
+    else:
+        judge = judge or _judge(config)
+    prompts = {}
+    for name, source in (("harmless", config.eval.harmless_prompts), ("helpful", config.eval.helpful_prompts)):
+        items, _ = load_prompts(source.model_copy(update={"limit": config.eval.limit}))
+        prompts[name] = items
+    identity = {"stage": EVAL, "config": config.fingerprint(("seed", "eval")),
+                "checkpoints": [path for _, path in checkpoints]}
+    directory = Path(config.output_dir) / EVAL
+    store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite)
+    try:
+        for name, path in checkpoints:
+            todo = [(s, item) for s in SETS for item in prompts[s] if f"{s}:{name}:{item.key}" not in store]
+            if not todo:
+                continue
+            backend = TransformersBackend(config.policy.model_copy(update={"model_name_or_path": path}))
+            seeds = [derive_seed(config.seed, "eval", s, item.key) for s, item in todo]
+            outs = backend.generate([item.messages for _, item in todo], config.eval.generation, seeds=seeds)
+            answers = [clean_completion(o.text, backend.style) for o in outs]
+            rewards = judge([list(item.messages) for _, item in todo], answers) if judge else [None] * len(answers)
+            store.write([{"key": f"{s}:{name}:{item.key}", "set": s, "model": name, "prompt_key": item.key,
+                          "prompt": item.messages, "response": a, "reward": r}
+                         for (s, item), a, r in zip(todo, answers, rewards, strict=True)])
+            backend.close()
+        records = list(read_records(store.path))
+        names = [n for n, _ in checkpoints]
+        judged = feedback_judgments(records, names, config) if by_feedback else None
+        summary = summarise(records, names, config.eval.bootstrap, config.seed, directory, judged)
+        summary["judge"] = "feedback model" if by_feedback else "preference model"
+        summary.update(extra_figures(Path(config.output_dir), directory, judge, records, config.eval.limit))
+        write_atomic(directory / "elo.json", json.dumps(summary, indent=2))
+        store.close(complete=True)
+    except BaseException:
+        store.close(complete=False)
+        raise
+    return StageResult(EVAL, directory / "elo.json", written=len(store), total=len(store),
+                       seconds=time.perf_counter() - start, prompt_report={},
+                       extra={s: summary[s]["elo"] for s in SETS if s in summary})

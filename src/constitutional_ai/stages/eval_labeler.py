@@ -1,0 +1,47 @@
+"""``cai eval-labeler``: a feedback configuration measured on data with known answers (results.json, reliability.png)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from constitutional_ai.backends import LanguageModel, load_backend
+from constitutional_ai.config import RunConfig
+from constitutional_ai.data.store import RecordStore, write_atomic
+from constitutional_ai.evaluation.labeler import evaluate_batch, load_eval_items, summarise
+from constitutional_ai.feedback.labeler import FeedbackLabeler
+from constitutional_ai.stages.runner import StageResult, load_stage_constitution
+from constitutional_ai.stages.streaming import stream_batches
+
+STAGE = "eval_labeler"
+
+
+SECTIONS = ("seed", "policy", "constitution", "feedback", "eval_labeler")
+
+
+def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
+    start = time.perf_counter()
+    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                           config.feedback.few_shot, "--feedback-few-shot")
+    items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
+    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
+                "data": str(Path(config.eval_labeler.data).resolve())}
+    directory = Path(config.output_dir) / STAGE
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+        owns = backend is None
+        backend = backend or load_backend(config.feedback.model or config.policy)
+        try:
+            labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
+            written = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
+                                        lambda batch, _: evaluate_batch(batch, backend, labeler, config.seed),
+                                        "eval-labeler", "items", config.progress).written
+            results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
+                                labeler_id=backend.model_id, constitution_hash=constitution.hash)
+            results["skipped_too_long"] = labeler.too_long
+            write_atomic(directory / "results.json", json.dumps(results, indent=2))
+            store.close(complete=True)
+        finally:
+            if owns:
+                backend.close()
+    return StageResult(STAGE, directory / "results.json", written, len(items), time.perf_counter() - start, {},
+                       {k: v for k, v in results.items() if k != "bins"})
