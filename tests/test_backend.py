@@ -3,10 +3,13 @@ import re
 import pytest
 import torch
 
-from constitutional_ai.backends import LanguageModel, load_backend, stem_attention, transformers_backend
-from constitutional_ai.backends.transformers_backend import TransformersBackend, resolve_dtype
+from constitutional_ai.backends import LanguageModel, load_backend, prefix_scorer, stem_attention
+from constitutional_ai.backends.prefix_scorer import _assign_stems, _Question, common_length
+from constitutional_ai.backends.sampling import SeededSampler
+from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.common.errors import ModelLoadError
 from constitutional_ai.config import GenerationParams, ModelConfig
+from constitutional_ai.models.loading import config_context_length, end_token_ids, loading, resolve_dtype
 
 PROMPTS = [
     [{"role": "user", "content": "How do I bake bread at home?"}],
@@ -111,14 +114,12 @@ def test_sampling_depends_on_each_prompts_seed_not_on_the_batch(raw_backend, cha
 
 def test_seeded_sampler_draws_from_the_warped_distribution():
     # Gumbel-max over log-probabilities must reproduce the softmax frequencies
-    from constitutional_ai.backends.transformers_backend import _SeededSampler
-
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    sampler = _SeededSampler(GenerationParams(temperature=1.0), seeds=[0])
+    sampler = SeededSampler(GenerationParams(temperature=1.0), seeds=[0])
     draws = torch.tensor([int(sampler(None, logits.clone()).argmax()) for _ in range(20000)])
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
-    top1 = _SeededSampler(GenerationParams(temperature=1.0, top_k=1), seeds=[0])
+    top1 = SeededSampler(GenerationParams(temperature=1.0, top_k=1), seeds=[0])
     assert {int(top1(None, logits.clone()).argmax()) for _ in range(50)} == {0}
 
 
@@ -140,9 +141,9 @@ def _reference_logprob(backend, prompt, choice):
 def test_score_choices_matches_unbatched_reference(which, fused, request, monkeypatch):
     backend = request.getfixturevalue(which)
     assert backend.fuse_suffixes and backend.shared_stem_attention  # sdpa on CPU
-    monkeypatch.setattr(backend, "fuse_suffixes", fused != "suffix-pass")
-    monkeypatch.setattr(backend, "shared_stem_attention", fused == "shared-stems")
-    monkeypatch.setattr(transformers_backend, "MIN_SHARED_STEM", 0)  # these prompts' stems are short
+    monkeypatch.setattr(backend.scorer, "fuse_suffixes", fused != "suffix-pass")
+    monkeypatch.setattr(backend.scorer, "shared_stem_attention", fused == "shared-stems")
+    monkeypatch.setattr(prefix_scorer, "MIN_SHARED_STEM", 0)  # these prompts' stems are short
     # "hel" + "lo" merges across the boundary in a BPE vocabulary trained on English text
     prompts = [PROMPTS[0], "The answer is:", PROMPTS[3], "Say hel"]
     choices = [[" (A)", " (B)"], [" yes", " no", " perhaps not"], [" (A)", " (B)"], ["lo", "p me"]]
@@ -167,7 +168,7 @@ def _forward_shapes(backend, fn):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-suffixes", "suffix-pass"])
 def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused, monkeypatch):
-    monkeypatch.setattr(raw_backend, "fuse_suffixes", fused)
+    monkeypatch.setattr(raw_backend.scorer, "fuse_suffixes", fused)
     prompts = ["one " * 30, "two " * 40]
     calls, _ = _forward_shapes(raw_backend, lambda: raw_backend.score_choices(
         prompts, [[" (A)", " (B)", " (C)"], [" (A)", " (B)", " (C)"]]))
@@ -179,7 +180,7 @@ def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-stems", "stem-copied-per-row"])
 def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, shared, monkeypatch):
-    monkeypatch.setattr(raw_backend, "shared_stem_attention", shared)
+    monkeypatch.setattr(raw_backend.scorer, "shared_stem_attention", shared)
     raw_backend.clear_prefix_cache()
     entered = []
     sharing = stem_attention.sharing_stems
@@ -191,7 +192,7 @@ def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, sha
     block_tokens = len(raw_backend.tokenizer(block)["input_ids"])
     assert calls[0][0] == 1 and calls[0][1] >= block_tokens - 1  # the block, once
     assert calls[1][0] == 4 and calls[1][1] < block_tokens / 2  # each question's own text
-    assert block_tokens >= transformers_backend.MIN_SHARED_STEM
+    assert block_tokens >= prefix_scorer.MIN_SHARED_STEM
     assert [len(r) for s in entered for r in s.rows] == ([4] if shared else [])  # all four on the one stem, in place
     for p, cs, row in zip(prompts, choices, scores, strict=True):
         for c, s in zip(cs, row, strict=True):
@@ -205,7 +206,7 @@ def test_score_choices_falls_back_to_one_row_per_choice(raw_backend, monkeypatch
     def no_cache(*a, **k):
         raise NotImplementedError
 
-    monkeypatch.setattr(raw_backend, "_score_tree", no_cache)
+    monkeypatch.setattr(raw_backend.scorer, "_score_tree", no_cache)
     assert raw_backend.score_choices(prompts, choices)[0] == pytest.approx(shared[0], abs=1e-4)
 
 
@@ -221,6 +222,34 @@ def test_unreachable_hub_id_is_a_one_line_error():
         TransformersBackend(ModelConfig(model_name_or_path="some-org/not-cached-model"))
     message = str(err.value)
     assert "hf download some-org/not-cached-model" in message and "\n" not in message
+
+
+def test_end_tokens_as_every_loader_counts_them():
+    vocab = {"<|im_end|>": 9, "<|eot_id|>": 11, "a": 3}
+    assert end_token_ids([2, 7], 2, vocab, chat=False) == [2, 7]
+    assert end_token_ids(7, None, vocab, chat=True) == [7, 9, 11]
+    assert end_token_ids(None, None, {}, chat=True) == []
+
+
+def test_loading_reports_a_failed_read_in_one_line_and_finds_the_context_length():
+    from types import SimpleNamespace
+
+    with pytest.raises(ModelLoadError, match="no safetensors weights") as err, loading("org/model"):
+        raise OSError("model.safetensors: no file named model.safetensors\nmore")
+    assert "\n" not in str(err.value)
+    with pytest.raises(RuntimeError, match="not a loading error"), loading("org/model"):
+        raise RuntimeError("not a loading error")
+    assert config_context_length(SimpleNamespace(max_position_embeddings=None, n_positions=0, seq_length=512)) == 512
+    assert config_context_length(SimpleNamespace()) is None
+
+
+def test_close_frees_the_model_and_the_stored_stems(tiny_model_dir):
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    block = "A few-shot block that both questions start with, word for word. " * 3
+    backend.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
+    assert backend.scorer._stems
+    backend.close()
+    assert backend.model is None and backend.scorer.model is None and not backend.scorer._stems
 
 
 def test_sampling_params_are_explicit_not_taken_from_the_models_generation_config(tiny_model_dir, tmp_path):
@@ -240,15 +269,13 @@ def test_sampling_params_are_explicit_not_taken_from_the_models_generation_confi
 
 
 def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
-    from constitutional_ai.backends.transformers_backend import _Question
-
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=3,
                                               max_batch_tokens=100))
     length = {0: 40, 1: 30, 2: 30, 3: 10, 4: 10, 5: 10, 6: 10, 7: 200}
     questions = {g: _Question([], [], [], limit=0, length=n, stem=5 if g < 3 else 0, group=0 if g < 3 else g)
                  for g, n in length.items()}
     groups = [[0, 1, 2], *([g] for g in range(3, 8))]
-    chunks = backend._token_budget_chunks(groups, questions)
+    chunks = backend.scorer._token_budget_chunks(groups, questions)
     assert sorted(g for c in chunks for g in c) == sorted(length)
     for chunk in chunks:
         assert len(chunk) <= 3
@@ -259,8 +286,6 @@ def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
 
 
 def test_scoring_chunks_by_own_length_across_groups_once_their_stems_are_stored(tiny_model_dir):
-    from constitutional_ai.backends.transformers_backend import _Question
-
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=4,
                                               max_batch_tokens=100))
     # two few-shot blocks (stems of 60 tokens, already in the store) and one question of its own
@@ -270,11 +295,11 @@ def test_scoring_chunks_by_own_length_across_groups_once_their_stems_are_stored(
     questions = {g: _Question([], [], [], limit=0, length=own[g] + stems[group[g]], stem=stems[group[g]],
                               group=group[g], peers=3 if group[g] < 2 else 1) for g in own}
     groups = [[0, 1, 2], [3, 4, 5], [6]]
-    chunks = backend._token_budget_chunks(groups, questions, stems_stored=True)
+    chunks = backend.scorer._token_budget_chunks(groups, questions, stems_stored=True)
     assert sorted(g for c in chunks for g in c) == sorted(own)
     # longest own text first, groups mixed; a stored stem costs nothing: 3 x 30 <= 100 < 4 x 30
     assert chunks == [[0, 2, 4], [1, 3, 5, 6]]  # the last joins: 4 x 20 + its own stem of 5 <= 100
-    grouped = backend._token_budget_chunks(groups, questions)
+    grouped = backend.scorer._token_budget_chunks(groups, questions)
     assert all(len({group[g] for g in c}) == 1 for c in grouped)  # stems not stored: one group per chunk
 
 
@@ -284,7 +309,7 @@ def test_prefix_cache_reuses_a_stem_in_later_calls_with_the_same_scores(tiny_mod
     prompts = [block + f"Question {k}: which option is better?" for k in range(3)]
     choices = [[" (A)", " (B)"]] * 3
     first_calls, first = _forward_shapes(backend, lambda: backend.score_choices(prompts, choices))
-    assert len(backend._stems) == 1
+    assert len(backend.scorer._stems) == 1
     later = [block + f"Question {k}: which option is better?" for k in range(3, 6)]
     calls, scores = _forward_shapes(backend, lambda: backend.score_choices(later, choices))
     assert len(first_calls) == 2 and len(calls) == 1  # the block's pass is gone: read from the cache
@@ -302,16 +327,14 @@ def test_prefix_cache_stays_within_its_token_budget(tiny_model_dir):
         block = f"{word} " * 18
         assert budget / 2 < len(backend.tokenizer(block)["input_ids"]) < budget  # two never fit together
         backend.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
-        assert 0 < sum(len(k) for k in backend._stems) <= budget
-    assert len(backend._stems) == 1  # the latest block only; the older ones were evicted
+        assert 0 < sum(len(k) for k in backend.scorer._stems) <= budget
+    assert len(backend.scorer._stems) == 1  # the latest block only; the older ones were evicted
     off = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=0))
     off.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
-    assert not off._stems
+    assert not off.scorer._stems
 
 
 def test_shared_stems_are_stored_before_chunking_and_found_again(tiny_model_dir, monkeypatch):
-    from constitutional_ai.backends.transformers_backend import _assign_stems, _Question
-
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
     blocks = [f"Few-shot block {name}, the same words before every question that uses it. " * 3
               for name in ("one", "two")]
@@ -319,24 +342,22 @@ def test_shared_stems_are_stored_before_chunking_and_found_again(tiny_model_dir,
     groups = backend._tokenize_choices(prompts, [[" (A)", " (B)"]] * len(prompts))
     questions = [_Question.split(g) for g in groups]
     firsts = [questions[members[0]] for members in _assign_stems(questions)]
-    assert len(firsts) == 2 and backend._store_shared_stems(firsts)
-    assert len(backend._stems) == 2
+    assert len(firsts) == 2 and backend.scorer._store_shared_stems(firsts)
+    assert len(backend.scorer._stems) == 2
     # all stored already: nothing computed, on any device (an accelerator has no token budget)
-    monkeypatch.setattr(backend, "device", torch.device("meta"))
-    monkeypatch.setattr(backend, "_forward", None)
-    assert backend._store_shared_stems(firsts)
+    monkeypatch.setattr(backend.scorer, "device", torch.device("meta"))
+    monkeypatch.setattr(backend.scorer, "_forward", None)
+    assert backend.scorer._store_shared_stems(firsts)
     small = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), prefix_cache_tokens=40))
-    assert not small._store_shared_stems(firsts)  # the two blocks do not fit the store: chunk by group
+    assert not small.scorer._store_shared_stems(firsts)  # the two blocks do not fit the store: chunk by group
 
 
 def test_common_length_is_the_shared_start_of_two_token_lists():
     import random
-
-    from constitutional_ai.backends.transformers_backend import _common_length
 
     rng = random.Random(0)
     for _ in range(2000):
         a = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
         b = a[:rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 4))]
         expected = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        assert _common_length(a, b) == _common_length(tuple(a), b) == _common_length(b, a) == expected
+        assert common_length(a, b) == common_length(tuple(a), b) == common_length(b, a) == expected

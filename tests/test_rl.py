@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import write_sft_data
-from constitutional_ai.config import RunConfig
+from constitutional_ai.config import RLConfig, RunConfig
 from constitutional_ai.rl.core import KLController, explained_variance, gae, policy_loss, value_loss, whiten
 
 # -- the maths, against hand computations -----------------------------------------------------------
@@ -215,11 +215,11 @@ def test_dpo_trains_on_ai_preference_pairs(tmp_path, tiny_model_dir):
 def test_dropping_shared_left_padding_does_not_change_log_probabilities_or_values(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+    from constitutional_ai.rl.ppo import PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question " * 6}]]
-    trainer = PPOTrainer(PPOSettings(batch_size=2, max_new_tokens=6), AutoModelForCausalLM.from_pretrained(
+    trainer = PPOTrainer(RLConfig(batch_size=2, max_new_tokens=6), AutoModelForCausalLM.from_pretrained(
         tiny_model_dir), tokenizer, lambda p, r: [0.0] * len(r), prompts, tmp_path)
     batch = trainer.rollout(prompts)
     row = torch.tensor([0])  # the short prompt: most of its prompt columns are padding
@@ -231,3 +231,79 @@ def test_dropping_shared_left_padding_does_not_change_log_probabilities_or_value
         cut = trainer._evaluate(batch["ids"][row][:, pad:], batch["mask"][row][:, pad:],
                                 batch["positions"][row][:, pad:], batch["response"][row], batch["context"] - pad)
     assert torch.allclose(full[0], cut[0], atol=1e-5) and torch.allclose(full[1], cut[1], atol=1e-5)
+
+
+def _ppo_trainer(output_dir: Path, model_dir: Path, lora: bool, **rl):
+    """A trainer on the tiny model: the value a head, or with LoRA a separate PEFT classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from constitutional_ai.rl.ppo import PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy, value = AutoModelForCausalLM.from_pretrained(model_dir), None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=4, task_type="CAUSAL_LM"))
+        value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+        value.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        value = get_peft_model(value, LoraConfig(r=4, task_type="SEQ_CLS"))
+    config = RLConfig(batch_size=4, num_mini_batches=2, ppo_epochs=1, max_new_tokens=6, learning_rate=1e-3,
+                      kl_target=1.0, total_steps=2, save_steps=2, **rl)
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
+    return PPOTrainer(config, policy, tokenizer, lambda p, r: [len(x) / 10 for x in r], prompts, output_dir, seed=3,
+                      value_model=value)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["head", "lora"])
+def test_a_resumed_ppo_run_continues_from_the_saved_step_optimizer_and_kl_coefficient(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch, lora):
+    from safetensors import safe_open
+
+    first = _ppo_trainer(tmp_path, tiny_model_dir, lora)
+    first.train(progress=False)
+    rng_at_save = torch.get_rng_state()
+    checkpoint = tmp_path / "checkpoints" / "step-2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"]
+    trained = {n for n, p in first.model.named_parameters() if p.requires_grad}
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as saved:
+        assert set(saved.keys()) == trained  # with LoRA: the adapters and the value's score, no frozen base
+    assert (len(trained) < len(dict(first.model.named_parameters()))) is lora
+    half_written = tmp_path / "checkpoints" / "step-9.tmp"  # a save killed midway
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"\0")
+
+    second = _ppo_trainer(tmp_path, tiny_model_dir, lora)
+    loads = []
+    real_load = torch.load
+
+    def checked_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    assert second.resume() == checkpoint
+    assert loads == [True, True]  # the optimizer and the random generators: tensors and plain values only
+    assert torch.equal(torch.get_rng_state(), rng_at_save)  # really loaded (accelerate would skip it silently)
+    assert second.global_step == 2 and second.reward_stats == first.reward_stats
+    assert second.kl.value == first.kl.value != 0.05  # the adaptive controller had moved it
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    before, after = first.optimizer.state_dict(), second.optimizer.state_dict()
+    assert before["param_groups"] == after["param_groups"] and before["state"].keys() == after["state"].keys()
+    for key, state in before["state"].items():
+        assert all(torch.equal(state[k], after["state"][key][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+    second.config.total_steps = 3
+    assert [m["step"] for m in second.train(progress=False)] == [3]
+    marker = tmp_path / "pwned"
+
+    class Planted:  # what a malicious checkpoint would hold: unpickling it runs code
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    import pickle
+
+    (tmp_path / "checkpoints" / "step-3" / "random_states_0.pkl").write_bytes(pickle.dumps(Planted()))
+    assert second.resume().name == "step-3" and not marker.exists()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from constitutional_ai.backends import stem_attention, transformers_backend
+from constitutional_ai.backends import prefix_scorer, stem_attention
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import ModelConfig
 
@@ -77,7 +77,7 @@ def test_an_attention_argument_it_does_not_implement_falls_back_to_copying_stems
     prompts, choices = [block + "First?", block + "The second question?"], [[" (A)", " (B)"]] * 2
     expected = [s for row in backend.score_choices(prompts, choices) for s in row]
     backend.clear_prefix_cache()
-    assert len(backend.tokenizer(block)["input_ids"]) >= transformers_backend.MIN_SHARED_STEM
+    assert len(backend.tokenizer(block)["input_ids"]) >= prefix_scorer.MIN_SHARED_STEM
     # pretend the model passes an argument (Llama always passes position_ids) the merge cannot honour
     monkeypatch.setattr(stem_attention, "_UNSUPPORTED", ("position_ids",))
     assert [s for row in backend.score_choices(prompts, choices) for s in row] == pytest.approx(expected, abs=1e-5)

@@ -15,7 +15,6 @@ from constitutional_ai.backends.vllm_backend import (
     check_device,
     completion_length,
     continuation_logprob,
-    end_token_ids,
     engine_error,
     engine_kwargs,
     finish_generation,
@@ -62,13 +61,6 @@ def test_greedy_turns_off_every_sampling_knob_and_the_seed():
     params = GenerationParams(temperature=0.0, top_p=0.5, top_k=10)
     kwargs = sampling_kwargs(params, 9, [1], top_k_off=-1)
     assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"], kwargs["seed"]) == (0.0, 1.0, -1, None)
-
-
-def test_end_tokens_as_the_transformers_backend_counts_them():
-    vocab = {"<|im_end|>": 9, "<|eot_id|>": 11, "a": 3}
-    assert end_token_ids([2, 7], 2, vocab, chat=False) == [2, 7]
-    assert end_token_ids(7, None, vocab, chat=True) == [7, 9, 11]
-    assert end_token_ids(None, None, {}, chat=True) == []
 
 
 # -- completions -----------------------------------------------------------------------------------

@@ -457,6 +457,11 @@ class RunConfig(_Base):
             Path(path).write_text(text, encoding="utf-8")
         return text
 
+    def to_commented_yaml(self) -> str:
+        """The config as YAML with each field's description as a comment above it: the file
+        ``cai config`` writes for a user to start from; it loads back to the same config."""
+        return "\n".join(_commented(self, 0)) + "\n"
+
     def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> RunConfig:
         """Return a copy with dotted-path overrides (``{"critique.n_rounds": 2}``) applied."""
         data = self.model_dump(mode="json")
@@ -488,3 +493,35 @@ class RunConfig(_Base):
         data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _commented(model: BaseModel, indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        description = info.description or (type(value).__doc__ or "").strip().split("\n")[0]
+        if description:
+            lines += [f"{pad}# {line}" for line in _wrap(description, 100 - len(pad))]
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines += _commented(value, indent + 1)
+        else:
+            dumped = yaml.safe_dump({name: _plain(value)}, sort_keys=False, allow_unicode=True,
+                                    default_flow_style=False, width=1000).rstrip("\n").split("\n")
+            lines += [pad + line for line in dumped]
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=max(40, width - 2)) or [""]

@@ -2,202 +2,55 @@
 
 Throughput on small hardware comes from batching: prompts are tokenized once, sorted by length
 so each micro-batch carries little padding, left-padded, and generated together; each sequence
-stops on its own at end-of-sequence or a stop string.
+stops on its own at end-of-sequence or a stop string. Scoring is the prefix-tree scorer's
+(:mod:`~constitutional_ai.backends.prefix_scorer`) over the token ids tokenized here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-import constitutional_ai.backends.stem_attention as stem_attention
 from constitutional_ai.backends.base import Generation, cut_at_stop
+from constitutional_ai.backends.prefix_scorer import Pair, PrefixTreeScorer, common_length
+from constitutional_ai.backends.sampling import SeededSampler
 from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.common.hub import hub_offline_reason, looks_like_path, quiet_model_loading
 from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams, ModelConfig
-from constitutional_ai.models import model_path
-
-#: End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-#: Turn markers of common chat templates, ends and starts.
-CHAT_MARKERS = (*END_OF_TURN_TOKENS, "<|im_start|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<start_of_turn>", "<|user|>", "<|assistant|>", "<|system|>")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU."""
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
-
-def _no_such_directory(name: str) -> ModelLoadError:
-    return ModelLoadError(f"model {name!r}: no such directory; pass a local model directory "
-                          "(config.json + *.safetensors) or a Hugging Face model id")
-
-
-def _load_error(name: str, exc: Exception) -> ModelLoadError:
-    text = first_line(exc)
-    if looks_like_path(name) and not Path(name).expanduser().exists():
-        return _no_such_directory(name)
-    lowered = text.lower()
-    if any(k in lowered for k in ("connect", "offline", "resolve", "couldn't find", "not a local folder",
-                                  "does not appear to have", "repository not found", "hub")):
-        return ModelLoadError(
-            f"model {name!r}: cannot be loaded from a local directory or the Hugging Face cache and "
-            "cannot be downloaded here; run `hf download {name}` on a machine with network access "
-            "and pass the local directory (or point HF_HOME at a cache that holds it)".replace("{name}", name))
-    if "safetensors" in lowered:
-        return ModelLoadError(f"model {name!r}: no safetensors weights; convert the checkpoint to "
-                              "safetensors (we never load pickled .bin weights)")
-    if "trust_remote_code" in lowered or "custom code" in lowered:
-        return ModelLoadError(f"model {name!r} needs code shipped with the model; read it, then set "
-                              "policy.trust_remote_code: true (--trust-remote-code) to allow it")
-    return ModelLoadError(f"model {name!r}: cannot be loaded: {text}")
-
-
-def check_hub_model(name: str, revision: str | None) -> None:
-    """Fail at once, in one line, when a hub id is neither cached nor downloadable."""
-    if looks_like_path(name):
-        raise _no_such_directory(name)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            return
-    except Exception:  # a malformed id is reported by from_pretrained below
-        return
-    reason = hub_offline_reason()
-    if reason:
-        raise ModelLoadError(
-            f"model {name!r}: not in the local Hugging Face cache and cannot be downloaded ({reason}); run "
-            f"`hf download {name}` where there is network access and pass the local directory, or point "
-            "HF_HOME at a cache that holds it")
-
-
-#: Questions are grouped under a shared stem only when they share at least this many tokens.
-MIN_STEM = 8
-#: Shared-stem attention pays for its extra kernel calls only on long stems: with the 15-token
-#: stems of questions without few-shot examples it was 9% slower than copying the stem per row.
-MIN_SHARED_STEM = 64
-
-
-@dataclass
-class _Question:
-    """One prompt of a ``score_choices`` call, split for the prefix-tree passes."""
-
-    pairs: list[tuple[list[int], list[int]]]  # (context ids, continuation ids), one per choice
-    prefix: list[int]  # what every choice's full sequence shares
-    suffixes: list[list[int]]  # each choice's own tokens after the prefix (at least one)
-    limit: int  # the longest stem it allows: pass 2 must hold every choice's first prediction
-    length: int  # its longest full sequence
-    stem: int = 0  # tokens computed once for its whole stem group
-    group: int = 0
-    peers: int = 1  # questions in its stem group
-
-    @classmethod
-    def split(cls, pairs: list[tuple[list[int], list[int]]]) -> _Question:
-        fulls = [ctx + cont for ctx, cont in pairs]
-        most = min(len(f) for f in fulls) - 1  # every choice keeps at least one token of its own
-        shared = min([most, *(_common_length(fulls[0], f) for f in fulls[1:])])
-        return cls(pairs, fulls[0][:shared], [f[shared:] for f in fulls],
-                   limit=min(shared, *(len(ctx) for ctx, _ in pairs)) - 1, length=max(len(f) for f in fulls))
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share. A binary search over slice comparisons, which
-    run in C: a token-by-token Python loop over thousand-token few-shot prompts was a tenth of
-    the labelling time."""
-    if type(a) is not type(b):
-        a, b = list(a), list(b)
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _assign_stems(questions: list[_Question]) -> list[list[int]]:
-    """Group questions by shared prompt start (indices into ``questions``) and set their stems.
-
-    In token order, neighbours share the most. A question joins the group before it when they share
-    at least :data:`MIN_STEM` tokens and joining keeps at least half of the group's stem (so two
-    orders of one question keep their long shared conversation instead of shrinking to the
-    instructions every question shares); a few-shot block reused across questions makes one group.
-    """
-    order = sorted(range(len(questions)), key=lambda i: questions[i].prefix)
-    groups: list[list[int]] = []
-    stems: list[int] = []
-    for i in order:
-        if groups:
-            shared = _common_length(questions[groups[-1][0]].prefix, questions[i].prefix)
-            if shared >= MIN_STEM and (len(groups[-1]) == 1 or 2 * shared >= stems[-1]):
-                groups[-1].append(i)
-                stems[-1] = shared  # sorted: sharing with the first is sharing with all
-                continue
-        groups.append([i])
-        stems.append(len(questions[i].prefix))
-    for gid, (members, stem) in enumerate(zip(groups, stems, strict=True)):
-        stem = min(stem, *(questions[m].limit for m in members))
-        for m in members:
-            questions[m].group, questions[m].stem, questions[m].peers = gid, stem, len(members)
-    return groups
+from constitutional_ai.models.loading import (
+    config_context_length,
+    control_strings,
+    end_token_ids,
+    load_tokenizer,
+    loading,
+    locate_model,
+    prompt_style,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 class TransformersBackend:
     """:class:`~constitutional_ai.backends.base.LanguageModel` over ``AutoModelForCausalLM``."""
 
     def __init__(self, config: ModelConfig, model: Any = None, tokenizer: Any = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.config = config
         name = config.model_name_or_path
-        path = model_path(name)
         self.model_id = name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if not Path(path).expanduser().exists():
-            check_hub_model(name, config.revision)
-        try:
-            with quiet_model_loading():
-                self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
-                    path, revision=config.revision, trust_remote_code=config.trust_remote_code)
-                self.model = model or AutoModelForCausalLM.from_pretrained(
-                    path, revision=config.revision, trust_remote_code=config.trust_remote_code,
-                    dtype=self.dtype, use_safetensors=True)
-        except (OSError, ValueError, ImportError, KeyError) as exc:
-            raise _load_error(name, exc) from None
+        path = locate_model(name, config.revision)
+        with loading(name):
+            self.tokenizer = tokenizer or load_tokenizer(path, config.revision, config.trust_remote_code)
+            self.model = model or AutoModelForCausalLM.from_pretrained(
+                path, revision=config.revision, trust_remote_code=config.trust_remote_code,
+                dtype=self.dtype, use_safetensors=True)
         try:
             self.model.to(self.device)
         except (RuntimeError, AssertionError) as exc:
@@ -207,60 +60,41 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        has_template = getattr(self.tokenizer, "chat_template", None) is not None
-        if config.chat_format == "chat_template" and not has_template:
-            raise ModelLoadError(f"model {name!r} has no chat template; set policy.chat_format: raw or auto")
-        self.style: Literal["raw", "chat"] = (
-            "chat" if (config.chat_format == "chat_template"
-                       or (config.chat_format == "auto" and has_template)) else "raw")
+        self.style: Literal["raw", "chat"] = prompt_style(self.tokenizer, config.chat_format, name)
         self.context_length = config.max_context or self._read_context_length()
-        self.eos_token_ids = self._end_token_ids()
+        self.eos_token_ids = end_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id,
+                                           self.tokenizer.get_vocab(), self.style == "chat")
         #: Strings that tokenize to control tokens: text from users or models must not smuggle them in.
-        vocab = self.tokenizer.get_vocab()
-        self.special_tokens: list[str] = sorted(
-            {*self.tokenizer.all_special_tokens, *(t for t in CHAT_MARKERS if t in vocab)}, key=len, reverse=True)
+        self.special_tokens: list[str] = control_strings(self.tokenizer)
         self.revision = getattr(self.model.config, "_commit_hash", None)
+        #: Scores choices; a model handed in (a policy being trained) keeps its attention implementation.
+        self.scorer = PrefixTreeScorer(
+            self.model, self.tokenizer.pad_token_id, self.device, batch_size=config.batch_size,
+            max_batch_tokens=config.max_batch_tokens, prefix_cache_tokens=config.prefix_cache_tokens,
+            install_stem_attention=model is None)
+        self._rust_ids_agree: bool | None = None
         # The model's own generation_config.json may carry sampling defaults (min_p, a repetition
         # penalty, top-k...) that transformers would silently apply to every knob we leave unset;
         # our GenerationParams are the whole truth, so start from a config with token ids only.
-        from transformers import GenerationConfig
-
-        #: What this model's forward accepts (logits_to_keep, cache vs past_key_values), read once.
-        self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
-        #: Whether the attention kernel takes a custom 4D mask, so choices can share one row in scoring.
-        self.fuse_suffixes = getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
-        #: Whether scoring attends to shared stems in place (no per-row KV copies): CPU sdpa models.
-        #: A model handed in (a policy being trained) keeps its attention implementation.
-        self.shared_stem_attention = self.fuse_suffixes and model is None and stem_attention.install(self.model)
-        self._rust_ids_agree: bool | None = None
-        #: False once a model's cache turned out not to be plain per-token K/V (nothing stored per stem).
-        self._split_stems = True
-        #: KV of recent shared stems (few-shot blocks), least recently used first: token ids -> per layer (K, V).
-        self._stems: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.model_generation_defaults = self.model.generation_config
         self.model.generation_config = GenerationConfig(
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_token_ids or None,
             pad_token_id=self.tokenizer.pad_token_id)
 
-    def _end_token_ids(self) -> list[int]:
-        """Every token that ends a reply: the model's and the tokenizer's end-of-sequence tokens and,
-        for chat models, the usual end-of-turn tokens the template writes."""
-        ids: list[int] = []
-        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            ids += value if isinstance(value, list) else [value]
-        if self.style == "chat":
-            vocab = self.tokenizer.get_vocab()
-            ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-        return sorted({i for i in ids if i is not None})
+    @property
+    def fuse_suffixes(self) -> bool:
+        """Whether the attention kernel takes a custom 4D mask, so choices can share one row in scoring."""
+        return self.scorer.fuse_suffixes
+
+    @property
+    def shared_stem_attention(self) -> bool:
+        """Whether scoring attends to shared stems in place (no per-row KV copies): CPU sdpa models."""
+        return self.scorer.shared_stem_attention
 
     def _read_context_length(self) -> int:
-        cfg = self.model.config
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
         tok_max = getattr(self.tokenizer, "model_max_length", None)
-        return tok_max if isinstance(tok_max, int) and tok_max < 10**7 else 2048
+        return config_context_length(self.model.config) or (
+            tok_max if isinstance(tok_max, int) and tok_max < 10**7 else 2048)
 
     # -- formatting ------------------------------------------------------------------------------
     def format(self, prompt: Prompt) -> str:
@@ -289,7 +123,7 @@ class TransformersBackend:
     def _gen_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig
 
-        # Decoding is greedy as far as transformers knows: sampling happens in _SeededSampler, so
+        # Decoding is greedy as far as transformers knows: sampling happens in SeededSampler, so
         # that every prompt draws from its own seed and batching cannot change what it samples.
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
@@ -332,7 +166,7 @@ class TransformersBackend:
             processors = None
             if not params.greedy:
                 row_seeds = [seeds[i] if seeds is not None else int(torch.randint(0, 2**62, ())) for i in idx]
-                processors = LogitsProcessorList([_SeededSampler(params, row_seeds)])
+                processors = LogitsProcessorList([SeededSampler(params, row_seeds)])
             sequences = self.model.generate(**batch, generation_config=gen_config, logits_processor=processors,
                                             tokenizer=self.tokenizer if params.stop else None)
             new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
@@ -370,7 +204,7 @@ class TransformersBackend:
         return self.tokenizer(strings, add_special_tokens=flags[0])["input_ids"]
 
     def _tokenize_choices(self, prompts: Sequence[Prompt],
-                          choices: Sequence[Sequence[str]]) -> list[list[tuple[list[int], list[int]]]]:
+                          choices: Sequence[Sequence[str]]) -> list[list[Pair]]:
         """Per prompt, per choice: the token ids of the prompt and of the continuation, tokenized
         together as the model reads them (two batched tokenizer calls for the whole request).
 
@@ -388,7 +222,7 @@ class TransformersBackend:
             pairs = []
             for _ in cs:
                 full = next(fulls)
-                common = _common_length(context, full)
+                common = common_length(context, full)
                 if common == 0:
                     raise ValueError("score_choices needs a non-empty prompt")
                 pairs.append((full, []) if common == len(full) else (full[:common], full[common:]))
@@ -396,374 +230,20 @@ class TransformersBackend:
         return out
 
     def score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        if len(prompts) != len(choices):
+            raise ValueError("score_choices needs one list of choices per prompt")
         try:
-            return self._score_choices(prompts, choices)
+            return self.scorer.score(self._tokenize_choices(prompts, choices))
         except torch.OutOfMemoryError:
             raise CAIError(f"out of memory scoring with {self.model_id!r}; lower --model-batch-size "
                            f"(now {self.config.batch_size})") from None
 
-    @torch.inference_mode()
-    def _score_choices(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]]) -> list[list[float]]:
-        if len(prompts) != len(choices):
-            raise ValueError("score_choices needs one list of choices per prompt")
-        groups = self._tokenize_choices(prompts, choices)
-        scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
-        live = [g for g in range(len(groups)) if groups[g]]
-        questions = {g: _Question.split(groups[g]) for g in live}
-        stem_groups = _assign_stems([questions[g] for g in live])
-        stored = self._store_shared_stems([questions[live[members[0]]] for members in stem_groups])
-        for chunk in self._token_budget_chunks([[live[i] for i in members] for members in stem_groups], questions,
-                                               stored):
-            try:
-                results = self._score_tree([questions[g] for g in chunk])
-            except (TypeError, ValueError, AttributeError, NotImplementedError):
-                # a model whose cache cannot be reused: one full row per choice instead
-                results = self._score_rows([groups[g] for g in chunk])
-            for g, row in zip(chunk, results, strict=True):
-                scores[g] = row
-        return scores
-
-    def _store_shared_stems(self, firsts: list[_Question]) -> bool:
-        """Compute the stems shared by several questions into the prefix store before any chunk needs
-        them; True when every shared stem is stored, so chunks need not follow stem groups.
-
-        With the stems in the store, a chunk only attaches them, so rows can be chunked by length
-        across groups (less padding) instead of by group.
-        """
-        budget = self.config.prefix_cache_tokens
-        shared = [q.prefix[:q.stem] for q in firsts if q.peers > 1]
-        if not shared or not (budget and self._split_stems) or sum(len(s) for s in shared) > budget:
-            return False
-        missing = [stem for stem in shared if self._cached_prefix(stem) is None]
-        tokens = self.config.max_batch_tokens or (4096 if self.device.type == "cpu" else None)
-        step = max(1, tokens // max(len(s) for s in shared) if tokens else len(missing))
-        try:
-            for start in range(0, len(missing), step):
-                part = missing[start:start + step]
-                self._stem_kvs(part, [True] * len(part))
-        except NotImplementedError:  # a cache that cannot be stored per stem
-            return False
-        # All stored: they fit the budget together and are the most recently used, so none was evicted.
-        return True
-
-    def _token_budget_chunks(self, stem_groups: list[list[int]], questions: dict[int, _Question],
-                             stems_stored: bool = False) -> list[list[int]]:
-        """Micro-batches of at most ``batch_size`` prompts and ``max_batch_tokens`` computed tokens.
-
-        A chunk's cost is its stems, each computed once, plus its rows times the longest
-        remainder. On a CPU a pass over fewer, shorter rows stays in cache: scoring 284-token
-        questions ran 40% faster at 16 rows than at 32 on the 2-core CI machine. Longest first and
-        stem groups kept together, so each micro-batch carries little padding and shares its stems;
-        when the shared stems are already stored (``stems_stored``) they cost nothing to attach, and
-        rows are ordered by their own length across groups.
-        """
-        budget = self.config.max_batch_tokens or (4096 if self.device.type == "cpu" else None)
-        if stems_stored:
-            shared = [g for members in stem_groups if len(members) > 1 for g in members]
-            single = [g for members in stem_groups if len(members) == 1 for g in members]
-            ordered = [sorted(shared, key=lambda g: -(questions[g].length - questions[g].stem))] + [[g] for g in single]
-        else:
-            ordered = sorted(stem_groups, key=lambda members: -max(questions[g].length for g in members))
-        chunks: list[list[int]] = []
-        width = stems = 0
-        seen: set[int] = set()
-        for members in ordered:
-            for g in sorted(members, key=lambda g: -(questions[g].length - questions[g].stem)):
-                q = questions[g]
-                new_width = max(width, q.length - q.stem)
-                new_stems = stems + (0 if q.group in seen or (stems_stored and q.peers > 1) else q.stem)
-                current = chunks[-1] if chunks else None
-                if current is not None and len(current) < self.config.batch_size and (
-                        budget is None or (len(current) + 1) * new_width + new_stems <= budget):
-                    current.append(g)
-                    width, stems = new_width, new_stems
-                else:
-                    chunks.append([g])
-                    width = q.length - q.stem
-                    stems, seen = (0 if stems_stored and q.peers > 1 else q.stem), set()
-                seen.add(q.group)
-        return chunks
-
-    def _logprob_sum(self, logits: torch.Tensor, first: int, targets: list[int]) -> float:
-        """Sum of log p(targets[t] | position first + t); log_softmax only over those positions."""
-        if not targets:
-            return 0.0
-        rows = logits[first:first + len(targets)].float().log_softmax(-1)
-        return float(rows.gather(1, torch.tensor(targets, device=rows.device)[:, None]).sum())
-
-    def _padded(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-            ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-            mask[row, cols] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _score_rows(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[float]]:
-        """The plain way: every (prompt, choice) as its own row of one forward pass."""
-        flat = [pair for group in groups for pair in group]
-        ids, mask = self._padded([ctx + cont for ctx, cont in flat], left=False)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        flat_scores = [self._logprob_sum(logits[r], len(ctx) - 1, cont) for r, (ctx, cont) in enumerate(flat)]
-        out, k = [], 0
-        for group in groups:
-            out.append(flat_scores[k:k + len(group)])
-            k += len(group)
-        return out
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int,
-                 cache: Any = None) -> tuple[torch.Tensor, Any]:
-        """One cached forward pass with logits for the last ``keep`` positions only."""
-        extra: dict[str, Any] = {"logits_to_keep": keep} if "logits_to_keep" in self._forward_args else {}
-        if cache is not None:
-            extra["cache" if "cache" in self._forward_args else "past_key_values"] = cache
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        # transformers 5.x renamed past_key_values to cache; accept either
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_select_indices"):
-            raise NotImplementedError("the model returns no reusable cache")
-        return out.logits[:, -keep:], cache
-
-    def _score_tree(self, questions: list[_Question]) -> list[list[float]]:
-        """Cached forward passes over a prefix tree, each shared part computed once.
-
-        1. the stems: what a group of questions shares (a few-shot block and instructions; a
-           conversation and principle asked in both option orders), one row per group;
-        2. each question's own remainder (its options, ``The answer is:`` and any tokens its
-           choices share, like `` (``), on its stem's KV cache, followed in the same row by every
-           choice's own short suffix, each masked from the others (a 4D attention mask), so the
-           question's cache is never copied per choice. Attention kernels that take no 4D mask
-           (flash attention) run the suffixes as a third pass on a per-choice copy instead.
-        Rows are left-padded so that they end in the same column: only the last few positions
-        need logits (the letters' predictions), not batch x length x vocab.
-        """
-        if min(q.stem for q in questions) < 1:
-            raise ValueError("a prompt too short to share")
-        group_ids = list(dict.fromkeys(q.group for q in questions))
-        firsts = [next(q for q in questions if q.group == gid) for gid in group_ids]
-        stems, keep_stems = [q.prefix[:q.stem] for q in firsts], [q.peers > 1 for q in firsts]
-        share = (self.shared_stem_attention and self.fuse_suffixes  # the stems' KV stays out of the rows
-                 and sum(q.stem for q in questions) >= MIN_SHARED_STEM * len(questions))
-        if share:
-            kvs, lengths = self._stem_kvs(stems, keep_stems)
-        else:
-            cache, s_mask, lengths = self._stem_cache(stems, keep_stems)
-        for q in questions:  # a stem read from the store may be shorter: the rest is the question's own
-            q.stem = lengths[group_ids.index(q.group)]
-        m_ids, m_mask = self._padded([q.prefix[q.stem:] for q in questions], left=True)
-        stem_rows = torch.tensor([group_ids.index(q.group) for q in questions], device=m_ids.device)
-        shared: stem_attention.SharedStems | None = None
-        if share:
-            shared = stem_attention.SharedStems(kvs, [(stem_rows == j).nonzero().flatten()
-                                                      for j in range(len(group_ids))])
-            cache = self._empty_cache()
-            s_mask = m_mask[:, :0]
-            positions = torch.tensor(lengths, device=m_ids.device)[stem_rows, None] \
-                + (m_mask.cumsum(-1) - 1).clamp(min=0)
-        else:
-            cache.batch_select_indices(stem_rows)
-            s_mask = s_mask[stem_rows]
-            positions = (torch.cat([s_mask, m_mask], 1).cumsum(-1) - 1).clamp(min=0)[:, -m_ids.shape[1]:]
-        mask = torch.cat([s_mask, m_mask], dim=1)
-        own = [len(q.prefix) - len(ctx) + 1 for q in questions for ctx, _ in q.pairs]
-        keep = min(m_ids.shape[1], max(1, *own))
-        # where each choice's suffix logits are: (tensor row, first column)
-        spots: list[list[tuple[torch.Tensor, int]]] = []
-        if self.fuse_suffixes:
-            try:
-                with stem_attention.sharing_stems(shared) if shared is not None else contextlib.nullcontext():
-                    logits, starts = self._remainders_and_suffixes(questions, m_ids, m_mask, mask, positions, keep,
-                                                                   cache)
-            except NotImplementedError:
-                if shared is not None:  # an attention variant the merge lacks: copy stems from now on
-                    self.shared_stem_attention = False
-                raise
-            prefix_logits = logits[:, :keep]
-            spots = [[(logits[i], keep + start) for start in starts[i]] for i in range(len(questions))]
-        else:
-            prefix_logits, cache = self._forward(m_ids, mask, positions, keep, cache)
-            rows = [i for i, q in enumerate(questions) for _ in q.suffixes]
-            index = torch.tensor(rows, device=s_mask.device)
-            cache.batch_select_indices(index)
-            x_ids, x_mask = self._padded([s for q in questions for s in q.suffixes], left=False)
-            x_positions = mask.sum(-1)[index][:, None] + torch.arange(x_ids.shape[1], device=x_ids.device)[None, :]
-            suffix_logits, _ = self._forward(x_ids, torch.cat([mask[index], x_mask], dim=1), x_positions,
-                                             x_ids.shape[1], cache)
-            flat = iter(range(len(rows)))
-            spots = [[(suffix_logits[next(flat)], 0) for _ in q.suffixes] for q in questions]
-        results: list[list[float]] = []
-        for i, q in enumerate(questions):
-            shared = len(q.prefix)
-            row_scores = []
-            for (ctx, _), suffix, (logits, start) in zip(q.pairs, q.suffixes, spots[i], strict=True):
-                # Only the choice's own tokens (from len(ctx) on) count. Those inside the shared
-                # prefix and the first suffix token are read from the remainder's logits, the rest
-                # from the suffix's. Where a choice merged with the prompt's last token, its context
-                # ends inside the suffix, and the suffix tokens before it are skipped.
-                skip = max(len(ctx) - shared, 0)
-                base = keep - shared  # kept logits column of prefix position t is t + base
-                score = self._logprob_sum(prefix_logits[i], len(ctx) - 1 + base, q.prefix[len(ctx):shared])
-                if skip == 0:
-                    score += self._logprob_sum(prefix_logits[i], shared - 1 + base, suffix[:1])
-                score += self._logprob_sum(logits, start + max(skip, 1) - 1, suffix[max(skip, 1):])
-                row_scores.append(score)
-            results.append(row_scores)
-        return results
-
     def clear_prefix_cache(self) -> None:
-        self._stems.clear()
-
-    def _cached_prefix(self, stem: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
-        """The stored KV sharing the longest start with ``stem``, cut to that shared length (a causal
-        model's KV for a prefix is the prefix of its KV), when it covers at least half the stem."""
-        best, found = 0, None
-        for key, kv in self._stems.items():
-            shared = _common_length(stem, key)
-            if shared > best:
-                best, found = shared, (key, kv)
-        if found is None or best < MIN_STEM or 2 * best < len(stem):
-            return None
-        self._stems.move_to_end(found[0])
-        return [(k[:, :, :best], v[:, :, :best]) for k, v in found[1]], best
-
-    def _stem_kvs(self, stems: list[list[int]], keep: list[bool],
-                  ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[int]]:
-        """Each stem's per-layer (K, V) without padding, and how many of its tokens they hold (a stem
-        read from the store may be cut shorter; the rest of it is computed with each question's own
-        text).
-
-        Stems seen recently (few-shot blocks shared by many questions, batch after batch) come from
-        an LRU store of at most ``prefix_cache_tokens`` tokens, matched on their longest shared
-        start as in SGLang's radix cache and vLLM's automatic prefix caching; the rest are computed
-        in one pass, and those shared by several questions (``keep``) are stored. Models whose
-        cache layers are not plain per-token K/V (sliding windows) raise ``NotImplementedError``.
-        """
-        budget = self.config.prefix_cache_tokens
-        known = [self._cached_prefix(stem) if budget else None for stem in stems]
-        lengths = [hit[1] if hit else len(stem) for hit, stem in zip(known, stems, strict=True)]
-        kvs: list[Any] = [hit[0] if hit else None for hit in known]
-        missing = [j for j, kv in enumerate(kvs) if kv is None]
-        if missing:
-            ids, mask = self._padded([stems[j] for j in missing], left=True)
-            _, fresh = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=1)
-            layers = getattr(fresh, "layers", None)
-            if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-                self._split_stems = False
-                raise NotImplementedError("this model's cache cannot be split per stem")
-            for r, j in enumerate(missing):
-                n = len(stems[j])
-                kvs[j] = [(layer.keys[r:r + 1, :, -n:], layer.values[r:r + 1, :, -n:]) for layer in layers]
-                if budget and keep[j] and n <= budget:
-                    self._stems[tuple(stems[j])] = [(k.clone(), v.clone()) for k, v in kvs[j]]
-            while sum(len(k) for k in self._stems) > budget:
-                self._stems.popitem(last=False)
-        return kvs, lengths
-
-    def _empty_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def _stem_cache(self, stems: list[list[int]], keep: list[bool]) -> tuple[Any, torch.Tensor, list[int]]:
-        """The KV cache of ``stems`` (one left-padded row each), its attention mask, and how many
-        tokens of each stem it holds (see :meth:`_stem_kvs`)."""
-        budget = self.config.prefix_cache_tokens
-        if not (budget and self._split_stems) or not (any(keep) or any(self._cached_prefix(stem) for stem in stems)):
-            # nothing to store or reuse: the pass's own cache, padding and all (any cache type)
-            ids, mask = self._padded(stems, left=True)
-            _, fresh = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), keep=1)
-            return fresh, mask, [len(stem) for stem in stems]
-        from transformers import DynamicCache
-
-        kvs, lengths = self._stem_kvs(stems, keep)
-        width = max(lengths)
-        _, mask = self._padded([stem[:n] for stem, n in zip(stems, lengths, strict=True)], left=True)
-        data = []
-        for layer in range(len(kvs[0])):
-            keys, values = [], []
-            for kv, n in zip(kvs, lengths, strict=True):
-                k, v = kv[layer]
-                keys.append(torch.nn.functional.pad(k, (0, 0, width - n, 0)) if n < width else k)
-                values.append(torch.nn.functional.pad(v, (0, 0, width - n, 0)) if n < width else v)
-            data.append((torch.cat(keys), torch.cat(values)))
-        return DynamicCache(ddp_cache_data=data, config=self.model.config), mask, lengths
-
-    def _remainders_and_suffixes(self, questions: list[_Question], m_ids: torch.Tensor, m_mask: torch.Tensor,
-                                 mask: torch.Tensor, positions: torch.Tensor, keep: int,
-                                 cache: Any) -> tuple[torch.Tensor, list[list[int]]]:
-        """Pass 2 with the choices' suffixes in the same row: ``[remainder | suffix 1 | suffix 2 ...]``.
-
-        A suffix token sees the stem, the whole remainder and the earlier tokens of its own suffix,
-        at the positions it would have right after the prompt. Returns the logits of the last
-        ``keep`` remainder columns and of every suffix column, and each suffix's start column.
-        """
-        starts = [[sum(len(x) for x in q.suffixes[:c]) for c in range(len(q.suffixes))] for q in questions]
-        x_ids, _ = self._padded([[t for x in q.suffixes for t in x] for q in questions], left=False)
-        batch, width_m, width_x = len(questions), m_ids.shape[1], x_ids.shape[1]
-        width_s = mask.shape[1] - width_m
-        device = m_ids.device
-        allowed = torch.zeros((batch, width_m + width_x, width_s + width_m + width_x), dtype=torch.bool,
-                              device=device)
-        allowed[:, :, :width_s] = mask[:, None, :width_s].bool()
-        causal = torch.ones((width_m, width_m), dtype=torch.bool, device=device).tril()
-        allowed[:, :width_m, width_s:width_s + width_m] = causal[None] & m_mask[:, None, :].bool()
-        # padding sees itself, so no query is left without keys (shared-stem attention has no stem columns)
-        allowed[:, range(width_m), range(width_s, width_s + width_m)] = True
-        allowed[:, width_m:, width_s:width_s + width_m] = m_mask[:, None, :].bool()
-        x_positions = torch.zeros((batch, width_x), dtype=torch.long, device=device)
-        for i, q in enumerate(questions):
-            for start, suffix in zip(starts[i], q.suffixes, strict=True):
-                n = len(suffix)
-                rows, cols = slice(width_m + start, width_m + start + n), slice(width_s + width_m + start,
-                                                                                 width_s + width_m + start + n)
-                allowed[i, rows, cols] = torch.ones((n, n), dtype=torch.bool, device=device).tril()
-                x_positions[i, start:start + n] = len(q.prefix) + torch.arange(n, device=device)
-        dtype = self.model.dtype
-        mask4d = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)[:, None]
-        logits, _ = self._forward(torch.cat([m_ids, x_ids], dim=1), mask4d, torch.cat([positions, x_positions], 1),
-                                  keep + width_x, cache)
-        return logits, starts
+        """Forget the stems stored for scoring (see :class:`PrefixTreeScorer`)."""
+        self.scorer.clear_prefix_cache()
 
     def close(self) -> None:
         self.model = None
+        self.scorer.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class _SeededSampler(LogitsProcessor):
-    """Temperature/top-k/top-p sampling with one random stream per sequence (the Gumbel-max trick).
-
-    Adding Gumbel noise to the warped log-probabilities and taking the argmax is an exact sample
-    from them; drawing each row's noise from a generator seeded for that prompt makes the sample
-    depend on the prompt's seed alone, not on which batch it ran in or what else was in it, so a
-    resumed or re-batched run writes the same records as an uninterrupted one (as vLLM's per-request
-    ``seed`` does).
-    """
-
-    def __init__(self, params: GenerationParams, seeds: Sequence[int]):
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        self.warpers: list[Any] = [TemperatureLogitsWarper(params.temperature)]
-        if params.top_k:
-            self.warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(params.top_p))
-        self.seeds = list(seeds)
-        self.generators: list[torch.Generator] | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s % 2**63) for s in self.seeds]
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                               for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
-        return scores.float().log_softmax(-1) + gumbel

@@ -23,19 +23,22 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from constitutional_ai.backends.base import FinishReason, Generation, cut_at_stop
-from constitutional_ai.backends.transformers_backend import (
-    CHAT_MARKERS,
-    END_OF_TURN_TOKENS,
-    _common_length,
-    _load_error,
-    check_hub_model,
-)
+from constitutional_ai.backends.prefix_scorer import common_length
 from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import CAIError, DataError, ModelLoadError, first_line
-from constitutional_ai.common.hub import quiet_model_loading
 from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams, ModelConfig
-from constitutional_ai.models import model_path
+from constitutional_ai.models.loading import (
+    LOAD_ERRORS,
+    config_context_length,
+    control_strings,
+    end_token_ids,
+    load_error,
+    load_tokenizer,
+    loading,
+    locate_model,
+    prompt_style,
+)
 
 #: What to tell a user whose environment cannot run the engine at all.
 INSTALL_HINT = "pip install 'constitutional-ai[vllm]' on a machine with a CUDA GPU, or use backend: transformers"
@@ -104,18 +107,6 @@ def sampling_kwargs(params: GenerationParams, seed: int | None, stop_token_ids: 
     }
 
 
-def end_token_ids(model_eos: int | list[int] | None, tokenizer_eos: int | None, vocab: Mapping[str, int],
-                  chat: bool) -> list[int]:
-    """Every token that ends a reply, as the transformers backend counts them: the model's and the
-    tokenizer's end-of-sequence tokens and, for chat models, the usual end-of-turn tokens."""
-    ids: list[int | None] = []
-    for value in (model_eos, tokenizer_eos):
-        ids += value if isinstance(value, list) else [value]
-    if chat:
-        ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-    return sorted({i for i in ids if i is not None})
-
-
 def completion_length(token_ids: Sequence[int], end_ids: Sequence[int], pad_id: int | None) -> tuple[int, bool]:
     """Tokens that belong to the reply, and whether an end token closed it.
 
@@ -150,7 +141,7 @@ def split_continuation(context: Sequence[int], full: Sequence[int]) -> tuple[lis
     """Split the ids of prompt + choice into (context, continuation) at the longest common prefix
     with the prompt's own ids, so that a token merging the prompt's end with the choice's start is
     scored as part of the continuation (as in the transformers backend)."""
-    common = _common_length(context, full)
+    common = common_length(context, full)
     if common == 0:
         raise ValueError("score_choices needs a non-empty prompt")
     return (list(full), []) if common == len(full) else (list(full[:common]), list(full[common:]))
@@ -218,13 +209,13 @@ def engine_error(name: str, exc: Exception, gpu_memory_utilization: float) -> Mo
     lowered = text.lower()
     if "cannot find any model weights" in lowered:
         # reworded, since vLLM's message names the cache path, which may contain "hub"
-        return _load_error(name, OSError("no safetensors weights"))
+        return load_error(name, OSError("no safetensors weights"))
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in lowered or "gpu_memory_utilization" in lowered:
         return ModelLoadError(f"model {name!r} does not fit the GPU memory vllm may use ({text}); raise "
                               f"gpu_memory_utilization (now {gpu_memory_utilization}), lower --max-context or "
                               "split it over more GPUs with tensor_parallel_size")
-    if isinstance(exc, (OSError, ValueError, ImportError, KeyError)):
-        return _load_error(name, exc)
+    if isinstance(exc, LOAD_ERRORS):
+        return load_error(name, exc)
     return ModelLoadError(f"model {name!r}: the vllm engine failed to start ({text}); its log above says why")
 
 
@@ -267,40 +258,28 @@ class VLLMBackend:
             from vllm.inputs import TokensPrompt as tokens_prompt
         except ImportError:  # moved in some releases; a TypedDict, so a plain dict is the same request
             tokens_prompt = dict
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         self.config = config
         name = config.model_name_or_path
-        path = model_path(name)
         self.model_id = name
+        path = locate_model(name, config.revision)
         local = Path(path).expanduser()
-        if not local.exists():
-            check_hub_model(name, config.revision)
-        elif local.is_dir() and not any(local.glob("*.safetensors")):
-            raise _load_error(name, OSError("no safetensors weights"))
-        try:
-            with quiet_model_loading():
-                self.tokenizer = AutoTokenizer.from_pretrained(
-                    path, revision=config.revision, trust_remote_code=config.trust_remote_code)
-                hf_config = AutoConfig.from_pretrained(
-                    path, revision=config.revision, trust_remote_code=config.trust_remote_code)
-                model_eos = _model_eos(path, hf_config, config.revision)
-        except (OSError, ValueError, ImportError, KeyError) as exc:
-            raise _load_error(name, exc) from None
-        has_template = getattr(self.tokenizer, "chat_template", None) is not None
-        if config.chat_format == "chat_template" and not has_template:
-            raise ModelLoadError(f"model {name!r} has no chat template; set policy.chat_format: raw or auto")
-        self.style: Literal["raw", "chat"] = (
-            "chat" if (config.chat_format == "chat_template"
-                       or (config.chat_format == "auto" and has_template)) else "raw")
-        vocab = self.tokenizer.get_vocab()
-        self.eos_token_ids = end_token_ids(model_eos, self.tokenizer.eos_token_id, vocab, self.style == "chat")
+        if local.is_dir() and not any(local.glob("*.safetensors")):
+            raise load_error(name, OSError("no safetensors weights"))
+        with loading(name):
+            self.tokenizer = load_tokenizer(path, config.revision, config.trust_remote_code)
+            hf_config = AutoConfig.from_pretrained(
+                path, revision=config.revision, trust_remote_code=config.trust_remote_code)
+            model_eos = _model_eos(path, hf_config, config.revision)
+        self.style: Literal["raw", "chat"] = prompt_style(self.tokenizer, config.chat_format, name)
+        self.eos_token_ids = end_token_ids(model_eos, self.tokenizer.eos_token_id, self.tokenizer.get_vocab(),
+                                           self.style == "chat")
         # the transformers backend pads with EOS when the tokenizer has no pad token
         self.pad_token_id: int | None = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                                          else self.tokenizer.eos_token_id)
         #: Strings that tokenize to control tokens: text from users or models must not smuggle them in.
-        self.special_tokens: list[str] = sorted(
-            {*self.tokenizer.all_special_tokens, *(t for t in CHAT_MARKERS if t in vocab)}, key=len, reverse=True)
+        self.special_tokens: list[str] = control_strings(self.tokenizer)
         self.revision: str | None = getattr(hf_config, "_commit_hash", None)
 
         try:
@@ -319,11 +298,7 @@ class VLLMBackend:
             value = getattr(getattr(owner, "model_config", None), "max_model_len", None)
             if isinstance(value, int) and value > 0:
                 return value
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(hf_config, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 2048
+        return config_context_length(hf_config) or 2048
 
     # -- formatting ------------------------------------------------------------------------------
     def format(self, prompt: Prompt) -> str:

@@ -82,24 +82,22 @@ def plot_curve(points: Sequence[tuple[float, float]], path: Path, title: str, xl
     return path
 
 
-def extra_figures(output_dir: Path, directory: Path, reward_fn: RewardFn | None, records: list[dict[str, Any]],
-                  limit: int) -> dict[str, Any]:
+def extra_figures(records: list[dict[str, Any]], reward_fn: RewardFn | None, limit: int, critique_records: Path,
+                  rl_records: Path, revisions_plot: Path, rl_reward_plot: Path) -> dict[str, Any]:
     """What ``cai eval`` adds next to the Elo ratings, from whatever this run has made."""
     out: dict[str, Any] = {"evasive_fraction": {
         s: {m: evasive_fraction([r["response"] for r in records if r["set"] == s and r["model"] == m])
             for m in sorted({r["model"] for r in records if r["set"] == s})}
         for s in sorted({r["set"] for r in records})}}
-    critique = output_dir / "critique" / "records.jsonl"
-    if critique.is_file() and reward_fn is not None:
-        means = pm_score_by_revision(critique, reward_fn, limit)
+    if critique_records.is_file() and reward_fn is not None:
+        means = pm_score_by_revision(critique_records, reward_fn, limit)
         if means:
             out["pm_score_by_revision"] = means
-            plot_curve(list(enumerate(means)), directory / "revisions.png", "PM score after each revision round",
+            plot_curve(list(enumerate(means)), revisions_plot, "PM score after each revision round",
                        "revision round (0 = initial response)", "mean PM score")
-    rl = output_dir / "rl" / "records.jsonl"
-    if rl.is_file():
-        curve = rl_reward_curve(rl)
+    if rl_records.is_file():
+        curve = rl_reward_curve(rl_records)
         if curve:
             out["rl_reward"] = curve
-            plot_curve(curve, directory / "rl_reward.png", "PM score over RL training", "step", "mean reward")
+            plot_curve(curve, rl_reward_plot, "PM score over RL training", "step", "mean reward")
     return out

@@ -49,7 +49,7 @@ def feedback_judgments(records: list[dict[str, Any]], names: list[str],
     return {i: label["p_a"] for i, label in zip(index, labels, strict=True) if label is not None}
 
 
-def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, seed: int, directory: Path,
+def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, seed: int, plot: Path,
               judged: dict[tuple[str, str, str, str], float] | None = None) -> dict[str, Any]:
     """Elo per prompt set from every pair of checkpoints' answers to the same prompt: the PM's
     ``sigma(r_a - r_b)``, or the feedback model's ``P(a is better)`` when ``judged`` is given."""
@@ -75,7 +75,7 @@ def summarise(records: list[dict[str, Any]], names: list[str], bootstrap: int, s
                       "mean_reward": {m: sum(v) / len(v) for m, v in rewards.items() if v},
                       "prompts": len(by_prompt), "comparisons": len(comparisons)}
     if all(s in summary for s in SETS):
-        plot_elo(summary, directory / "elo.png")
+        plot_elo(summary, plot)
     return summary
 
 

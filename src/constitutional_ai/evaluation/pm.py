@@ -1,22 +1,25 @@
-"""Preference-model quality on pairs with known answers: accuracy, margin, soft-label agreement, calibration."""
+"""Preference-model quality on pairs with known answers: accuracy, margin, soft-label agreement and
+calibration, written beside the model so the numbers travel with it."""
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from constitutional_ai.common.errors import DataError
 from constitutional_ai.data.store import write_atomic
 from constitutional_ai.evaluation.calibration import calibration_summary, reliability_diagram
+from constitutional_ai.layout import PM_EVAL_RESULTS
 from constitutional_ai.preference_model.data import PreferencePair
-from constitutional_ai.preference_model.reward_model import RewardModel
 
-EVAL_RESULTS = "eval_results.json"
+if TYPE_CHECKING:
+    from constitutional_ai.preference_model.reward_model import RewardModel
 
 
 def evaluate_pm(scorer: RewardModel, pairs: list[PreferencePair], directory: Path, n_bins: int = 10,
-                title: str = "eval pairs", name: str = EVAL_RESULTS) -> dict[str, Any]:
+                title: str = "eval pairs", name: str = PM_EVAL_RESULTS) -> dict[str, Any]:
     """Pairwise accuracy, mean margin, agreement with soft labels and calibration of
     ``sigma(r_w - r_l)``; written as JSON (and a reliability PNG) in ``directory``."""
     if not pairs:

@@ -1,6 +1,5 @@
-"""RL-CAI step 3: the preference model (Bradley-Terry on soft AI labels mixed with human labels)."""
+"""RL-CAI step 3: the preference model (Bradley-Terry on soft AI labels mixed with human labels).
 
-from constitutional_ai.preference_model.loss import soft_bradley_terry_loss
-from constitutional_ai.preference_model.reward_model import RewardModel
-
-__all__ = ["RewardModel", "soft_bradley_terry_loss"]
+Import from the submodules (``reward_model``, ``loss``, ``data``): the package itself imports
+nothing, so reading preference data or building the CLI does not pull in torch.
+"""

@@ -24,6 +24,7 @@ from constitutional_ai.common.types import Conversation
 from constitutional_ai.config import PreferenceSourceConfig, PromptSourceConfig
 from constitutional_ai.data.prompts import conversation_key, hh_pair, hub_rows
 from constitutional_ai.data.store import read_records
+from constitutional_ai.layout import RunLayout
 
 #: ``run:preferences`` names this run's AI labels, written by ``cai label``/``cai export-preferences``.
 RUN_PREFERENCES = "run:preferences"
@@ -125,7 +126,7 @@ def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, li
     if path == RUN_PREFERENCES:
         if run_dir is None:
             raise DataError("run:preferences needs a run directory; pass --output-dir of a run that ran `cai label`")
-        path = str(run_dir / "preferences" / "train.jsonl")
+        path = str(RunLayout(run_dir).preferences)
         if not Path(path).is_file():
             raise DataError(f"{path}: no AI preference labels yet; run `cai label` (or `cai run`) with this "
                             "--output-dir first, or pass --pm-data FILE")

@@ -11,6 +11,7 @@ import torch
 
 from constitutional_ai.common.errors import ModelLoadError
 from constitutional_ai.common.types import Conversation
+from constitutional_ai.models.loading import load_tokenizer, loading, locate_model, resolve_device, resolve_dtype
 from constitutional_ai.preference_model.encoding import PairEncoder
 
 #: Written next to a trained PM: base model, max_length, data and training figures.
@@ -21,23 +22,14 @@ def load_sequence_classifier(name: str, revision: str | None = None, trust_remot
                              dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: any Hugging Face model as a one-output sequence classifier (a fresh
     score head on a base model, or a trained PM), safetensors only, with a padding token set."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from constitutional_ai.backends.transformers_backend import _load_error, check_hub_model
-    from constitutional_ai.common.hub import quiet_model_loading
-    from constitutional_ai.models import model_path
-
-    path = model_path(name)
-    if not Path(path).expanduser().exists():
-        check_hub_model(name, revision)
-    try:
-        with quiet_model_loading():  # "some weights were newly initialized" is the point here
-            tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
-                **({"dtype": dtype} if dtype is not None else {}))
-    except (OSError, ValueError, ImportError, KeyError) as exc:
-        raise _load_error(name, exc) from None
+    path = locate_model(name, revision)
+    with loading(name):  # quiet: "some weights were newly initialized" is the point here
+        tokenizer = load_tokenizer(path, revision, trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
+            **({"dtype": dtype} if dtype is not None else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -65,8 +57,6 @@ class RewardModel:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", batch_size: int = 32,
                         max_length: int | None = None) -> RewardModel:
-        from constitutional_ai.backends.transformers_backend import resolve_device, resolve_dtype
-
         info_file = Path(path) / PM_INFO
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         target = resolve_device(device)

@@ -16,17 +16,8 @@ from typing import Any
 
 from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
 from constitutional_ai.data.store import MANIFEST, read_records, write_atomic
-
-REPORT, SUMMARY = "report.html", "report.md"
-#: (file relative to the run directory, caption), shown when present.
-PLOTS = [
-    ("eval/elo.png", "Harmlessness against helpfulness Elo (anchored on the first checkpoint)"),
-    ("eval/revisions.png", "PM score after each critique-revision round"),
-    ("eval/rl_reward.png", "PM score over RL training"),
-    ("pm/model/eval_results_reliability.png", "Preference model calibration on held-out pairs"),
-    ("eval_labeler/reliability.png", "Feedback labeler calibration"),
-]
-STAGES = ["critique", "pairs", "labels", "sft/trainer", "pm", "rl", "dpo", "eval", "eval_labeler"]
+from constitutional_ai.layout import PM_INFO, RunLayout
+from constitutional_ai.stages import registry
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -58,29 +49,36 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def collect(run: Path) -> dict[str, Any]:
     """Every figure the report shows, from the files a run left."""
     facts: dict[str, Any] = {"run": str(run)}
-    config_file = run / "config.yaml"
+    config_file = RunLayout(run).config
     config = RunConfig.from_yaml(config_file) if config_file.is_file() else None
     facts["config_yaml"] = config_file.read_text(encoding="utf-8") if config else None
     facts["toy"] = config is None or config.policy.model_name_or_path == EMBEDDED_MODEL
-    pipeline = _json(run / "pipeline.json") or {}
+    layout = RunLayout(run)
+    pipeline = _json(layout.pipeline) or {}
     timings = {name: entry.get("seconds") for name, entry in pipeline.items() if isinstance(entry, dict)}
-    timings["sft/trainer"] = timings.get("sft")
-    stages = []
-    for name in STAGES:
-        manifest = _json(run / name / MANIFEST)
+    stages, plots = [], []
+    ordered = registry.pipeline_order() + [s for s in registry.stages() if not s.pipeline]
+    for stage in ordered:  # every stage says what the report shows for it
+        if stage.report is None:
+            continue
+        manifest = _json(layout.path(stage.report.store) / MANIFEST)
         if manifest:
-            seconds = timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds")
+            seconds = timings.get(stage.name) or manifest.get("seconds") or manifest.get("train_seconds")
             records = manifest.get("records")
-            stages.append({"stage": name, "status": manifest.get("status"), "records": records, "seconds": seconds,
+            stages.append({"stage": stage.name, "status": manifest.get("status"), "records": records,
+                           "unit": stage.report.unit, "seconds": seconds,
                            "records/s": round(records / seconds, 2) if records and seconds else None})
+        for plot in stage.report.plots:
+            path = layout.path(plot.entry)
+            if path.is_file():
+                plots.append((str(path.relative_to(run)), plot.caption))
     facts["stages"] = stages
-    facts["pm_info"] = _json(run / "pm" / "model" / "pm_info.json")
-    facts["pm_eval"] = _json(run / "pm" / "model" / "eval_results.json")
-    facts["labeler_eval"] = _json(run / "eval_labeler" / "results.json")
-    facts["elo"] = _json(run / "eval" / "elo.json")
-    facts["plots"] = [(p, c) for p, c in PLOTS if (run / p).is_file()]
-    critique = run / "critique" / "records.jsonl"
-    records = list(read_records(critique))[:5] if critique.is_file() else []
+    facts["pm_info"] = _json(layout.pm_model / PM_INFO)
+    facts["pm_eval"] = _json(layout.pm_eval)
+    facts["labeler_eval"] = _json(layout.labeler_results)
+    facts["elo"] = _json(layout.elo)
+    facts["plots"] = plots
+    records = list(read_records(layout.critique_records))[:5] if layout.critique_records.is_file() else []
     facts["constitution_hash"] = records[0]["constitution_hash"] if records else None
     if config is not None:
         try:
@@ -93,8 +91,8 @@ def collect(run: Path) -> dict[str, Any]:
         except Exception:  # the report must not fail on a moved constitution file
             facts["principles"] = None
     answers: dict[str, dict[str, str]] = {}
-    if (run / "eval" / "records.jsonl").is_file():
-        for r in read_records(run / "eval" / "records.jsonl"):
+    if layout.eval_records.is_file():
+        for r in read_records(layout.eval_records):
             if r.get("set") == "harmless":
                 answers.setdefault(r["prompt_key"], {})[r["model"]] = r["response"]
     facts["samples"] = [{"prompt": r["prompt"][-1]["content"], "initial": r["initial_response"],
@@ -184,7 +182,7 @@ def render_markdown(facts: dict[str, Any]) -> str:
     for key, label in (("labeler_eval", "Feedback labeler"), ("pm_eval", "Preference model")):
         if facts.get(key):
             lines.append(f"\n{label}: accuracy {_fmt(facts[key].get('accuracy'))}, ECE {_fmt(facts[key].get('ece'))}")
-    lines += ["", f"Plots and samples: `{REPORT}`."]
+    lines += ["", f"Plots and samples: `{RunLayout(facts['run']).report.name}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +194,7 @@ def build_report(run: str | Path) -> Path:
 
         raise ConfigError(f"{run}: no such run directory; pass the --output-dir of a run")
     facts = collect(run)
-    write_atomic(run / SUMMARY, render_markdown(facts))
-    write_atomic(run / REPORT, render_html(facts))
-    return run / REPORT
+    layout = RunLayout(run)
+    write_atomic(layout.report_md, render_markdown(facts))
+    write_atomic(layout.report, render_html(facts))
+    return layout.report

@@ -7,8 +7,9 @@ objective and the clipped value loss, advantages whitened, gradients clipped. Th
 on one CPU, one GPU or many through ``accelerate``; LoRA adapters (PEFT) keep policy and value
 small, and with LoRA the reference is the policy with its adapters switched off (no second copy).
 
-The state (models, optimizers, KL coefficient, step, random generators) is checkpointed every
-``save_steps``; a killed run continues from the last checkpoint.
+The state (trained weights, optimizer, random generators, step, KL coefficient, reward statistics)
+is checkpointed every ``save_steps`` with accelerate's ``save_state``; a killed run continues from
+the last complete checkpoint. The hyperparameters are the ``rl`` section of the run's config.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation, RewardFn
+from constitutional_ai.config import RLConfig
 from constitutional_ai.rl.core import (
     KLController,
     entropy_from_logits,
@@ -38,34 +39,6 @@ from constitutional_ai.rl.core import (
     value_loss,
     whiten,
 )
-
-
-@dataclass
-class PPOSettings:
-    """The algorithm's knobs (names as in TRL's former ``PPOConfig`` where one existed)."""
-
-    batch_size: int = 16  # prompts per rollout
-    num_mini_batches: int = 2
-    ppo_epochs: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    learning_rate: float = 1e-5
-    value_learning_rate: float | None = None  # default: learning_rate
-    kl_coef: float = 0.05
-    kl_target: float | None = None  # set for the adaptive KL controller
-    kl_horizon: int = 10_000
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = None
-    normalize_reward: bool = False
-    total_steps: int = 100
-    save_steps: int = 20
-    seed: int = 0
 
 
 def format_prompt(tokenizer: Any, conversation: Conversation) -> str:
@@ -142,12 +115,13 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 class PPOTrainer:
     """Runs PPO updates; :meth:`train` is the loop, :meth:`step` one update (for tests and tools)."""
 
-    def __init__(self, settings: PPOSettings, policy: Any, tokenizer: Any, reward_fn: RewardFn,
-                 prompts: Sequence[Conversation], output_dir: str | Path, *, value_model: Any = None,
+    def __init__(self, config: RLConfig, policy: Any, tokenizer: Any, reward_fn: RewardFn,
+                 prompts: Sequence[Conversation], output_dir: str | Path, *, seed: int = 0, value_model: Any = None,
                  ref_policy: Any = None, accelerator: Any = None, log: Callable[[dict[str, Any]], None] | None = None):
         from accelerate import Accelerator
 
-        self.s = settings
+        self.config = config
+        self.seed = seed
         self.accelerator = accelerator or Accelerator()
         _check_data_parallel(self.accelerator)
         self.tokenizer = tokenizer
@@ -168,17 +142,18 @@ class PPOTrainer:
         model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
-        vlr = settings.value_learning_rate or settings.learning_rate
-        groups = [{"params": policy_params, "lr": settings.learning_rate}, {"params": value_params, "lr": vlr}]
+        vlr = config.value_learning_rate or config.learning_rate
+        groups = [{"params": policy_params, "lr": config.learning_rate}, {"params": value_params, "lr": vlr}]
         try:  # the fused kernel (CPU and CUDA), as transformers' Trainer picks: 6x faster updates here
             self.optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=True)
         except (RuntimeError, TypeError, ValueError):
             self.optimizer = torch.optim.AdamW(groups, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.accelerator.register_save_state_pre_hook(_trained_tensors_only)
         if self.ref_policy is not None:
             self.ref_policy.to(self.accelerator.device)
         self._ref_keeps_logits = _takes_logits_to_keep(self.ref_policy if self.ref_policy is not None else policy)
-        self.kl = KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+        self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.global_step = 0
         self.reward_stats = {"count": 0, "mean": 0.0, "m2": 0.0}
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -206,8 +181,8 @@ class PPOTrainer:
                              add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(device)
         policy = self._policy()
         policy.eval()
-        out = policy.generate(**enc, do_sample=True, temperature=self.s.temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=self.s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+        out = policy.generate(**enc, do_sample=True, temperature=self.config.temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=self.config.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                               eos_token_id=list(self.eos_ids) or None)
         context = enc["input_ids"].shape[1]
         response = out[:, context:]
@@ -225,10 +200,10 @@ class PPOTrainer:
                      for i in range(len(prompts))]
         scores = torch.tensor(self.reward_fn(prompts, texts_out), dtype=torch.float, device=device)
         raw_scores = scores.clone()
-        if self.s.missing_eos_penalty is not None:
-            scores = scores - self.s.missing_eos_penalty * (~ended).float()
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~ended).float()
         self._update_reward_stats(self.accelerator.gather(raw_scores))  # every process's: the same stats in each
-        if self.s.normalize_reward and self.reward_stats["count"] > 1:
+        if self.config.normalize_reward and self.reward_stats["count"] > 1:
             std = math.sqrt(self.reward_stats["m2"] / (self.reward_stats["count"] - 1)) or 1.0
             scores = (scores - self.reward_stats["mean"]) / std
 
@@ -242,13 +217,13 @@ class PPOTrainer:
         else:
             with policy.disable_adapter():
                 ref_logits = self._logits(policy, ids, mask, positions, keep)[:, -keep:-1]
-        ref_logprobs = _token_logprobs(ref_logits, response, self.s.temperature)
+        ref_logprobs = _token_logprobs(ref_logits, response, self.config.temperature)
         kl = (logprobs - ref_logprobs) * resp_mask
         rewards = -self.kl.value * kl
         last = (lengths - 1).clamp(min=0)
         rewards[torch.arange(len(prompts), device=device), last] += scores
-        advantages, returns = gae(rewards, values, resp_mask, self.s.gamma, self.s.lam)
-        if self.s.whiten_advantages:
+        advantages, returns = gae(rewards, values, resp_mask, self.config.gamma, self.config.lam)
+        if self.config.whiten_advantages:
             advantages = whiten(advantages, resp_mask)
         return {"ids": ids, "mask": mask, "positions": positions, "response": response, "resp_mask": resp_mask,
                 "context": context, "logprobs": logprobs, "values": values, "advantages": advantages,
@@ -261,12 +236,12 @@ class PPOTrainer:
         keep = response.shape[1] + 1
         logits, values = self.model(ids, mask, positions, keep)
         logits = logits[:, -keep:-1]
-        logprobs = _token_logprobs(logits, response, self.s.temperature)
+        logprobs = _token_logprobs(logits, response, self.config.temperature)
         values = values[:, context - 1:-1].float()
         if not entropy:
             return logprobs, values, None
         with torch.no_grad():  # logged, not optimised: no graph kept for it
-            return logprobs, values, entropy_from_logits(logits / self.s.temperature)
+            return logprobs, values, entropy_from_logits(logits / self.config.temperature)
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
         for x in scores.tolist():  # Welford's running mean and variance
@@ -282,10 +257,10 @@ class PPOTrainer:
         batch = self.rollout(prompts)
         self.model.train()
         n = len(prompts)
-        size = max(1, n // self.s.num_mini_batches)
+        size = max(1, n // self.config.num_mini_batches)
         stats: dict[str, list[float]] = {}
-        rng = torch.Generator().manual_seed(self.s.seed * 1_000_003 + self.global_step)
-        for _ in range(self.s.ppo_epochs):
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        for _ in range(self.config.ppo_epochs):
             order = torch.randperm(n, generator=rng).tolist()
             for first in range(0, n, size):
                 idx = torch.tensor(order[first:first + size], device=batch["ids"].device)
@@ -298,15 +273,15 @@ class PPOTrainer:
                                                            batch["positions"][idx][:, pad:], batch["response"][idx],
                                                            batch["context"] - pad)
                 pg, pg_stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
-                                           self.s.cliprange)
+                                           self.config.cliprange)
                 vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
-                                          self.s.cliprange_value)
-                loss = pg + self.s.vf_coef * vf
+                                          self.config.cliprange_value)
+                loss = pg + self.config.vf_coef * vf
                 self.optimizer.zero_grad(set_to_none=False)
                 self.accelerator.backward(loss)
-                if self.s.max_grad_norm:
+                if self.config.max_grad_norm:
                     self.accelerator.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], self.s.max_grad_norm)
+                        [p for g in self.optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
                 self.optimizer.step()
                 assert entropy is not None
                 for key, value in {"policy_loss": pg, "value_loss": vf, "entropy": masked_mean(entropy, m),
@@ -336,9 +311,11 @@ class PPOTrainer:
     # -- the loop, checkpoints -----------------------------------------------------------------------
     def _batches(self) -> list[Conversation]:
         # each process draws its own prompts (data parallel), reproducibly
-        rng = random.Random((self.s.seed * 7919 + self.global_step) * 1009 + self.accelerator.process_index)
-        return rng.sample(self.prompts, min(self.s.batch_size, len(self.prompts))) \
-            if len(self.prompts) >= self.s.batch_size else [rng.choice(self.prompts) for _ in range(self.s.batch_size)]
+        rng = random.Random((self.seed * 7919 + self.global_step) * 1009 + self.accelerator.process_index)
+        size = self.config.batch_size
+        if len(self.prompts) >= size:
+            return rng.sample(self.prompts, size)
+        return [rng.choice(self.prompts) for _ in range(size)]
 
     def train(self, progress: bool = True) -> list[dict[str, float]]:
         """Run until ``total_steps`` (continuing from the last checkpoint, if any)."""
@@ -350,85 +327,80 @@ class PPOTrainer:
                    TextColumn("reward {task.fields[reward]:.3f} kl {task.fields[kl]:.3f}"), TimeElapsedColumn(),
                    TimeRemainingColumn()]
         with Progress(*columns, disable=not progress or not self.accelerator.is_main_process) as bar:
-            task = bar.add_task("ppo", total=self.s.total_steps, completed=self.global_step, reward=0.0, kl=0.0)
-            while self.global_step < self.s.total_steps:
-                torch.manual_seed(self.s.seed * 1_000_003 + self.global_step)
+            task = bar.add_task("ppo", total=self.config.total_steps, completed=self.global_step, reward=0.0, kl=0.0)
+            while self.global_step < self.config.total_steps:
+                torch.manual_seed(self.seed * 1_000_003 + self.global_step)
                 metrics = self.step(self._batches())
                 history.append(metrics)
                 if self.log_fn is not None and self.accelerator.is_main_process:
                     self.log_fn(metrics)
                 self.accelerator.log(metrics, step=self.global_step)
                 bar.update(task, completed=self.global_step, reward=metrics["reward"], kl=metrics["kl"])
-                if self.global_step % self.s.save_steps == 0 or self.global_step == self.s.total_steps:
+                if self.global_step % self.config.save_steps == 0 or self.global_step == self.config.total_steps:
                     self.save_checkpoint()
         return history
 
-    def _checkpoints(self) -> Path:
-        return self.output_dir / "checkpoints"
-
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue: written to a temporary folder, then renamed (atomic)."""
-        if not self.accelerator.is_main_process:
-            return self._checkpoints()
-        final = self._checkpoints() / f"step-{self.global_step}"
+        """accelerate's checkpoint (trained weights as safetensors, optimizer, random generators) plus
+        :meth:`state_dict` as JSON, written to ``step-N.tmp`` and renamed once complete: a killed save
+        leaves only a ``.tmp`` folder, which :meth:`resume` never picks."""
+        final = self.output_dir / "checkpoints" / f"step-{self.global_step}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._policy().save_pretrained(str(tmp / "policy"), safe_serialization=True)
-        if self.head:
-            torch.save(self._unwrapped().v_head.state_dict(), tmp / "v_head.pt")
-        else:
-            self._unwrapped().value_model.save_pretrained(str(tmp / "value"), safe_serialization=True)
-        torch.save({"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}, tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "global_step": self.global_step, "kl_coef": self.kl.value, "reward_stats": self.reward_stats}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))  # on every process: each writes its own random_states_<rank>.pkl
+        if self.accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(self.state_dict()))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
         return final
 
-    def latest_checkpoint(self) -> Path | None:
-        found = [p for p in self._checkpoints().glob("step-*") if not p.name.endswith(".tmp")] \
-            if self._checkpoints().is_dir() else []
-        return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
-
     def resume(self) -> Path | None:
-        """Load the latest checkpoint into the models and optimizer, if there is one."""
-        last = self.latest_checkpoint()
-        if last is None:
+        """Load the newest complete checkpoint, if there is one.
+
+        Nothing is unpickled freely: the weights are safetensors; the optimizer and random generator
+        states go through accelerate's ``load``, which defaults to ``torch.load(weights_only=True)``
+        (tensors and plain values, numpy's array reconstructor allow-listed for the generators). Our
+        own numbers are JSON rather than a ``register_for_checkpointing`` object, because accelerate
+        1.15's ``load_custom_state`` reads those with ``weights_only=False``: any pickle put in the
+        folder would run."""
+        done = [p for p in (self.output_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
+        if not done:
             return None
-        policy = self._policy()
-        if self.uses_peft:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+        last = max(done, key=lambda p: int(p.name.split("-")[1]))
+        from safetensors import safe_open
 
-            set_peft_model_state_dict(policy, load_file(str(last / "policy" / "adapter_model.safetensors")))
-        else:
-            from safetensors.torch import load_file
-
-            policy.load_state_dict(_load_sharded(last / "policy", load_file), strict=False)
-        if self.head:
-            self._unwrapped().v_head.load_state_dict(torch.load(last / "v_head.pt", weights_only=True))
-        else:
-            from safetensors.torch import load_file
-
-            value = self._unwrapped().value_model
-            if hasattr(value, "get_base_model"):
-                from peft import set_peft_model_state_dict
-
-                set_peft_model_state_dict(value, load_file(str(last / "value" / "adapter_model.safetensors")))
-            else:
-                value.load_state_dict(_load_sharded(last / "value", load_file), strict=False)
-        state = torch.load(last / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["cpu_rng"])
-        info = json.loads((last / "trainer_state.json").read_text())
-        self.global_step, self.kl.value = info["global_step"], info["kl_coef"]
-        self.reward_stats = info["reward_stats"]
+        with safe_open(str(last / "model.safetensors"), framework="pt") as saved:
+            if set(saved.keys()) != _trained_names(self.model):
+                raise ConfigError(f"{last} holds other weights than this run trains (another model, LoRA setting "
+                                  "or number of processes); --overwrite starts afresh")
+        self.accelerator.load_state(str(last), strict=False)  # strict=False: the frozen weights are not saved
+        self.load_state_dict(json.loads((last / TRAINER_STATE).read_text()))
         return last
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides tensors: plain numbers."""
+        return {"global_step": self.global_step, "kl_coef": self.kl.value, "reward_stats": dict(self.reward_stats)}
 
-def _load_sharded(directory: Path, load_file: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step, self.kl.value = state["global_step"], state["kl_coef"]
+        self.reward_stats = dict(state["reward_stats"])
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def _trained_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _trained_tensors_only(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], _: str) -> None:
+    """accelerate's ``save_state`` hook: it would save every tensor of the model, and with LoRA nearly
+    all of them are the frozen base, the same in every checkpoint and already where the run started."""
+    for model, state in zip(models, weights, strict=True):
+        trained = _trained_names(model)
+        for name in [k for k in state if k not in trained]:
+            del state[name]

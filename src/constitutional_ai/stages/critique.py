@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from constitutional_ai.backends import LanguageModel, load_backend
 from constitutional_ai.common.errors import ConfigError
@@ -12,16 +11,14 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
+from constitutional_ai.layout import RunLayout
+from constitutional_ai.stages.registry import ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 
 STAGE = "critique"
 #: The config sections whose values change what the critique stage writes.
 SECTIONS = ("seed", "constitution", "policy", "prompts", "critique")
-
-
-def stage_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / STAGE
 
 
 def split_too_long(items: list[PromptItem], backend: LanguageModel,
@@ -71,7 +68,7 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     constitution = load_stage_constitution(config.constitution, "critique_revision", "critique_examples",
                                            config.critique.few_shot, "--few-shot")
     items, report = load_prompts(config.prompts)
-    directory = stage_dir(config)
+    directory = RunLayout(config.output_dir).critique
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}
     info = {"constitution": {"name": constitution.name, "version": constitution.version, "hash": constitution.hash}}
     # The store is opened (and a changed config refused) before the model is loaded: a refusal
@@ -89,3 +86,11 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     return StageResult(STAGE, store.path, streamed.written, report.kept, time.perf_counter() - start,
                        report.as_dict(), {"resumed_from": streamed.done_before,
                                           "constitution_hash": constitution.hash})
+
+
+register(Stage(
+    name=STAGE, command="critique", run=run_critique, sections=SECTIONS, options=("ray",),
+    help="SL-CAI data: initial responses, then rounds of critique and revision, resumable.",
+    produces=("critique", "critique_records"),
+    report=ReportSpec(store="critique", unit="prompts"),
+))

@@ -1,4 +1,7 @@
-"""``cai eval``: checkpoints answer held-out prompts, a judge compares every pair, Elo comes out (see evaluation.elo_eval)."""
+"""``cai eval``: checkpoints answer held-out red-team and helpfulness prompts, a judge (the PM or the
+feedback model) compares every pair of answers to one prompt, and Elo comes out per prompt set
+(the arithmetic and figures are in ``evaluation.elo_eval``)."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +17,8 @@ from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.evaluation.curves import extra_figures
 from constitutional_ai.evaluation.elo_eval import SETS, feedback_judgments, summarise
+from constitutional_ai.layout import RunLayout
+from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult
 
 EVAL = "eval"
@@ -21,16 +26,14 @@ EVAL = "eval"
 
 def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
     """``(name, path)`` of each checkpoint to compare; ``run:`` names this run's stages."""
-    out = Path(config.output_dir)
-    run_paths = {"run:initial": config.policy.model_name_or_path, "run:sft": str(out / "sft" / "model"),
-                 "run:rl": str(out / "rl" / "model"), "run:dpo": str(out / "dpo" / "model")}
+    layout = RunLayout(config.output_dir)
     found = []
     for spec in config.eval.models:
-        if spec in run_paths:
-            path = run_paths[spec]
-            if spec != "run:initial" and not Path(path).is_dir():
-                continue  # this run has not made that checkpoint
-            found.append((spec.removeprefix("run:"), path))
+        if spec == "run:initial":
+            found.append(("initial", config.policy.model_name_or_path))
+        elif (run_model := layout.run_model(spec)) is not None:
+            if run_model.is_dir():  # else this run has not made that checkpoint
+                found.append((spec.removeprefix("run:"), str(run_model)))
         else:
             path = Path(spec)
             found.append((path.parent.name if path.name == "model" and path.parent.name else path.name or spec, spec))
@@ -70,7 +73,8 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
         prompts[name] = items
     identity = {"stage": EVAL, "config": config.fingerprint(("seed", "eval")),
                 "checkpoints": [path for _, path in checkpoints]}
-    directory = Path(config.output_dir) / EVAL
+    layout = RunLayout(config.output_dir)
+    directory = layout.eval
     store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite)
     try:
         for name, path in checkpoints:
@@ -89,14 +93,26 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
         records = list(read_records(store.path))
         names = [n for n, _ in checkpoints]
         judged = feedback_judgments(records, names, config) if by_feedback else None
-        summary = summarise(records, names, config.eval.bootstrap, config.seed, directory, judged)
+        summary = summarise(records, names, config.eval.bootstrap, config.seed, layout.elo_plot, judged)
         summary["judge"] = "feedback model" if by_feedback else "preference model"
-        summary.update(extra_figures(Path(config.output_dir), directory, judge, records, config.eval.limit))
-        write_atomic(directory / "elo.json", json.dumps(summary, indent=2))
+        summary.update(extra_figures(records, judge, config.eval.limit, layout.critique_records, layout.rl_records,
+                                     layout.revisions_plot, layout.rl_reward_plot))
+        write_atomic(layout.elo, json.dumps(summary, indent=2))
         store.close(complete=True)
     except BaseException:
         store.close(complete=False)
         raise
-    return StageResult(EVAL, directory / "elo.json", written=len(store), total=len(store),
+    return StageResult(EVAL, layout.elo, written=len(store), total=len(store),
                        seconds=time.perf_counter() - start, prompt_report={},
                        extra={s: summary[s]["elo"] for s in SETS if s in summary})
+
+
+register(Stage(
+    name=EVAL, command="eval", run=run_eval, sections=("seed", "eval"), options=("policy", "feedback"),
+    help="Elo of checkpoints (initial, SL-CAI, RL-CAI...) on red-team and helpfulness prompts, judged by the PM.",
+    consumes=("sft_model", "rl_model", "pm_model"), produces=("eval", "eval_records", "elo"),
+    summary=lambda result: {"output": str(result.output), **{f"{k}_elo": v for k, v in result.extra.items()}},
+    report=ReportSpec(store="eval", unit="answers", plots=(
+        Plot("elo_plot", "Harmlessness against helpfulness Elo (anchored on the first checkpoint)"),
+        Plot("revisions_plot", "PM score after each critique-revision round"))),
+))

@@ -1,4 +1,6 @@
-"""``cai eval-labeler``: a feedback configuration measured on data with known answers (results.json, reliability.png)."""
+"""``cai eval-labeler``: a feedback configuration measured on data with known answers: accuracy,
+calibration (a reliability diagram) and position bias."""
+
 from __future__ import annotations
 
 import json
@@ -10,23 +12,24 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import RecordStore, write_atomic
 from constitutional_ai.evaluation.labeler import evaluate_batch, load_eval_items, summarise
 from constitutional_ai.feedback.labeler import FeedbackLabeler
+from constitutional_ai.layout import RunLayout
+from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution
 from constitutional_ai.stages.streaming import stream_batches
 
 STAGE = "eval_labeler"
-
-
 SECTIONS = ("seed", "policy", "constitution", "feedback", "eval_labeler")
 
 
 def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
     start = time.perf_counter()
     constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
-                                           config.feedback.few_shot, "--feedback-few-shot")
+                                           config.feedback.few_shot, "--feedback.few_shot")
     items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
                 "data": str(Path(config.eval_labeler.data).resolve())}
-    directory = Path(config.output_dir) / STAGE
+    layout = RunLayout(config.output_dir)
+    directory = layout.eval_labeler
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
         owns = backend is None
         backend = backend or load_backend(config.feedback.model or config.policy)
@@ -38,10 +41,19 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
             results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
                                 labeler_id=backend.model_id, constitution_hash=constitution.hash)
             results["skipped_too_long"] = labeler.too_long
-            write_atomic(directory / "results.json", json.dumps(results, indent=2))
+            write_atomic(layout.labeler_results, json.dumps(results, indent=2))
             store.close(complete=True)
         finally:
             if owns:
                 backend.close()
-    return StageResult(STAGE, directory / "results.json", written, len(items), time.perf_counter() - start, {},
+    return StageResult(STAGE, layout.labeler_results, written, len(items), time.perf_counter() - start, {},
                        {k: v for k, v in results.items() if k != "bins"})
+
+
+register(Stage(
+    name=STAGE, command="eval-labeler", run=run_eval_labeler, sections=SECTIONS, pipeline=False,
+    help="Measure a feedback configuration on data with known answers: accuracy, ECE, reliability, bias.",
+    produces=("eval_labeler", "labeler_results"),
+    report=ReportSpec(store="eval_labeler", unit="items",
+                      plots=(Plot("labeler_plot", "Feedback labeler calibration"),)),
+))

@@ -17,16 +17,14 @@ from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
+from constitutional_ai.layout import RunLayout
+from constitutional_ai.stages.registry import ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 
 PAIRS, LABELS = "pairs", "labels"
 PAIRS_SECTIONS = ("seed", "policy", "prompts", "pairs")
 LABEL_SECTIONS = (*PAIRS_SECTIONS, "constitution", "feedback")
-
-
-def stage_path(config: RunConfig, stage: str) -> Path:
-    return Path(config.output_dir) / stage
 
 
 # -- sample-pairs ---------------------------------------------------------------------------------------
@@ -67,7 +65,7 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
     start = time.perf_counter()
     items, report = load_prompts(config.prompts)
     identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS)}
-    directory = stage_path(config, PAIRS)
+    directory = RunLayout(config.output_dir).pairs
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
         config.to_yaml(directory / "config.yaml")
         streamed = run_with_backend(store, items, lambda it: it.key, config.pairs.batch_size, pairs_processor, config,
@@ -97,7 +95,7 @@ def comparisons_from_pairs(path: Path) -> list[Comparison]:
 def label_processor(config: RunConfig, backend: LanguageModel | None = None) -> Processor:
     """The batch processor of label: one record per comparison, a skip for one too long to fit."""
     constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
-                                           config.feedback.few_shot, "--feedback-few-shot")
+                                           config.feedback.few_shot, "--feedback.few_shot")
     backend = backend or load_backend(config.feedback.model or config.policy)
     labeler = FeedbackLabeler(backend, constitution, config.feedback, seed=config.seed)
 
@@ -113,11 +111,11 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
     """Label every comparison (by default, the pairs stage's output) with the feedback model."""
     start = time.perf_counter()
     constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
-                                           config.feedback.few_shot, "--feedback-few-shot")
-    comparisons = comparisons if comparisons is not None else comparisons_from_pairs(
-        stage_path(config, PAIRS) / "records.jsonl")
+                                           config.feedback.few_shot, "--feedback.few_shot")
+    layout = RunLayout(config.output_dir)
+    comparisons = comparisons if comparisons is not None else comparisons_from_pairs(layout.pairs_records)
     identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
-    directory = stage_path(config, LABELS)
+    directory = layout.labels
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
         config.to_yaml(directory / "config.yaml")
         constitution.save(str(directory / "constitution.yaml"))
@@ -126,6 +124,7 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
                                     "labeler_id", LABELS, "pairs")
         summary = label_summary(list(store.records()), skipped_too_long=len(streamed.skipped))
         store.close(complete=True, summary=summary)
+    labels_to_preferences(layout.labels_records, layout.preferences)  # what train-pm and dpo read (run:preferences)
     return StageResult(LABELS, store.path, streamed.written, len(comparisons), time.perf_counter() - start, {},
                        {"resumed_from": streamed.done_before, **summary})
 
@@ -159,3 +158,41 @@ def labels_to_preferences(records_path: Path, output_path: Path) -> int:
         })
     write_atomic(output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
+
+
+def export_preferences(config: RunConfig) -> dict[str, Any]:
+    """Rewrite this run's preference file from its labels (``cai label`` already writes it)."""
+    layout = RunLayout(config.output_dir)
+    return {"output": str(layout.preferences), "pairs": labels_to_preferences(layout.labels_records,
+                                                                              layout.preferences)}
+
+
+def sft_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """In the pipeline, response pairs are sampled (and, with no feedback model set, labelled) by the
+    SL-CAI model, as in the paper."""
+    if not layout.sft_model.is_dir():
+        return config
+    policy = config.policy.model_copy(update={"model_name_or_path": str(layout.sft_model)})
+    return config.model_copy(update={"policy": policy})
+
+
+register(Stage(
+    name=PAIRS, command="sample-pairs", run=run_sample_pairs, sections=PAIRS_SECTIONS, options=("ray",),
+    help="RL-CAI: sample K responses per prompt from the policy and pair them, resumable.",
+    consumes=("sft_model",), produces=("pairs", "pairs_records"),
+    wire=sft_policy,
+    report=ReportSpec(store="pairs", unit="prompts"),
+))
+register(Stage(
+    name=LABELS, command="label", run=run_label, sections=("seed", "constitution", "feedback"),
+    options=("policy", "prompts", "pairs", "ray"),
+    help="RL-CAI: soft preference labels from the feedback model under the constitution, resumable.",
+    consumes=("pairs_records",), produces=("labels", "labels_records", "preferences"),
+    wire=sft_policy,
+    report=ReportSpec(store="labels", unit="pairs"),
+))
+register(Stage(
+    name="export_preferences", command="export-preferences", run=export_preferences, sections=(), pipeline=False,
+    help="Export labels as a TRL preference dataset (prompt/chosen/rejected messages + p_chosen).",
+    consumes=("labels_records",), produces=("preferences",), summary=lambda result: result,
+))

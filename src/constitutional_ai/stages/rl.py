@@ -1,9 +1,9 @@
-"""``cai rl``: the SL-CAI policy trained against the preference model.
+"""``cai ppo``: the SL-CAI policy trained against the preference model.
 
 ``--algo ppo`` (the paper's) runs our :class:`~constitutional_ai.rl.ppo.PPOTrainer`; ``--algo
 rloo`` and ``--algo grpo`` run TRL's ``RLOOTrainer``/``GRPOTrainer`` with the same reward: the PM
 on exactly the text the policy produced. Every step's metrics stream to
-``<output_dir>/rl/records.jsonl`` (and to ``report_to``); the trained policy is ``<output_dir>/rl/model``.
+the ``rl`` record store (and to ``report_to``); the trained policy is the layout's ``rl_model``.
 """
 
 from __future__ import annotations
@@ -11,26 +11,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from constitutional_ai.common.chat_format import parse_raw, render_raw
 from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.prompts import load_prompts
+from constitutional_ai.layout import RunLayout
 from constitutional_ai.models import model_path
-from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.sft import policy_path
-from constitutional_ai.training.common import (
-    fresh_checkpoints,
-    metrics_callback,
-    peft_config,
-    save_trained,
-    stage_store,
-    train,
-    training_arguments,
-)
+from constitutional_ai.stages.training import TrainingRun
+from constitutional_ai.training.common import peft_config, training_arguments
 
 RL = "rl"
 
@@ -59,58 +52,48 @@ def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
     return run_trl_online(config, reward_fn)
 
 
-def _store(config: RunConfig) -> Any:
-    return stage_store(Path(config.output_dir) / RL, {"stage": RL, "config": config.fingerprint(("seed", RL))},
-                       resume=config.resume, overwrite=config.overwrite)
-
-
 def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    cfg = config.rl
-    directory = Path(config.output_dir) / RL
-    path = policy_path(config, cfg.policy)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    policy = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    value = None
-    if cfg.value_model != "head":
-        value_path = path if cfg.value_model == "policy" else model_path(cfg.value_model)
-        value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, use_safetensors=True)
-        value.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    if cfg.lora is not None:
-        from peft import get_peft_model
+    from constitutional_ai.rl.ppo import PPOTrainer
 
-        policy = get_peft_model(policy, peft_config(cfg, "CAUSAL_LM"))
-        if value is not None:
-            value = get_peft_model(value, peft_config(cfg, "SEQ_CLS"))
-    fields = PPOSettings.__dataclass_fields__
-    settings = PPOSettings(**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)}, seed=config.seed)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", log_with=cfg.report_to or None, project_dir=str(directory))
-    if cfg.report_to:
-        accelerator.init_trackers("cai-rl", config={k: v for k, v in cfg.model_dump().items()
-                                                     if isinstance(v, (int, float, str, bool))})
-    fresh_checkpoints(directory / "checkpoints", config.overwrite)
-    store = _store(config)
-    try:
-        trainer = PPOTrainer(settings, policy, tokenizer, reward_fn, rl_prompts(config), directory,
-                             value_model=value, accelerator=accelerator,
-                             log=lambda m: store.write([{"key": f"step-{m['step']}", **m}]))
+    cfg = config.rl
+    layout = RunLayout(config.output_dir)
+    with TrainingRun(config, RL, layout.rl) as run:
+        path = policy_path(config, cfg.policy)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        policy = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        value = None
+        if cfg.value_model != "head":
+            value_path = path if cfg.value_model == "policy" else model_path(cfg.value_model)
+            value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1,
+                                                                       use_safetensors=True)
+            value.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        if cfg.lora is not None:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, peft_config(cfg, "CAUSAL_LM"))
+            if value is not None:
+                value = get_peft_model(value, peft_config(cfg, "SEQ_CLS"))
+        accelerator = Accelerator(cpu=cfg.device == "cpu", log_with=cfg.report_to or None, project_dir=str(layout.rl))
+        if cfg.report_to:
+            accelerator.init_trackers("cai-rl", config={k: v for k, v in cfg.model_dump().items()
+                                                         if isinstance(v, (int, float, str, bool))})
+        trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, rl_prompts(config), layout.rl, seed=config.seed,
+                             value_model=value, accelerator=accelerator, log=run.log)
         start = time.perf_counter()
         history = trainer.train(progress=config.progress)
-        seconds = time.perf_counter() - start
-        save_trained(trainer._policy(), tokenizer, directory / "model", cfg.lora is not None, accelerator)
+        run.seconds = time.perf_counter() - start
+        run.save(trainer._policy(), tokenizer, layout.rl_model, cfg.lora is not None, accelerator)
         accelerator.end_training()
-        summary = {"algo": "ppo", "steps": trainer.global_step, "seconds": round(seconds, 1),
+        summary = {"algo": "ppo", "steps": trainer.global_step, "seconds": round(run.seconds, 1),
                    "world_size": accelerator.num_processes,
                    **({"first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
                        "last_kl": history[-1]["kl"]} if history else {})}
-        store.close(complete=True, **summary)
-    except BaseException:
-        store.close(complete=False)
-        raise
-    return StageResult(RL, directory / "model", written=len(history), total=cfg.total_steps, seconds=seconds,
-                       prompt_report={}, extra={"model": str(directory / "model"), **summary})
+        run.complete(**summary)
+    return StageResult(RL, layout.rl_model, written=len(history), total=cfg.total_steps, seconds=run.seconds,
+                       prompt_report={}, extra={"model": str(layout.rl_model), **summary})
 
 
 def trl_reward(reward_fn: RewardFn, chat: bool) -> Callable[..., list[float]]:
@@ -137,7 +120,7 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     else:
         from trl import RLOOConfig as ArgsCls
         from trl import RLOOTrainer as TrainerCls
-    directory = Path(config.output_dir) / RL
+    layout = RunLayout(config.output_dir)
     path = policy_path(config, cfg.policy)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -146,26 +129,29 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     prompts = rl_prompts(config)
     dataset = Dataset.from_list([{"prompt": p if chat else render_raw(p, add_generation_prompt=True)}
                                  for p in prompts])
-    checkpoints = directory / "checkpoints"
-    fresh_checkpoints(checkpoints, config.overwrite)
-    args = training_arguments(cfg, ArgsCls, checkpoints, config.seed, config.progress,
-                              per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
-                              max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
-                              beta=cfg.kl_coef, max_steps=cfg.total_steps, logging_steps=1)
-    store = _store(config)
-    try:
+    with TrainingRun(config, RL, layout.rl) as run:
+        args = training_arguments(cfg, ArgsCls, run.checkpoints, config.seed, config.progress,
+                                  per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+                                  max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  beta=cfg.kl_coef, max_steps=cfg.total_steps, logging_steps=1)
         trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat), args=args,
                              train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
-        output, seconds = train(trainer, checkpoints, config.resume)
-        save_trained(trainer.model_wrapped, tokenizer, directory / "model", cfg.lora is not None, trainer.accelerator)
+                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=run.callbacks())
+        output = run.fit(trainer)
+        run.save(trainer.model_wrapped, tokenizer, layout.rl_model, cfg.lora is not None, trainer.accelerator)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        summary = {"algo": cfg.algo, "steps": output.global_step, "seconds": round(seconds, 1),
+        summary = {"algo": cfg.algo, "steps": output.global_step, "seconds": round(run.seconds, 1),
                    "world_size": trainer.accelerator.num_processes,
                    **({"first_reward": rewards[0], "last_reward": rewards[-1]} if rewards else {})}
-        store.close(complete=True, **summary)
-    except BaseException:
-        store.close(complete=False)
-        raise
-    return StageResult(RL, directory / "model", written=output.global_step, total=cfg.total_steps, seconds=seconds,
-                       prompt_report={}, extra={"model": str(directory / "model"), **summary})
+        run.complete(**summary)
+    return StageResult(RL, layout.rl_model, written=output.global_step, total=cfg.total_steps,
+                       seconds=run.seconds, prompt_report={}, extra={"model": str(layout.rl_model), **summary})
+
+
+register(Stage(
+    name=RL, command="ppo", run=run_rl, sections=("seed", "prompts", "rl"),
+    help="RL-CAI: train the policy against the preference model (--algo ppo: ours; rloo, grpo: TRL).",
+    consumes=("sft_model", "pm_model"), produces=("rl", "rl_records", "rl_model"),
+    summary=lambda result: result.extra,
+    report=ReportSpec(store="rl", unit="steps", plots=(Plot("rl_reward_plot", "PM score over RL training"),)),
+))

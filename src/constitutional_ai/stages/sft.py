@@ -1,32 +1,23 @@
-"""``cai sft``: SL-CAI fine-tuning on the exported revisions (TRL SFTTrainer); the model is the RL policy."""
+"""``cai export-sft`` and ``cai sft``: the SL-CAI revisions as conversations, then fine-tuning on them
+(TRL's SFTTrainer, loss on the final assistant turn); the model is the RL policy's starting point."""
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 from constitutional_ai.common.errors import DataError
 from constitutional_ai.config import RunConfig
-from constitutional_ai.data.store import read_records, write_atomic
+from constitutional_ai.data.store import read_records
+from constitutional_ai.layout import SFT_INFO, RunLayout
 from constitutional_ai.models import model_path
+from constitutional_ai.stages.registry import ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult
-from constitutional_ai.training.common import (
-    fresh_checkpoints,
-    is_main_process,
-    load_causal_lm,
-    metrics_callback,
-    peft_config,
-    save_trained,
-    stage_store,
-    train,
-    training_arguments,
-)
+from constitutional_ai.stages.training import TrainingRun
+from constitutional_ai.training.common import load_causal_lm, peft_config, training_arguments
 from constitutional_ai.training.sft import prompt_completion
 
 SFT = "sft"
-
-
-def sft_model_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / SFT / "model"
 
 
 def policy_path(config: RunConfig, explicit: str) -> str:
@@ -34,15 +25,17 @@ def policy_path(config: RunConfig, explicit: str) -> str:
     configured policy model (the initial helpful model)."""
     if explicit:
         return model_path(explicit)
-    if sft_model_dir(config).is_dir():
-        return str(sft_model_dir(config))
+    sft_model = RunLayout(config.output_dir).sft_model
+    if sft_model.is_dir():
+        return str(sft_model)
     return model_path(config.policy.model_name_or_path)
 
 
 def _conversations(config: RunConfig) -> list[list[dict[str, str]]]:
     out = []
+    layout = RunLayout(config.output_dir)
     for spec in config.sft.data:
-        path = Path(config.output_dir) / SFT / "train.jsonl" if spec == "run:sft" else Path(spec)
+        path = layout.run_data(spec) or Path(spec)
         if not path.is_file():
             raise DataError(f"{path}: no SFT data; run `cai critique` and `cai export-sft` first, or pass "
                             "--sft-data FILE.jsonl (TRL messages format)")
@@ -59,30 +52,46 @@ def run_sft(config: RunConfig) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     cfg = config.sft
-    directory = Path(config.output_dir) / SFT / "trainer"
+    layout = RunLayout(config.output_dir)
     conversations = _conversations(config)
-    store = stage_store(directory, {"stage": SFT, "config": config.fingerprint(("seed", SFT))},
-                        resume=config.resume, overwrite=config.overwrite)
-    try:
+    with TrainingRun(config, SFT, layout.sft_trainer) as run:
         model, tokenizer = load_causal_lm(model_path(cfg.model_name_or_path))
         dataset = Dataset.from_list([prompt_completion(m, tokenizer) for m in conversations])
-        checkpoints = directory / "checkpoints"
-        fresh_checkpoints(checkpoints, config.overwrite)
-        args = training_arguments(cfg, SFTConfig, checkpoints, config.seed, config.progress,
+        args = training_arguments(cfg, SFTConfig, run.checkpoints, config.seed, config.progress,
                                   completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=[metrics_callback(store)])
-        output, seconds = train(trainer, checkpoints, config.resume)
-        out = sft_model_dir(config)
-        save_trained(trainer.model_wrapped, tokenizer, out, cfg.lora is not None, trainer.accelerator)
+                             peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=run.callbacks())
+        output = run.fit(trainer)
         info = {"base_model": cfg.model_name_or_path, "examples": len(conversations),
-                "train_seconds": round(seconds, 1), "global_step": output.global_step,
+                "train_seconds": round(run.seconds, 1), "global_step": output.global_step,
                 "train_loss": output.training_loss, "world_size": trainer.accelerator.num_processes}
-        if is_main_process():
-            write_atomic(out / "sft_info.json", json.dumps(info, indent=2))
-        store.close(complete=True, **info)
-    except BaseException:
-        store.close(complete=False)
-        raise
-    return StageResult(SFT, out, written=len(conversations), total=len(conversations), seconds=seconds,
-                       prompt_report={}, extra={"model": str(out), **info})
+        run.save(trainer.model_wrapped, tokenizer, layout.sft_model, cfg.lora is not None, trainer.accelerator,
+                 SFT_INFO, info)
+        run.complete(**info)
+    return StageResult(SFT, layout.sft_model, written=len(conversations), total=len(conversations),
+                       seconds=run.seconds, prompt_report={}, extra={"model": str(layout.sft_model), **info})
+
+
+def run_export_sft(config: RunConfig) -> Any:
+    from constitutional_ai.data.export import critique_to_sft
+
+    layout = RunLayout(config.output_dir)
+    return critique_to_sft(layout.critique_records, layout.sft_data, config.sft_export, seed=config.seed)
+
+
+def _pipeline_sft(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """In the pipeline, SFT fine-tunes the policy model being aligned."""
+    return config.with_overrides({"sft.model_name_or_path": config.policy.model_name_or_path})
+
+
+register(Stage(
+    name="export_sft", command="export-sft", run=run_export_sft, sections=("seed", "sft_export"),
+    help="Export critique records as conversational SFT data (TRL messages format).",
+    consumes=("critique_records",), produces=("sft_data",),
+))
+register(Stage(
+    name=SFT, command="sft", run=run_sft, sections=("seed", "policy", "sft"), wire=_pipeline_sft,
+    help="SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA).",
+    consumes=("sft_data",), produces=("sft_trainer", "sft_model"), summary=lambda result: result.extra,
+    report=ReportSpec(store="sft_trainer", unit="steps"),
+))

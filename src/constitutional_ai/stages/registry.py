@@ -1,0 +1,143 @@
+"""The stage registry: each runnable stage declared once, and everything that runs stages reads it.
+
+A :class:`Stage` says what a stage is called (``name`` in ``pipeline.json`` and the report,
+``command`` on the command line), which config sections change what it writes (its identity
+hash, and its CLI flags), which run-layout entries it consumes and produces (the pipeline's order
+follows from them), the function that runs it, and what the report shows for it. ``cai <command>``,
+``cai run`` and ``cai report`` all iterate :func:`stages`; nothing else keeps a list of stages.
+
+Built-in stages declare themselves in their own module under ``constitutional_ai.stages``, found
+by :func:`load_builtin_stages`; a plug-in (or a test) calls :func:`register` with its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from constitutional_ai.layout import RunLayout
+
+if TYPE_CHECKING:
+    from constitutional_ai.config import RunConfig
+
+#: The fields every command takes, whatever its sections.
+COMMON_FIELDS = ("output_dir", "seed", "constitution", "resume", "overwrite", "progress")
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A figure the report embeds when the run has made it."""
+
+    entry: str  # a RunLayout entry, or a path relative to the run directory
+    caption: str
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What the report shows for a stage: the record store whose manifest gives status and count,
+    what one record is (``prompts``, ``pairs``, ``steps``), and its figures."""
+
+    store: str  # RunLayout entry of the stage's record store directory
+    unit: str = "records"
+    plots: tuple[Plot, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One runnable stage (see the module docstring)."""
+
+    name: str
+    command: str
+    run: Callable[[RunConfig], Any]
+    help: str
+    sections: tuple[str, ...]  # RunConfig sections that change what it writes (its identity)
+    options: tuple[str, ...] = ()  # sections it also reads that change speed or location only (flags, no identity)
+    consumes: tuple[str, ...] = ()  # RunLayout entries it reads
+    produces: tuple[str, ...] = ()  # RunLayout entries it writes
+    pipeline: bool = True  # part of `cai run`
+    #: `cai run`'s wiring: the config this stage runs with inside the pipeline (e.g. pairs come from
+    #: the SL-CAI model), from the run's config and layout.
+    wire: Callable[[RunConfig, RunLayout], RunConfig] | None = None
+    report: ReportSpec | None = None
+    #: The CLI's summary table from the run function's result; unset: ``result.as_dict()``.
+    summary: Callable[[Any], dict[str, Any]] | None = None
+
+    @property
+    def flag_sections(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*COMMON_FIELDS, *self.sections, *self.options)))
+
+    def __post_init__(self) -> None:
+        for entry in (*self.consumes, *self.produces):
+            if entry not in RunLayout.ENTRIES:
+                raise ValueError(f"stage {self.name!r}: {entry!r} is not a RunLayout entry")
+
+
+_REGISTRY: dict[str, Stage] = {}
+_BUILTIN_LOADED = False
+#: Modules of this package that hold machinery, not stages.
+_NOT_STAGES = {"registry", "runner", "streaming", "ray_runner", "pipeline", "training"}
+
+
+def register(stage: Stage, *, replace: bool = False) -> Stage:
+    """Add a stage; its name and command must be new unless ``replace``."""
+    clash = next((s for s in _REGISTRY.values() if s.command == stage.command and s.name != stage.name), None)
+    if not replace and (stage.name in _REGISTRY or clash):
+        raise ValueError(f"a stage named {stage.name!r} (command {stage.command!r}) is already registered")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def load_builtin_stages() -> None:
+    """Import every stage module of this package once; each registers its own stages."""
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
+    import constitutional_ai.stages as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _NOT_STAGES:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def stages() -> list[Stage]:
+    """Every registered stage, built-in ones first, in registration order."""
+    load_builtin_stages()
+    return list(_REGISTRY.values())
+
+
+def get(name_or_command: str) -> Stage:
+    for stage in stages():
+        if name_or_command in (stage.name, stage.command):
+            return stage
+    raise KeyError(name_or_command)
+
+
+def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
+    """The pipeline's stages, each after every stage producing what it consumes (Kahn's algorithm,
+    ties kept in registration order). A consumed entry nobody in the pipeline produces is an input
+    from outside (or optional); a cycle is a declaration error."""
+    todo = [s for s in (candidates if candidates is not None else stages()) if s.pipeline]
+    producer = {entry: s.name for s in todo for entry in s.produces}
+    needs = {s.name: {producer[e] for e in s.consumes if e in producer and producer[e] != s.name} for s in todo}
+    order: list[Stage] = []
+    while todo:
+        ready = next((s for s in todo if not needs[s.name] - {o.name for o in order}), None)
+        if ready is None:
+            raise ValueError("the stages' consumes/produces form a cycle: " + ", ".join(s.name for s in todo))
+        order.append(ready)
+        todo.remove(ready)
+    return order
+
+
+def upstream(stage: Stage, order: list[Stage]) -> list[str]:
+    """Names of the pipeline stages whose outputs ``stage`` consumes (its identity includes theirs)."""
+    producer = {entry: s.name for s in order for entry in s.produces}
+    return sorted({producer[e] for e in stage.consumes if e in producer and producer[e] != stage.name})
