@@ -74,8 +74,9 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from constitutional_ai.common.chat_format import parse_raw
+    from constitutional_ai.config import RLConfig
     from constitutional_ai.preference_model.reward_model import RewardModel
-    from constitutional_ai.rl.ppo import PPOSettings, PPOTrainer
+    from constitutional_ai.rl.ppo import PPOTrainer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -87,11 +88,11 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
     scorer = RewardModel(AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1),
                          AutoTokenizer.from_pretrained(args.reward), max_length=512, batch_size=args.batch_size)
     prompts = [parse_raw(p) for p in json.loads(Path(args.prompts).read_text())]
-    settings = PPOSettings(batch_size=args.batch_size, num_mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs,
-                           max_new_tokens=args.response_length, learning_rate=args.learning_rate,
-                           kl_coef=args.kl_coef, total_steps=args.steps + 1, save_steps=10_000, seed=args.seed)
-    trainer = PPOTrainer(settings, policy, tokenizer, scorer.score_responses, prompts,
-                         tempfile.mkdtemp(prefix="bench-ppo-ours-"), value_model=value)
+    config = RLConfig(batch_size=args.batch_size, num_mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs,
+                      max_new_tokens=args.response_length, learning_rate=args.learning_rate, kl_coef=args.kl_coef,
+                      total_steps=args.steps + 1, save_steps=10_000)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer.score_responses, prompts,
+                         tempfile.mkdtemp(prefix="bench-ppo-ours-"), seed=args.seed, value_model=value)
     times = []
     for _ in range(args.steps + 1):
         start = time.perf_counter()

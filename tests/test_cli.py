@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 import signal
@@ -6,36 +7,85 @@ import sys
 import time
 
 import pytest
+import typer
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from constitutional_ai.cli import COMMANDS, app
+from constitutional_ai.cli import app, build_command, fields_for
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records
+from constitutional_ai.stages import registry
 
 runner = CliRunner()
 
 
-def _resolve(path):
-    model = RunConfig
-    for part in path.split("."):
-        assert model is not None and part in model.model_fields, f"flag target {path} is not a config field"
-        annotation = model.model_fields[part].annotation
-        model = next((c for c in getattr(annotation, "__args__", (annotation,)) if hasattr(c, "model_fields")),
-                     None)
+def _command(name):
+    return next(c for c in app.registered_commands if c.name == name)
 
 
+def _paths(config, prefix=""):
+    """Every leaf field's dotted path, from the pydantic models themselves."""
+    for name, value in config:
+        if isinstance(value, BaseModel):
+            yield from _paths(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_flag_maps_onto_a_config_field(command):
-    _, flags = COMMANDS[command]
-    for flag in flags.values():
-        _resolve(flag.path)
-    click_command = next(c for c in app.registered_commands if c.name == command)
-    import inspect
 
-    params = set(inspect.signature(click_command.callback).parameters)
-    assert params == {"config", *flags}
+def test_every_config_field_is_a_flag_of_cai_run_named_by_its_dotted_path():
+    config = RunConfig(feedback={"model": {}}, pm={"lora": {}}, sft={"lora": {}}, rl={"lora": {}}, dpo={"lora": {}})
+    paths = set(_paths(config))
+    assert {"critique.n_rounds", "feedback.model.device", "rl.kl_coef", "output_dir"} <= paths
+    params = inspect.signature(_command("run").callback).parameters
+    flags = {p.replace("__", ".") for p in params} - {"config"}
+    assert paths <= flags, sorted(paths - flags)
+    help_text = runner.invoke(app, ["run", "--help"], terminal_width=80).output
+    for path in paths:
+        assert f"--{path}" in help_text, path
+
+
+@pytest.mark.parametrize("stage", registry.stages(), ids=lambda s: s.command)
+def test_each_command_offers_exactly_its_sections_fields(stage):
+    params = set(inspect.signature(_command(stage.command).callback).parameters) - {"config"}
+    sections = set(stage.flag_sections)
+    assert params and all(p.split("__")[0] in sections for p in params)
+    assert {f.param for f in fields_for(stage.flag_sections)} == params
+
+
+def test_flags_set_the_dotted_field_and_aliases_keep_the_short_names(tmp_path):
+    seen = {}
+    command = build_command(lambda config: seen.update(config=config), fields_for(None))
+    probe = typer.Typer()
+    probe.command()(command)
+    result = runner.invoke(probe, ["--critique.n_rounds", "3", "--feedback.both_orders", "-o", str(tmp_path),
+                                   "--pm-data", "a.jsonl,weight=0.5", "--policy", "some/dir", "--keep-dropout",
+                                   "--feedback.clamp", "0.3", "0.7", "--policy.extra_body", '{"a": 1}'])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert config.critique.n_rounds == 3 and config.feedback.both_orders and config.output_dir == str(tmp_path)
+    assert config.pm.sources[0].path == "a.jsonl" and config.pm.sources[0].weight == 0.5
+    assert config.rl.policy == "some/dir" and config.pm.disable_dropout is False
+    assert config.feedback.clamp == (0.3, 0.7) and config.policy.extra_body == {"a": 1}
+
+
+def test_help_reads_at_80_columns():
+    text = runner.invoke(app, ["label", "--help"], terminal_width=80).output
+    assert "--feedback.both_orders, --both-orders / --no-feedback.both_orders," in text  # broken, never cut
+    assert "<bool>" not in text.lower() and "boolean" not in text.lower()
+    assert "Default: 0.4" not in text and "Default: [0.4, 0.6]" in text  # tuples show whole
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_cai_config_writes_commented_yaml_that_loads_back_to_the_same_config(tmp_path):
+    result = runner.invoke(app, ["config", "-o", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "c.yaml").read_text()
+    assert "# Critique-revision rounds per prompt (paper: 4).\n  n_rounds: 4" in text
+    assert RunConfig.from_yaml(tmp_path / "c.yaml") == RunConfig()
+    changed = RunConfig(seed=7, critique={"n_rounds": 2}, feedback={"model": {"device": "cpu"}})
+    (tmp_path / "d.yaml").write_text(changed.to_commented_yaml())
+    assert RunConfig.from_yaml(tmp_path / "d.yaml") == changed
 
 
 def test_flags_override_the_yaml_config(tmp_path, tiny_model_dir):

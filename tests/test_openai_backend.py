@@ -9,7 +9,7 @@ import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Thread
+from threading import Lock, Thread
 
 import pytest
 
@@ -92,9 +92,10 @@ class _Scripted:
             def _reply(self):
                 size = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(size)) if size else None
-                owner.seen.append((self.command, self.path, dict(self.headers), body))
+                # the headers as received: names are case-insensitive (the SDK sends them lower-case)
+                owner.seen.append((self.command, self.path, self.headers, body))
                 status, payload, headers = owner.script(self.path, body, len(owner.seen))
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -183,6 +184,83 @@ def test_gives_up_after_max_retries_with_one_line(monkeypatch):
     try:
         with pytest.raises(ServerError, match="gave up after 5 attempts"):
             backend.generate(["Hello"], GenerationParams(max_new_tokens=4))
+    finally:
+        backend.close()
+        server.close()
+
+
+def test_malformed_replies_and_a_long_retry_after_are_retried_where_the_sdk_would_not(monkeypatch):
+    # The SDK decodes a body only after its retry loop, and refuses to retry when Retry-After exceeds 120 s.
+    monkeypatch.setattr("constitutional_ai.backends.openai_backend.MAX_RETRY_AFTER", 0.3)
+    replies = iter([(200, b'{"choices": [{"te', {}),  # truncated JSON with a matching length
+                    (200, {"error": "proxy says no"}, {}),  # JSON, but no completion
+                    (429, {}, {"Retry-After": "86400"}),  # a day: waited as long as the cap
+                    (200, _completion("fine"), {})])
+    server = _Scripted(lambda path, body, n: (200, MODELS, {}) if path.endswith("/models") else next(replies))
+    backend = OpenAIBackend(_config(server.url))
+    try:
+        start = time.perf_counter()
+        assert backend.generate(["Hello"], GenerationParams(max_new_tokens=4))[0].text == "fine"
+        assert 0.3 <= time.perf_counter() - start < 10
+        assert backend.stats["retry: malformed JSON"] == 1 and backend.stats["retry: reply without 'choices'"] == 1
+        assert backend.stats["retry: HTTP 429"] == 1 and backend.stats["requests"] == 5  # /models and 4 tries
+    finally:
+        backend.close()
+        server.close()
+
+
+def test_only_transient_statuses_are_retried():
+    # The SDK would retry a 501 (it retries every 5xx) and give up on a 425 at once; we do the opposite.
+    replies = iter([(425, {"error": {"message": "too early"}}, {}), (501, {"error": {"message": "no such thing"}}, {})])
+    server = _Scripted(lambda path, body, n: (200, MODELS, {}) if path.endswith("/models") else next(replies))
+    backend = OpenAIBackend(_config(server.url))
+    try:
+        with pytest.raises(ServerError, match="HTTP 501: no such thing"):
+            backend.generate(["Hello"], GenerationParams(max_new_tokens=4))
+        assert backend.stats["retry: HTTP 425"] == 1 and len(server.seen) == 3
+    finally:
+        backend.close()
+        server.close()
+
+
+def test_requests_in_flight_never_exceed_max_concurrency():
+    active, peak, lock = [0], [0], Lock()
+
+    def script(path, body, n):
+        if path.endswith("/models"):
+            return 200, MODELS, {}
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return 200, _completion(), {}
+
+    server = _Scripted(script)
+    backend = OpenAIBackend(_config(server.url, max_concurrency=2))
+    try:
+        assert len(backend.generate(["Hello"] * 6, GenerationParams(max_new_tokens=4))) == 6
+        assert peak[0] == 2
+    finally:
+        backend.close()
+        server.close()
+
+
+def test_credentials_the_sdk_reads_from_its_own_environment_never_reach_the_server(monkeypatch):
+    for name, value in {"OPENAI_API_KEY": "sk-openai", "OPENAI_ADMIN_KEY": "sk-admin", "OPENAI_ORG_ID": "org-x",
+                        "OPENAI_PROJECT_ID": "proj-x", "OPENAI_CUSTOM_HEADERS": "Authorization: Bearer sk-x"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CAI_UNSET_KEY", raising=False)
+    server = _Scripted(lambda path, body, n: (200, MODELS, {}) if path.endswith("/models") else
+                       (200, _completion(), {}))
+    backend = OpenAIBackend(_config(server.url, api_key_env="CAI_UNSET_KEY"))
+    try:
+        backend.generate(["Hello"], GenerationParams(max_new_tokens=4))
+        backend.count_tokens(["Hello"])  # the tokenize probes are plain SDK posts
+        assert len(server.seen) > 2
+        for _, _, headers, _ in server.seen:
+            assert all(headers.get(h) is None for h in ("Authorization", "OpenAI-Organization", "OpenAI-Project"))
     finally:
         backend.close()
         server.close()

@@ -288,8 +288,8 @@ def test_a_resumed_ppo_run_continues_from_the_saved_step_optimizer_and_kl_coeffi
     assert torch.equal(torch.get_rng_state(), rng_at_save)  # really loaded (accelerate would skip it silently)
     assert second.global_step == 2 and second.reward_stats == first.reward_stats
     assert second.kl.value == first.kl.value != 0.05  # the adaptive controller had moved it
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    weights = dict(second.model.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in first.model.named_parameters() if n in trained)
     before, after = first.optimizer.state_dict(), second.optimizer.state_dict()
     assert before["param_groups"] == after["param_groups"] and before["state"].keys() == after["state"].keys()
     for key, state in before["state"].items():
@@ -303,7 +303,5 @@ def test_a_resumed_ppo_run_continues_from_the_saved_step_optimizer_and_kl_coeffi
         def __reduce__(self):
             return Path.touch, (marker,)
 
-    import pickle
-
-    (tmp_path / "checkpoints" / "step-3" / "random_states_0.pkl").write_bytes(pickle.dumps(Planted()))
+    torch.save(Planted(), tmp_path / "checkpoints" / "step-3" / "random_states_0.pkl")
     assert second.resume().name == "step-3" and not marker.exists()

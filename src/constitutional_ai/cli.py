@@ -33,6 +33,7 @@ import click
 import typer
 from pydantic import BaseModel
 from rich.table import Table
+from typer.core import TyperCommand
 
 from constitutional_ai.common.errors import CAIError, first_line
 from constitutional_ai.common.progress import console
@@ -180,6 +181,29 @@ def _option(field: Field, aliases: list[str]) -> Any:
     return typer.Option(*decls, help=field.help, show_default=False, show_choices=False)
 
 
+class StageCommand(TyperCommand):
+    """A command whose options list reads at 80 columns: each option's names on their own line(s),
+    broken at ``/`` and ``,`` rather than cut, and its help wrapped beneath them."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        import textwrap
+
+        rows = [p.get_help_record(ctx) for p in self.get_params(ctx)]
+        width = max(40, (formatter.width or 80) - 2)
+        with formatter.section("Options"):
+            for names, text in (r for r in rows if r is not None):
+                line = ""
+                for part in names.replace(" / ", " /\0").replace(", ", ",\0").split("\0"):
+                    if line and len(line) + 1 + len(part) > width - formatter.current_indent:
+                        formatter.write_text(line)
+                        line = "  " + part
+                    else:
+                        line = f"{line} {part}" if line else part
+                formatter.write_text(line)
+                for wrapped in textwrap.wrap(text or "", width - formatter.current_indent - 4, break_on_hyphens=False):
+                    formatter.write_text("    " + wrapped)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Errors reach the user as one line, never a traceback from deep inside a library.
@@ -277,10 +301,10 @@ def register_commands() -> None:
     known = {c.name for c in app.registered_commands}
     for stage in registry.stages():
         if stage.command not in known:
-            app.command(stage.command, help=stage.help)(build_command(_stage_command(stage),
+            app.command(stage.command, help=stage.help, cls=StageCommand)(build_command(_stage_command(stage),
                                                                       fields_for(stage.flag_sections)))
     if "run" not in known:
-        app.command("run", help=run.__doc__)(build_command(run, fields_for(None)))
+        app.command("run", help=run.__doc__, cls=StageCommand)(build_command(run, fields_for(None)))
 
 
 @app.command("report")

@@ -1,10 +1,45 @@
 """Any server that speaks the OpenAI API: vLLM's and SGLang's servers, llama.cpp, Ollama, hosted APIs.
 
 Teams already run these engines; we drive them rather than write our own. Requests go out
-concurrently (asyncio, up to ``max_concurrency`` in flight) and each one is retried on 429, 5xx,
-timeouts, dropped connections and malformed replies, with exponential back-off, full jitter and
-the server's ``Retry-After``. A stage therefore sees every prompt answered exactly once, in order,
-however flaky the server; the record store then makes the run itself resumable.
+concurrently (asyncio, up to ``max_concurrency`` in flight) through the official ``openai`` SDK,
+and each one is retried on 429, 5xx, timeouts, dropped connections and malformed replies, with
+exponential back-off, full jitter and the server's ``Retry-After``. A stage therefore sees every
+prompt answered exactly once, in order, however flaky the server; the record store then makes the
+run itself resumable.
+
+What the SDK (``AsyncOpenAI``, openai 3.x) does for us: building the chat and completions requests
+(``extra_body`` carries the server-specific fields), the per-request ``timeout``, the retry loop
+(``max_retries``; it re-sends after timeouts, connection errors and the statuses it is told to
+retry, reading ``retry-after-ms``, ``Retry-After`` seconds and HTTP dates), the ``Authorization``
+header, and the connection pool, whose ``max_connections`` is our concurrency limit. What stays
+ours, and why (facts from the SDK's ``_base_client.py``):
+
+* **Which statuses to retry** (``_AsyncOpenAI._should_retry``). The SDK retries 408, 409, 429 and
+  every status from 500 on, and refuses to retry at all when ``Retry-After`` asks for more than
+  ``MAX_RETRY_AFTER_DELAY`` (120 s): a rate limit with a long ``Retry-After`` would end a stage.
+  We retry :data:`RETRY_STATUSES` (425 and 529 too, not a permanent 501) and wait the capped time.
+* **How long to wait** (``_AsyncOpenAI._calculate_retry_timeout``, :func:`backoff_seconds`,
+  :func:`retry_after_seconds`). The SDK's back-off is ``0.5 * 2^n`` capped at 8 s and jittered
+  only by 0-25 %, so the requests of a batch that failed together retry together against a
+  self-hosted server; it ignores ``Retry-After: 0`` and longer than 120 s. We use full jitter
+  (uniform in ``[0, min(30 s, 0.5 * 2^n)]``) and honour any ``Retry-After``, capped at 120 s.
+  Both hooks are the SDK's own extension points for its retry loop; they are private, hence the
+  ``openai<4`` pin.
+* **Retrying a malformed 2xx reply** (``_Transport.send``). The SDK decodes the body only after
+  its retry loop (``response.json()`` in ``_response.py``), so a truncated JSON body raises
+  ``JSONDecodeError`` once, and a non-JSON content type comes back as a string. Our HTTP client
+  checks each 2xx body inside the loop and turns a bad one into a transport error
+  (``httpx2.DecodingError``), which the SDK retries like a dropped connection.
+* **Per-attempt statistics** (``_Transport.send``): the SDK counts nothing, and only the HTTP
+  client sees every attempt and why it failed.
+* **Error text** (:meth:`OpenAIBackend._json`). The SDK's ``APIStatusError`` message embeds the
+  reply body, which may echo the key; ours is one line with the key scrubbed, names the variable
+  for 401/403 and says how many attempts were spent.
+* **Where credentials come from.** Without an explicit value the SDK reads ``OPENAI_API_KEY``,
+  ``OPENAI_ADMIN_KEY``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID`` and ``OPENAI_CUSTOM_HEADERS``
+  from the environment and would send them to whatever server ``base_url`` names. The key is read
+  from the variable the config names instead and set as the ``Authorization`` header (or the
+  header is omitted), and the organisation and project headers are omitted.
 
 ``score_choices`` needs log-probabilities, which servers offer in one of two ways:
 
@@ -15,8 +50,8 @@ however flaky the server; the record store then makes the run itself resumable.
   choices share and each choice is scored by its first distinct token; later tokens are ignored,
   and a choice outside the top candidates gets the lowest listed value (an upper bound).
 
-The API key is read from the environment variable named in the config, sent only in the
-``Authorization`` header, and never appears in a log line, an error or an artifact.
+The API key is sent only in the ``Authorization`` header, and never appears in a log line, an
+error or an artifact.
 """
 
 from __future__ import annotations
@@ -24,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import json
 import logging
 import os
 import random
@@ -33,6 +67,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
+
+import httpx2
+import openai
 
 from constitutional_ai.backends.base import Generation, cut_at_stop
 from constitutional_ai.common.chat_format import render_raw
@@ -53,6 +90,8 @@ MAX_RETRY_AFTER = 120.0
 TOP_LOGPROBS = 20
 #: Context length assumed when neither the config nor the server says.
 DEFAULT_CONTEXT = 4096
+#: Given to the SDK only to pass its credential check when there is no key; never sent.
+_NO_KEY = "no-key"
 
 
 class ServerError(CAIError):
@@ -167,27 +206,89 @@ def first_token_scores(top: dict[str, float], remainders: Sequence[str]) -> list
     return scores
 
 
+class MalformedReplyError(httpx2.DecodingError):
+    """A 2xx reply whose body is not the JSON asked for; a transport error so that the SDK retries it."""
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """Why one attempt failed, as the statistics and the give-up message name it."""
+    if isinstance(exc, MalformedReplyError):
+        return str(exc)
+    if isinstance(exc, httpx2.TimeoutException):
+        return "timeout"
+    return f"connection ({type(exc).__name__})"  # refused, reset, dropped mid-reply
+
+
+def _malformed(request: httpx2.Request, response: httpx2.Response) -> str | None:
+    """What is wrong with a 2xx body, or None. A completion must carry ``choices`` (a proxy's error
+    object sent with 200 is as useless as a truncated body)."""
+    try:
+        body = response.json()
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return "malformed JSON"
+    if request.url.path.endswith("/completions") and not (isinstance(body, dict) and "choices" in body):
+        return "reply without 'choices'"
+    return None
+
+
+class _Transport(openai.DefaultAsyncHttpxClient):
+    """The SDK's HTTP client; it sees each attempt the SDK's retry loop makes, so it counts them and
+    rejects a malformed 2xx body there, where a rejection is still retried."""
+
+    def __init__(self, stats: Counter[str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stats = stats
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:  # type: ignore[override]
+        self.stats["requests"] += 1
+        try:
+            response = await super().send(request, **kwargs)
+        except Exception as exc:
+            self.stats[f"retry: {_failure_reason(exc)}"] += 1
+            raise
+        if response.status_code in RETRY_STATUSES:
+            self.stats[f"retry: HTTP {response.status_code}"] += 1
+        elif response.is_success and not kwargs.get("stream"):
+            problem = _malformed(request, response)
+            if problem is not None:
+                self.stats[f"retry: {problem}"] += 1
+                await response.aclose()
+                raise MalformedReplyError(problem, request=request)
+        return response
+
+
+class _AsyncOpenAI(openai.AsyncOpenAI):
+    """``AsyncOpenAI`` running our retry policy in its own retry loop (see the module docstring)."""
+
+    rng: random.Random
+
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        return response.status_code in RETRY_STATUSES
+
+    def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
+                                 response_headers: httpx2.Headers | None = None) -> float:
+        wait = None if response_headers is None else retry_after_seconds(response_headers)
+        if wait is not None:
+            return wait
+        return backoff_seconds(options.get_max_retries(self.max_retries) - remaining_retries, self.rng)
+
+
 class OpenAIBackend:
     """:class:`~constitutional_ai.backends.base.LanguageModel` over an OpenAI-compatible HTTP server."""
 
     def __init__(self, config: ModelConfig):
-        try:
-            import httpx
-        except ImportError:  # pragma: no cover - a core dependency
-            raise ModelLoadError("backend openai needs httpx: pip install httpx") from None
-        self._httpx = httpx
         self.config = config
         assert config.base_url is not None  # ModelConfig refuses backend openai without one
         self.base_url = config.base_url.rstrip("/")
         self._key = os.environ.get(config.api_key_env) or None
-        self._rng = random.Random(0)
         #: Requests, retries by reason and failures, for the run summary and the benchmarks.
         self.stats: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cai-openai", daemon=True)
         self._thread.start()
-        self._client: Any = None
-        self._sem: asyncio.Semaphore | None = None
+        self._client = self._sdk_client(config)
+        #: Sent with every request: a request's own headers win over all the SDK derives from the environment.
+        self._auth: dict[str, Any] = {"Authorization": f"Bearer {self._key}" if self._key else openai.omit}
         self._tokenize_route: str | None = None
         self._scoring: Literal["echo", "top_logprobs"] | None = (
             None if config.logprobs_mode == "auto" else config.logprobs_mode)
@@ -209,6 +310,18 @@ class OpenAIBackend:
         self.context_length = config.max_context or self._context_from(models, name)
 
     # -- set-up ----------------------------------------------------------------------------------
+    def _sdk_client(self, config: ModelConfig) -> _AsyncOpenAI:
+        n = config.max_concurrency
+        # The pool's size is the concurrency limit; a request waiting for a connection has not been
+        # sent, so that wait is not timed (pool=None).
+        http = _Transport(self.stats, limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
+        client = _AsyncOpenAI(
+            api_key=self._key or _NO_KEY, base_url=self.base_url, max_retries=config.max_retries,
+            timeout=openai.Timeout(config.request_timeout, pool=None), http_client=http,
+            default_headers={"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit})  # type: ignore[dict-item]
+        client.rng = random.Random(0)
+        return client
+
     @staticmethod
     def _load_tokenizer(config: ModelConfig) -> Any:
         if not config.tokenizer:
@@ -223,7 +336,7 @@ class OpenAIBackend:
 
     def _models(self) -> list[dict[str, Any]]:
         try:
-            reply = self._run(self._request("GET", "/models", None))
+            reply = self._run(self._json(self._client.models.with_raw_response.list(extra_headers=self._auth)))
         except ServerError as exc:
             raise ModelLoadError(f"{self.base_url}: no OpenAI-compatible server answers ({exc}); start it or fix "
                                  "--base-url") from None
@@ -251,59 +364,19 @@ class OpenAIBackend:
         caller that is itself inside an event loop (a notebook) still works."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
-
-    async def _ensure_client(self) -> Any:
-        if self._client is None:
-            httpx = self._httpx
-            limits = httpx.Limits(max_connections=self.config.max_concurrency,
-                                  max_keepalive_connections=self.config.max_concurrency)
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.request_timeout), limits=limits)
-            self._sem = asyncio.Semaphore(self.config.max_concurrency)
-        return self._client
-
-    async def _request(self, method: str, path: str, payload: dict[str, Any] | None,
-                       check: str | None = None) -> Any:
-        """One request, retried until it yields JSON (with key ``check`` when given) or fails for good.
-
-        ``path`` is relative to ``base_url`` or a whole URL (the tokenize endpoints live at the root).
-        """
-        client = await self._ensure_client()
-        assert self._sem is not None
-        url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        httpx = self._httpx
-        reason = ""
-        for attempt in range(self.config.max_retries + 1):
-            wait: float | None = None
-            async with self._sem:
-                self.stats["requests"] += 1
-                try:
-                    response = await client.request(method, url, json=payload, headers=self._headers())
-                except httpx.TimeoutException:
-                    reason = "timeout"
-                except httpx.TransportError as exc:  # refused, reset, dropped mid-reply
-                    reason = f"connection ({type(exc).__name__})"
-                else:
-                    status = response.status_code
-                    if status < 300:
-                        try:
-                            body = response.json()
-                        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                            reason = "malformed JSON"
-                        else:
-                            if check is None or (isinstance(body, dict) and check in body):
-                                return body
-                            reason = f"reply without {check!r}"
-                    elif status in RETRY_STATUSES:
-                        reason = f"HTTP {status}"
-                        wait = retry_after_seconds(response.headers)
-                    else:
-                        raise ServerError(self._describe(url, status, response))
-            self.stats[f"retry: {reason}"] += 1
-            if attempt == self.config.max_retries:
-                break
-            await asyncio.sleep(wait if wait is not None else backoff_seconds(attempt, self._rng))
+    async def _json(self, call: Awaitable[Any]) -> Any:
+        """The JSON reply of one SDK call (the SDK has run the retries), or a one-line :class:`ServerError`."""
+        try:
+            reply = await call
+        except openai.APIStatusError as exc:
+            if exc.status_code not in RETRY_STATUSES:
+                raise ServerError(self._describe(str(exc.request.url), exc.status_code, exc.response)) from None
+            url, reason = str(exc.request.url), f"HTTP {exc.status_code}"
+        except openai.APIConnectionError as exc:  # timeouts too
+            url, reason = str(exc.request.url), _failure_reason(exc.__cause__ or exc)
+        else:
+            response = reply if isinstance(reply, httpx2.Response) else reply.http_response
+            return response.json()  # valid: _Transport checked it
         self.stats["failed"] += 1
         raise ServerError(f"{url}: gave up after {self.config.max_retries + 1} attempts (last: {reason}); check "
                           "the server or raise --max-retries / --request-timeout")
@@ -371,8 +444,9 @@ class OpenAIBackend:
             url_base = root if route.startswith("root:") else self.base_url
             path = route.removeprefix("root:")
             try:  # each server names the text differently: vLLM prompt, llama.cpp content, its Python server input
-                reply = await self._request("POST", url_base + path,
-                                            {"model": self.model_id, "prompt": text, "input": text, "content": text})
+                body = {"model": self.model_id, "prompt": text, "input": text, "content": text}
+                reply = await self._json(self._client.post(url_base + path, cast_to=httpx2.Response, body=body,
+                                                           options={"headers": self._auth}))
             except ServerError:
                 continue
             n = self._token_count(reply)
@@ -396,15 +470,16 @@ class OpenAIBackend:
 
     # -- generation ------------------------------------------------------------------------------
     def _sampling(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model_id, "max_tokens": params.max_new_tokens,
-                                "temperature": params.temperature, "top_p": params.top_p}
-        if params.top_k:
-            body["top_k"] = params.top_k  # vLLM, SGLang and llama.cpp extension
+        """Arguments for the SDK's ``create``. The SDK merges ``extra_body`` over the named fields, so
+        the config's ``extra_body`` can override those too."""
+        kwargs: dict[str, Any] = {"model": self.model_id, "max_tokens": params.max_new_tokens,
+                                  "temperature": params.temperature, "top_p": params.top_p}
+        extra: dict[str, Any] = {"top_k": params.top_k} if params.top_k else {}  # vLLM, SGLang, llama.cpp
         if params.stop:
-            body["stop"] = list(params.stop)
+            kwargs["stop"] = list(params.stop)
         if seed is not None:
-            body["seed"] = seed
-        return {**body, **self.config.extra_body}
+            kwargs["seed"] = seed
+        return {**kwargs, "extra_body": {**extra, **self.config.extra_body}, "extra_headers": self._auth}
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams,
                  seeds: Sequence[int] | None = None) -> list[Generation]:
@@ -416,14 +491,14 @@ class OpenAIBackend:
                              for i, p in enumerate(prompts)])
 
     async def _generate_one(self, prompt: Prompt, params: GenerationParams, seed: int | None) -> Generation:
-        body = self._sampling(params, seed)
+        kwargs = self._sampling(params, seed)
         text = self._text(prompt)
         if text is None:
-            body["messages"] = [{"role": m["role"], "content": m["content"]} for m in prompt]  # type: ignore[index,union-attr]
-            reply = await self._request("POST", "/chat/completions", body, check="choices")
+            messages = [{"role": m["role"], "content": m["content"]} for m in prompt]  # type: ignore[index,union-attr]
+            reply = await self._json(self._client.chat.completions.with_raw_response.create(messages=messages,
+                                                                                          **kwargs))
         else:
-            body["prompt"] = text
-            reply = await self._request("POST", "/completions", body, check="choices")
+            reply = await self._json(self._client.completions.with_raw_response.create(prompt=text, **kwargs))
         try:
             choice = reply["choices"][0]
             out = choice["text"] if text is not None else (choice["message"].get("content") or "")
@@ -472,11 +547,11 @@ class OpenAIBackend:
             "or llama.cpp, or use --backend transformers")
 
     async def _echo_score(self, text: str, choice: str) -> float:
-        body: dict[str, Any] = {"model": self.model_id, "prompt": text + choice, "echo": True, "logprobs": 1,
-                                "max_tokens": 1, "temperature": 0.0}
-        if self._local_template:  # the template wrote its own special tokens (vLLM honours this)
-            body["add_special_tokens"] = False
-        reply = await self._request("POST", "/completions", body, check="choices")
+        # A local template wrote its own special tokens (vLLM honours add_special_tokens).
+        extra = {"add_special_tokens": False} if self._local_template else {}
+        reply = await self._json(self._client.completions.with_raw_response.create(
+            model=self.model_id, prompt=text + choice, echo=True, logprobs=1, max_tokens=1, temperature=0.0,
+            extra_body=extra, extra_headers=self._auth))
         try:
             logprobs = reply["choices"][0]["logprobs"] or {}
             echoed = reply["choices"][0].get("text")
@@ -491,9 +566,9 @@ class OpenAIBackend:
 
     async def _top_score(self, text: str, choices: list[str]) -> list[float]:
         common = shared_prefix(choices)
-        body = {"model": self.model_id, "prompt": text + common, "max_tokens": 1, "logprobs": TOP_LOGPROBS,
-                "temperature": 0.0}
-        reply = await self._request("POST", "/completions", body, check="choices")
+        reply = await self._json(self._client.completions.with_raw_response.create(
+            model=self.model_id, prompt=text + common, max_tokens=1, logprobs=TOP_LOGPROBS, temperature=0.0,
+            extra_headers=self._auth))
         try:
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
         except (KeyError, IndexError, TypeError):
@@ -507,9 +582,8 @@ class OpenAIBackend:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        if self._client is not None:
-            with contextlib.suppress(RuntimeError):
-                self._run(self._client.aclose())
+        with contextlib.suppress(RuntimeError):
+            self._run(self._client.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()

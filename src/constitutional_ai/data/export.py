@@ -37,11 +37,11 @@ def load_conversations(config: PromptSourceConfig) -> tuple[list[list[dict[str, 
     ``messages`` rows or hh-rlhf ``chosen`` transcripts; other rows are reported and skipped."""
     report = PromptReport(source=config.path)
     out = []
-    for n, row in iter_rows(config, report):
+    for _, where, row in iter_rows(config, report):
         report.read += 1
         messages = row_conversation(row, config)
         if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-            report.skip("malformed", f"{config.path}:{n}")
+            report.skip("malformed", where)
             continue
         out.append(messages)
         if config.limit and len(out) >= config.limit:

@@ -1,5 +1,6 @@
 """Prompt sources: files (JSONL, JSON, CSV, Parquet, text), embedded samples, Hugging Face datasets,
-and hh-rlhf transcripts.
+and hh-rlhf transcripts. :mod:`constitutional_ai.data.readers` reads them; this module turns rows
+into prompts.
 
 Bad rows (malformed, empty, duplicate) never stop a run: they are counted, a few are kept as
 examples for the report, and the rest of the data goes through.
@@ -7,7 +8,6 @@ examples for the report, and the rest of the data goes through.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections import Counter
@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.common.chat_format import ASSISTANT, parse_raw
-from constitutional_ai.common.errors import DataError, first_line
-from constitutional_ai.common.hub import looks_like_path
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.config import PromptSourceConfig
+from constitutional_ai.data.readers import Row, read_rows
 
 EMBEDDED = "embedded:"
-FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 TEXT_FIELDS = ("prompt", "text", "question", "instruction", "input", "query", "content")
 Conversation = list[dict[str, str]]
 
@@ -122,96 +121,14 @@ def _embedded_path(name: str) -> Path:
     return Path(str(ref))
 
 
-def _detect_format(path: Path, fmt: str) -> str:
-    if fmt not in ("auto", "hh"):
-        return fmt
-    suffix = path.suffix.lower()
-    if suffix in FILE_FORMATS:
-        return FILE_FORMATS[suffix]
-    raise DataError(f"{path}: unknown file type {suffix!r}; set prompts.format to jsonl, json, csv, parquet or text")
-
-
-def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row number, row)``; rows that cannot be parsed are reported, not raised."""
+def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[Row]:
+    """A prompt source's rows; a JSONL line that is not JSON is reported as malformed, not raised."""
     spec = config.path
-    path = _embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else Path(spec).expanduser()
-    if not path.exists():
-        if config.format in ("auto", "hub", "hh") and not looks_like_path(spec, FILE_FORMATS):
-            yield from hub_rows(config)
-            return
-        raise DataError(f"{spec}: file not found; pass an existing file, embedded:red_team, or a hub dataset id")
-    fmt = _detect_format(path, config.format)
-    try:
-        if fmt == "jsonl":
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError:
-                        report.skip("malformed", f"{path}:{n}")
-        elif fmt == "json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                data = next((v for v in data.values() if isinstance(v, list)), [data])
-            yield from enumerate(data, 1)
-        elif fmt == "csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                yield from enumerate(csv.DictReader(f), 2)
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            yield from enumerate(pq.read_table(path).to_pylist(), 1)
-        elif fmt == "text":
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    yield n, {"prompt": line.rstrip("\n")}
-        else:
-            raise DataError(f"{path}: format {fmt!r} needs a hub dataset id, not a file")
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as exc:
-        raise DataError(f"{path}: cannot be read as {fmt}: {first_line(exc)}") from None
-    except Exception as exc:  # pyarrow raises its own types
-        if type(exc).__module__.startswith("pyarrow"):
-            raise DataError(f"{path}: cannot be read as parquet: {first_line(exc)}") from None
-        raise
-
-
-def hub_rows(config: PromptSourceConfig) -> Iterator[tuple[int, Any]]:
-    from constitutional_ai.common.hub import hub_offline_reason, quiet_hub_logs
-
-    reason = None if _hub_dataset_cached(config.path) else hub_offline_reason(
-        offline_vars=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if reason:
-        raise DataError(f"{config.path}: not a local file, and the Hugging Face dataset cannot be downloaded "
-                        f"({reason}); download it where there is network access or pass a local file")
-    try:
-        import datasets
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        kwargs: dict[str, Any] = {"split": config.split}
-        if config.subset:
-            kwargs["name"] = config.subset
-        if config.data_dir:
-            kwargs["data_dir"] = config.data_dir
-        with quiet_hub_logs():
-            ds = datasets.load_dataset(config.path, **kwargs)
-    except Exception as exc:
-        raise DataError(f"{config.path}: not a local file and cannot be loaded as a Hugging Face dataset "
-                        f"({first_line(exc)}); download it where there is network or pass a local file") from None
-    yield from enumerate(ds, 1)
-
-
-def _hub_dataset_cached(name: str) -> bool:
-    """Whether ``datasets`` has this id in its local cache (so no network is needed)."""
-    try:
-        from datasets import config as ds_config
-
-        cache = Path(ds_config.HF_DATASETS_CACHE)
-    except Exception:
-        return False
-    return any(cache.glob(name.replace("/", "___") + "*"))
+    source = _embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else spec
+    return read_rows(source, "auto" if config.format == "hh" else config.format, name=spec, split=config.split,
+                     subset=config.subset, data_dir=config.data_dir,
+                     on_bad_line=lambda where: report.skip("malformed", where),
+                     missing_hint="; pass an existing file, embedded:red_team, or a hub dataset id")
 
 
 # -- rows to conversations ----------------------------------------------------------------------------
@@ -257,9 +174,8 @@ def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptRe
     report = PromptReport(source=config.path)
     items: list[PromptItem] = []
     seen: set[str] = set()
-    for n, row in iter_rows(config, report):
+    for n, where, row in iter_rows(config, report):
         report.read += 1
-        where = f"{config.path}:{n}"
         messages = _prompt_of(row, config)
         if messages is None:
             report.skip("malformed", where)

@@ -45,14 +45,15 @@ class Row(NamedTuple):
     data: Any
 
 
-def file_format(path: str | Path, fmt: str = "auto") -> str:
+def file_format(path: str | Path, fmt: str = "auto", name: str | None = None) -> str:
     """The file format ``fmt`` names, ``auto`` going by the suffix."""
     if fmt != "auto":
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix in FILE_FORMATS:
         return FILE_FORMATS[suffix]
-    raise DataError(f"{path}: unknown file type {suffix!r}; set the format to jsonl, json, csv, parquet or text")
+    raise DataError(f"{name or path}: unknown file type {suffix!r}; set the format to jsonl, json, csv, parquet "
+                    "or text")
 
 
 def is_hub_id(source: str) -> bool:
@@ -62,13 +63,15 @@ def is_hub_id(source: str) -> bool:
 
 def read_rows(source: str | Path, format: str = "auto", *, name: str | None = None, split: str = "train",
               subset: str | None = None, data_dir: str | None = None, offset: int = 0, limit: int | None = None,
-              on_bad_line: Callable[[str], None] | None = None) -> Iterator[Row]:
+              on_bad_line: Callable[[str], None] | None = None, missing_hint: str = "") -> Iterator[Row]:
     """Rows ``offset`` to ``offset + limit`` of a local file or a Hugging Face dataset.
 
     ``name`` is what messages call the source (default: ``source`` itself). A JSONL line that is
     not JSON goes to ``on_bad_line(where)`` and is skipped, or without it is a one-line error;
     either way it counts as a row for ``offset`` and ``limit``. ``split``, ``subset`` and
-    ``data_dir`` are for hub datasets; a local file has only its ``train`` split.
+    ``data_dir`` are for hub datasets; a local file has only its ``train`` split. A name that is no
+    file and does not look like a path is a hub dataset id unless ``format`` names a file format;
+    ``missing_hint`` (``"; pass ..."``) ends the message for a file that is not there.
     """
     if format not in FORMATS:
         raise DataError(f"{source}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
@@ -79,8 +82,8 @@ def read_rows(source: str | Path, format: str = "auto", *, name: str | None = No
         if format in ("auto", "hub") and not looks_like_path(spec, FILE_FORMATS):
             yield from _hub_rows(spec, name, split, subset, data_dir, offset, limit)
             return
-        raise DataError(f"{name}: file not found")
-    fmt = file_format(file, format)
+        raise DataError(f"{name}: file not found{missing_hint}")
+    fmt = file_format(file, format, name)
     if fmt == "hub":
         raise DataError(f"{name}: format 'hub' needs a hub dataset id, not a file")
     if fmt in ARROW_FORMATS:
@@ -174,7 +177,7 @@ def _arrow_rows(file: Path, fmt: str, name: str, offset: int, limit: int | None)
     try:
         with tempfile.TemporaryDirectory(prefix="cai-datasets-") as cache:  # nothing cached outlives the read
             ds = _load(fmt, "train", offset, limit, data_files=str(file.resolve()), cache_dir=cache,
-                              keep_in_memory=True, **extra)
+                       keep_in_memory=True, **extra)
     except Exception as exc:  # pandas and arrow raise many types; the user needs one line
         raise DataError(f"{name}: cannot be read as {fmt} ({first_line(exc.__cause__ or exc)})") from None
     for i, row in enumerate(ds, offset):

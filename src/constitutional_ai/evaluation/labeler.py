@@ -10,7 +10,6 @@ per item, so a judge that favours a slot cannot score above chance by it.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from typing import Any
 
 from constitutional_ai.backends import LanguageModel
 from constitutional_ai.common.chat_format import parse_raw
-from constitutional_ai.common.errors import DataError, first_line
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.common.seeding import derive_seed
 from constitutional_ai.data.prompts import conversation_key, hh_pair, hh_split
-from constitutional_ai.data.store import read_records
+from constitutional_ai.data.readers import read_rows
 from constitutional_ai.evaluation.calibration import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 
@@ -46,20 +45,8 @@ def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> l
     file = Path(path)
     if not path or not file.is_file():
         raise DataError(f"{path or '(none)'}: eval data not found; pass --data FILE.jsonl")
-    if file.suffix == ".json":  # the paper's few-shot files are JSON lists
-        try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"{file}: not UTF-8 text") from None
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{file}: expected a JSON list of records")
-    else:
-        try:
-            rows = list(read_records(file))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{file}: not a JSONL file ({first_line(exc)})") from None
+    # the paper's few-shot files are JSON lists; anything else is JSONL, whatever its suffix
+    rows = read_rows(file, "json" if file.suffix == ".json" else "jsonl")
     items: list[EvalItem] = []
 
     def add_pair(key: str, better: str, worse: str) -> None:
@@ -67,8 +54,7 @@ def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> l
         if prompt and good.strip() and bad.strip() and good.strip() != bad.strip():  # else nothing to compare
             items.append(EvalItem(key, "pairwise", prompt, [good], [bad]))
 
-    for n, row in enumerate(rows, 1):
-        where = f"{file}:{n}"
+    for n, (_, where, row) in enumerate(rows, 1):  # keys count records, as they always have
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
         if (fmt in ("auto", "multiple_choice")) and _is_multiple_choice(row):

@@ -9,25 +9,26 @@ helpfulness pairs together, as the paper did.
 from __future__ import annotations
 
 import ast
-import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from constitutional_ai.common.chat_format import parse_raw
-from constitutional_ai.common.errors import DataError, first_line
-from constitutional_ai.common.hub import looks_like_path
+from constitutional_ai.common.errors import DataError
 from constitutional_ai.common.seeding import derive_seed
 from constitutional_ai.common.types import Conversation
-from constitutional_ai.config import PreferenceSourceConfig, PromptSourceConfig
-from constitutional_ai.data.prompts import conversation_key, hh_pair, hub_rows
-from constitutional_ai.data.store import read_records
+from constitutional_ai.config import PreferenceSourceConfig
+from constitutional_ai.data.prompts import conversation_key, hh_pair
+from constitutional_ai.data.readers import Row, is_hub_id, read_rows
 from constitutional_ai.layout import RunLayout
 
 #: ``run:preferences`` names this run's AI labels, written by ``cai label``/``cai export-preferences``.
 RUN_PREFERENCES = "run:preferences"
+#: Preference files: ours are JSONL (with or without the suffix); the rest is what datasets reads too.
+FILE_SUFFIXES = ("", ".jsonl", ".json", ".parquet", ".csv")
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def parse_row(row: Any, fmt: str = "auto") -> tuple[Conversation, str, str, floa
     return "no prompt/chosen/rejected, chosen/rejected or text_correct/text_incorrect fields"
 
 
-def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, list[tuple[str, Any]]]:
-    """``(name, [(where, row), ...])`` of one source, offset and limit applied."""
+def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, Iterator[Row]]:
+    """``(name, rows)`` of one source, offset and limit applied."""
     path = source.path
     if path == RUN_PREFERENCES:
         if run_dir is None:
@@ -131,40 +132,14 @@ def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, li
             raise DataError(f"{path}: no AI preference labels yet; run `cai label` (or `cai run`) with this "
                             "--output-dir first, or pass --pm-data FILE")
     file = Path(path).expanduser()
-    end = None if source.limit is None else source.offset + source.limit
-    if file.is_file():
-        if file.suffix in (".jsonl", ".json") or file.suffix == "":
-            try:
-                if file.suffix == ".json":
-                    data = json.loads(file.read_text(encoding="utf-8"))
-                    if not isinstance(data, list):
-                        raise DataError(f"{file}: expected a JSON list of records")
-                else:
-                    data = list(read_records(file))
-            except UnicodeDecodeError:
-                raise DataError(f"{file}: not UTF-8 text") from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-            rows = data[source.offset:end]
-            return str(file), [(f"{file}:{source.offset + i + 1}", r) for i, r in enumerate(rows)]
-        kind = {".parquet": "parquet", ".csv": "csv"}.get(file.suffix)
-        if kind is None:
-            raise DataError(f"{file}: unknown preference file type; use .jsonl, .json, .parquet or .csv")
-        from datasets import load_dataset
-
-        try:
-            dataset = load_dataset(kind, data_files=str(file), split="train")
-        except Exception as exc:  # arrow raises many types; the user needs one line
-            raise DataError(f"{file}: cannot be read as {kind} ({first_line(exc)})") from None
-        rows = dataset.select(range(source.offset, min(len(dataset), end or len(dataset))))
-        return str(file), [(f"{file}:row {source.offset + i}", r) for i, r in enumerate(rows)]
-    if looks_like_path(path, (".jsonl", ".json", ".parquet", ".csv")):
-        raise DataError(f"{path}: preference file not found; check the path in --pm-data / pm.sources")
-    name = path + (f"/{source.data_dir}" if source.data_dir else "")
-    hub = PromptSourceConfig(path=path, format="hub", split=source.split, subset=source.subset,
-                             data_dir=source.data_dir)
-    rows = [(f"{name}:row {n}", r) for n, r in hub_rows(hub) if n > source.offset and (end is None or n <= end)]
-    return name, rows
+    if file.is_file() and file.suffix not in FILE_SUFFIXES:
+        raise DataError(f"{file}: unknown preference file type; use .jsonl, .json, .parquet or .csv")
+    hub = is_hub_id(path)
+    name = path + (f"/{source.data_dir}" if source.data_dir else "") if hub else str(file)
+    fmt = "jsonl" if not hub and file.suffix == "" else "auto"  # our own files may have no suffix
+    return name, read_rows(path, fmt, name=name, split=source.split, subset=source.subset, data_dir=source.data_dir,
+                           offset=source.offset, limit=source.limit,
+                           missing_hint="; check the path in --pm-data / pm.sources")
 
 
 def read_source(source: PreferenceSourceConfig, run_dir: Path | None = None,
@@ -174,7 +149,7 @@ def read_source(source: PreferenceSourceConfig, run_dir: Path | None = None,
     name, rows = _rows(source, run_dir)
     report = SourceReport(name, source.weight)
     pairs = []
-    for where, row in rows:
+    for _, where, row in rows:
         report.read += 1
         parsed = parse_row(row, source.format)
         if isinstance(parsed, str):

@@ -25,7 +25,7 @@ from constitutional_ai.stages import registry
 def check_models(config: RunConfig) -> None:
     """Every hub model the run will need, checked before the first stage: an id that is neither
     cached nor downloadable fails at once in one line, not half-way through the pipeline."""
-    from constitutional_ai.backends.transformers_backend import check_hub_model
+    from constitutional_ai.models.loading import check_hub_model
 
     served = [m.model_name_or_path for m in (config.policy, config.feedback.model)
               if m is not None and m.backend == "openai"]  # a name the server knows, not a hub id
