@@ -288,3 +288,13 @@ def test_a_run_killed_mid_stage_completes_on_the_next_run_with_every_artifact(tm
     steps = [r["step"] for r in read_records(rl_log)]
     assert steps == list(range(1, 41))  # every PPO step logged exactly once across the kill
     assert (out / "rl" / "model" / "model.safetensors").is_file() and (out / "report.html").is_file()
+
+
+def test_runtime_fields_are_marked_on_the_field_and_left_out_of_the_identity():
+    base = RunConfig(feedback={"model": {"model_name_or_path": "judge"}})
+    sections = ("seed", "policy", "feedback", "critique")
+    same = base.with_overrides({"policy.device": "cpu", "policy.batch_size": 3, "critique.batch_size": 5,
+                                "feedback.model.max_concurrency": 2})
+    assert same.fingerprint(sections) == base.fingerprint(sections)
+    for changed in ({"policy.model_name_or_path": "x"}, {"critique.n_rounds": 2}, {"feedback.model.revision": "v2"}):
+        assert base.with_overrides(changed).fingerprint(sections) != base.fingerprint(sections), changed

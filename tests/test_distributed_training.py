@@ -125,9 +125,13 @@ def test_what_cannot_run_sharded_is_refused_before_training(monkeypatch):
 # -- two CPU processes ----------------------------------------------------------------------------------
 def _launch(cwd: Path, *cai: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """``accelerate launch`` of the ``cai`` CLI with the shipped DDP config, on two CPU processes."""
+    return _launch_program(cwd, cai[0], ["-m", "constitutional_ai", *cai, "--no-progress"], timeout)
+
+
+def _launch_program(cwd: Path, name: str, program: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of a script or module with the shipped DDP config, on two CPU processes."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               "-m", "constitutional_ai", *cai, "--no-progress"]
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), *program]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a timeout ends every rank
@@ -136,8 +140,8 @@ def _launch(cwd: Path, *cai: str, timeout: int = 240) -> subprocess.CompletedPro
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"accelerate launch {cai[0]} timed out:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"accelerate launch {cai[0]} failed:\n{out[-4000:]}"
+        pytest.fail(f"accelerate launch {name} timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"accelerate launch {name} failed:\n{out[-4000:]}"
     return subprocess.CompletedProcess(command, proc.returncode, out)
 
 
@@ -196,3 +200,52 @@ def test_train_pm_then_our_ppo_under_accelerate_launch_on_two_processes(tmp_path
     manifest = json.loads((out / "rl" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["world_size"] == 2 and manifest["steps"] == 3
     AutoModelForCausalLM.from_pretrained(out / "rl" / "model")
+    assert [p.name for p in (out / "rl" / "checkpoints").iterdir()] == ["step-3"]  # the last, renamed once complete
+    assert sorted(p.name for p in (out / "rl" / "checkpoints" / "step-3").iterdir()) == [
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"]
+
+
+RESUME_PPO = """
+import json, sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from constitutional_ai.config import RLConfig
+from constitutional_ai.rl.ppo import PPOTrainer
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+
+
+def trainer(total_steps):  # each with its own Accelerator: one checkpoint, one model, one optimizer
+    config = RLConfig(batch_size=2, num_mini_batches=1, ppo_epochs=1, max_new_tokens=4, kl_target=1.0,
+                      total_steps=total_steps, save_steps=2)
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
+    return PPOTrainer(config, AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                      lambda p, r: [len(x) / 10 for x in r], prompts, out, accelerator=Accelerator(cpu=True))
+
+
+first = trainer(2)
+first.train(progress=False)
+rng = torch.get_rng_state()
+second = trainer(3)
+assert second.resume().name == "step-2" and second.state_dict() == first.state_dict()
+assert torch.equal(torch.get_rng_state(), rng)  # this process's random_states_<rank>.pkl
+saved, loaded = first.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+assert all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
+assert [m["step"] for m in second.train(progress=False)] == [3]
+(out / f"rank-{second.accelerator.process_index}.json").write_text(json.dumps(second.state_dict()))
+"""
+
+
+@pytest.mark.slow
+def test_our_ppo_resumes_its_checkpoint_on_two_processes(tmp_path, tiny_model_dir):
+    """Every process reads the same weights, optimizer and numbers back, and its own random generators."""
+    script = tmp_path / "resume_ppo.py"
+    script.write_text(RESUME_PPO)
+    _launch_program(tmp_path, script.name, [str(script), str(tiny_model_dir), str(tmp_path / "run")])
+    ranks = [json.loads((tmp_path / "run" / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["global_step"] == 3  # the same KL coefficient and statistics
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]

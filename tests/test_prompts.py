@@ -53,6 +53,17 @@ def test_csv_parquet_text_and_chosen_field(tmp_path):
     assert len(_load(tmp_path / "p.parquet", limit=2)[0]) == 2
 
 
+def test_csv_and_parquet_rows_are_counted_like_jsonl_rows(tmp_path):
+    (tmp_path / "p.csv").write_text('question,category\nfirst,a\n"",b\nfirst,c\nNA,d\n')
+    items, report = _load(tmp_path / "p.csv", field="question")
+    assert [(i.messages[0]["content"], i.index, i.meta) for i in items] == [("first", 2, {"category": "a"}),
+                                                                           ("NA", 5, {"category": "d"})]
+    assert report.skipped == {"empty": 1, "duplicate": 1} and report.examples["empty"] == [f"{tmp_path / 'p.csv'}:3"]
+    pq.write_table(pa.table({"prompt": ["pq one", "", "pq one", "pq two"]}), tmp_path / "p.parquet")
+    items, report = _load(tmp_path / "p.parquet")
+    assert [i.index for i in items] == [1, 4] and report.skipped == {"empty": 1, "duplicate": 1}
+
+
 def test_keys_are_content_hashes_stable_across_formats(tmp_path):
     (tmp_path / "a.txt").write_text("same prompt\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "same prompt"}) + "\n")

@@ -37,10 +37,9 @@ class GenerationParams(_Base):
         return self.temperature == 0.0
 
 
-#: Model settings that change speed or memory, never what a stage writes (left out of fingerprints).
-RUNTIME_MODEL_KNOBS = ("device", "dtype", "batch_size", "max_batch_tokens", "prefix_cache_tokens", "base_url",
-                       "api_key_env", "max_concurrency", "max_retries", "request_timeout", "tensor_parallel_size",
-                       "gpu_memory_utilization", "enable_prefix_caching")
+#: Marks a field that changes speed, memory or where a model runs, never what a stage writes: it is
+#: left out of the identity hash, so it may change between a crash and its resume.
+RUNTIME = {"runtime": True}
 
 
 class ModelConfig(_Base):
@@ -52,31 +51,37 @@ class ModelConfig(_Base):
                                     "SGLang, llama.cpp, Ollama, hosted APIs) or vllm (in-process vLLM engine, GPU).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$",
-                        description="auto, cpu, cuda, cuda:N or mps.")
+                        description="auto, cpu, cuda, cuda:N or mps.", json_schema_extra=RUNTIME)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU.")
+        "auto", description="auto: bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU.",
+        json_schema_extra=RUNTIME)
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
-    batch_size: int = Field(32, ge=1, description="Sequences per forward pass.")
+    batch_size: int = Field(32, ge=1, description="Sequences per forward pass.", json_schema_extra=RUNTIME)
     max_batch_tokens: int | None = Field(
         None, ge=64, description="Cap on padded tokens per scoring pass; unset: 4096 on CPU (cache-friendly), "
-                                 "no cap on accelerators.")
+                                 "no cap on accelerators.", json_schema_extra=RUNTIME)
     prefix_cache_tokens: int = Field(
         16384, ge=0, description="Scoring keeps the KV cache of recent shared prompt starts (few-shot blocks) up to "
-                                "this many tokens, so later batches reuse them; 0 turns it off.")
+                                "this many tokens, so later batches reuse them; 0 turns it off.",
+        json_schema_extra=RUNTIME)
     max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
     chat_format: Literal["auto", "chat_template", "raw"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."
     )
     # -- openai: a server speaking the OpenAI API ---------------------------------------------------
     base_url: str | None = Field(None, description="openai backend: the server's base URL, e.g. "
-                                                   "http://localhost:8000/v1.")
+                                                   "http://localhost:8000/v1.", json_schema_extra=RUNTIME)
     api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                              description="openai backend: the environment variable holding the API key (the key "
-                                         "itself is never read from config, logged or stored).")
-    max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight at once.")
+                                         "itself is never read from config, logged or stored).",
+        json_schema_extra=RUNTIME)
+    max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight at once.",
+                                 json_schema_extra=RUNTIME)
     max_retries: int = Field(8, ge=0, description="openai backend: retries of a request after a 429, a 5xx, a "
-                                                  "timeout, a dropped connection or a malformed reply.")
-    request_timeout: float = Field(120.0, gt=0, description="openai backend: seconds before a request is retried.")
+                                                  "timeout, a dropped connection or a malformed reply.",
+        json_schema_extra=RUNTIME)
+    request_timeout: float = Field(120.0, gt=0, description="openai backend: seconds before a request is retried.",
+                                   json_schema_extra=RUNTIME)
     logprobs_mode: Literal["auto", "echo", "top_logprobs"] = Field(
         "auto", description="openai backend, how score_choices reads log-probabilities: echo (exact prompt "
                             "log-probabilities from /completions), top_logprobs (the next token's top candidates), "
@@ -89,10 +94,12 @@ class ModelConfig(_Base):
                                           "request, as the OpenAI SDK's extra_body (llama.cpp: repeat_penalty: 1.0 "
                                           "turns off its default repetition penalty; vLLM: repetition_penalty).")
     # -- vllm: in-process engine --------------------------------------------------------------------
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs one model is split across.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory used.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs one model is split across.",
+                                      json_schema_extra=RUNTIME)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory used.",
+                                        json_schema_extra=RUNTIME)
     enable_prefix_caching: bool = Field(True, description="vllm backend: reuse the KV cache of shared prompt starts "
-                                                          "(constitution, few-shot block).")
+                                                          "(constitution, few-shot block).", json_schema_extra=RUNTIME)
 
     @field_validator("extra_body", mode="before")
     @classmethod
@@ -130,7 +137,8 @@ class CritiqueConfig(_Base):
     n_rounds: int = Field(4, ge=1, description="Critique-revision rounds per prompt (paper: 4).")
     few_shot: int = Field(0, ge=0, description="Few-shot critique examples prepended to each request.")
     skip_critique: bool = Field(False, description="Revise without a critique (the paper's ablation).")
-    batch_size: int = Field(64, ge=1, description="Prompts advanced together and flushed to disk at once.")
+    batch_size: int = Field(64, ge=1, description="Prompts advanced together and flushed to disk at once.",
+                            json_schema_extra=RUNTIME)
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
                                                                                    temperature=0.7))
 
@@ -139,7 +147,8 @@ class PairsConfig(_Base):
     """RL-CAI step 1: sample responses from the policy and pair them for comparison."""
 
     n_responses: int = Field(2, ge=2, description="Responses sampled per prompt; every pair of them is compared.")
-    batch_size: int = Field(64, ge=1, description="Prompts sampled together and flushed to disk at once.")
+    batch_size: int = Field(64, ge=1, description="Prompts sampled together and flushed to disk at once.",
+                            json_schema_extra=RUNTIME)
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
                                                                                    temperature=1.0))
 
@@ -162,7 +171,8 @@ class FeedbackConfig(_Base):
     rationale: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128,
                                                                                   temperature=0.0),
                                         description="Sampling for chain-of-thought rationales.")
-    batch_size: int = Field(64, ge=1, description="Comparisons scored together and flushed to disk at once.")
+    batch_size: int = Field(64, ge=1, description="Comparisons scored together and flushed to disk at once.",
+                            json_schema_extra=RUNTIME)
 
     @field_validator("clamp")
     @classmethod
@@ -476,23 +486,36 @@ class RunConfig(_Base):
         return RunConfig.from_dict(data, source=source)
 
     def fingerprint(self, sections: tuple[str, ...]) -> str:
-        """Hash of the fields that change what a stage writes; runtime knobs are left out.
+        """Hash of the fields that change what a stage writes: every field of ``sections`` except
+        those marked :data:`RUNTIME` (speed, memory, device), wherever they sit.
 
-        Left out: batch sizes, device, dtype and progress (they may change between a crash and its
-        resume), ``prompts.limit`` (raising it extends a run), and the constitution's location
-        (its content hash is checked on its own, so moving the file is not a change).
+        Also left out: ``prompts.limit`` (raising it extends a run instead of changing it) and the
+        constitution's location (its content hash is checked on its own, so moving the file is not
+        a change).
         """
-        data = {k: v for k, v in self.model_dump(mode="json").items() if k in sections}
+        data = {k: v for k, v in _without_runtime(self).items() if k in sections}
         data.pop("constitution", None)
-        for knob in RUNTIME_MODEL_KNOBS:
-            data.get("policy", {}).pop(knob, None)
-        for section in ("critique", "pairs", "feedback"):
-            data.get(section, {}).pop("batch_size", None)
-        for knob in RUNTIME_MODEL_KNOBS:
-            (data.get("feedback", {}).get("model") or {}).pop(knob, None)
         data.get("prompts", {}).pop("limit", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _without_runtime(model: BaseModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` less every field marked :data:`RUNTIME`, at any depth."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("runtime"):
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = _without_runtime(value)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out[name] = [v.model_dump(mode="json") for v in value]
+        else:
+            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else \
+                json.loads(json.dumps(value)) if isinstance(value, (tuple, list, dict)) else value
+    return out
 
 
 def _commented(model: BaseModel, indent: int) -> list[str]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, overload
 
+from constitutional_ai.data.store import RECORDS
+
 #: Files inside a model folder (a run's or one passed with ``--pm DIR``), read wherever the folder is.
 PM_INFO = "pm_info.json"
 SFT_INFO = "sft_info.json"
 PM_EVAL_RESULTS = "eval_results.json"
-#: Inside every record store directory (see ``data.store``).
-RECORDS = "records.jsonl"
+#: Beside a generation stage's records: the config and the constitution it was run with.
+STAGE_CONFIG = "config.yaml"
+STAGE_CONSTITUTION = "constitution.yaml"
 
 
 class _Entry:

@@ -10,8 +10,8 @@ run itself resumable.
 What the SDK (``AsyncOpenAI``, openai 3.x) does for us: building the chat and completions requests
 (``extra_body`` carries the server-specific fields), the per-request ``timeout``, the retry loop
 (``max_retries``; it re-sends after timeouts, connection errors and the statuses it is told to
-retry, reading ``retry-after-ms``, ``Retry-After`` seconds and HTTP dates), the ``Authorization``
-header, and the connection pool, whose ``max_connections`` is our concurrency limit. What stays
+retry, reading ``retry-after-ms``, ``Retry-After`` seconds and HTTP dates), and the connection
+pool, whose ``max_connections`` is our concurrency limit. What stays
 ours, and why (facts from the SDK's ``_base_client.py``):
 
 * **Which statuses to retry** (``_AsyncOpenAI._should_retry``). The SDK retries 408, 409, 429 and
@@ -21,25 +21,27 @@ ours, and why (facts from the SDK's ``_base_client.py``):
 * **How long to wait** (``_AsyncOpenAI._calculate_retry_timeout``, :func:`backoff_seconds`,
   :func:`retry_after_seconds`). The SDK's back-off is ``0.5 * 2^n`` capped at 8 s and jittered
   only by 0-25 %, so the requests of a batch that failed together retry together against a
-  self-hosted server; it ignores ``Retry-After: 0`` and longer than 120 s. We use full jitter
-  (uniform in ``[0, min(30 s, 0.5 * 2^n)]``) and honour any ``Retry-After``, capped at 120 s.
-  Both hooks are the SDK's own extension points for its retry loop; they are private, hence the
-  ``openai<4`` pin.
-* **Retrying a malformed 2xx reply** (``_Transport.send``). The SDK decodes the body only after
+  self-hosted server, and it backs off instead of honouring ``Retry-After: 0``. We use full
+  jitter (uniform in ``[0, min(30 s, 0.5 * 2^n)]``) and honour any ``Retry-After``, capped at
+  120 s. Both methods are what the SDK's retry loop calls to decide, with the same signatures in
+  openai 3.0 and 3.57; they are private, hence the ``openai<4`` pin.
+* **Retrying a malformed 2xx reply** (``_HTTPClient.send``). The SDK decodes the body only after
   its retry loop (``response.json()`` in ``_response.py``), so a truncated JSON body raises
-  ``JSONDecodeError`` once, and a non-JSON content type comes back as a string. Our HTTP client
+  ``JSONDecodeError`` with no retry, and a body of another content type comes back as a string. Our HTTP client
   checks each 2xx body inside the loop and turns a bad one into a transport error
   (``httpx2.DecodingError``), which the SDK retries like a dropped connection.
-* **Per-attempt statistics** (``_Transport.send``): the SDK counts nothing, and only the HTTP
+* **Per-attempt statistics** (``_HTTPClient.send``): the SDK counts nothing, and only the HTTP
   client sees every attempt and why it failed.
 * **Error text** (:meth:`OpenAIBackend._json`). The SDK's ``APIStatusError`` message embeds the
   reply body, which may echo the key; ours is one line with the key scrubbed, names the variable
   for 401/403 and says how many attempts were spent.
 * **Where credentials come from.** Without an explicit value the SDK reads ``OPENAI_API_KEY``,
-  ``OPENAI_ADMIN_KEY``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID`` and ``OPENAI_CUSTOM_HEADERS``
-  from the environment and would send them to whatever server ``base_url`` names. The key is read
-  from the variable the config names instead and set as the ``Authorization`` header (or the
-  header is omitted), and the organisation and project headers are omitted.
+  ``OPENAI_ADMIN_KEY``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID`` and an ``Authorization`` in
+  ``OPENAI_CUSTOM_HEADERS`` from the environment and would send them to whatever server
+  ``base_url`` names, and it refuses to run without some key. The key is read from the variable
+  the config names, and each request carries it as its own ``Authorization`` header (or omits
+  that header), which the SDK merges over everything else; the organisation and project headers
+  are omitted.
 
 ``score_choices`` needs log-probabilities, which servers offer in one of two ways:
 
@@ -206,13 +208,13 @@ def first_token_scores(top: dict[str, float], remainders: Sequence[str]) -> list
     return scores
 
 
-class MalformedReplyError(httpx2.DecodingError):
+class _MalformedReplyError(httpx2.DecodingError):
     """A 2xx reply whose body is not the JSON asked for; a transport error so that the SDK retries it."""
 
 
 def _failure_reason(exc: BaseException) -> str:
     """Why one attempt failed, as the statistics and the give-up message name it."""
-    if isinstance(exc, MalformedReplyError):
+    if isinstance(exc, _MalformedReplyError):
         return str(exc)
     if isinstance(exc, httpx2.TimeoutException):
         return "timeout"
@@ -231,7 +233,7 @@ def _malformed(request: httpx2.Request, response: httpx2.Response) -> str | None
     return None
 
 
-class _Transport(openai.DefaultAsyncHttpxClient):
+class _HTTPClient(openai.DefaultAsyncHttpxClient):
     """The SDK's HTTP client; it sees each attempt the SDK's retry loop makes, so it counts them and
     rejects a malformed 2xx body there, where a rejection is still retried."""
 
@@ -253,7 +255,7 @@ class _Transport(openai.DefaultAsyncHttpxClient):
             if problem is not None:
                 self.stats[f"retry: {problem}"] += 1
                 await response.aclose()
-                raise MalformedReplyError(problem, request=request)
+                raise _MalformedReplyError(problem, request=request)
         return response
 
 
@@ -314,7 +316,7 @@ class OpenAIBackend:
         n = config.max_concurrency
         # The pool's size is the concurrency limit; a request waiting for a connection has not been
         # sent, so that wait is not timed (pool=None).
-        http = _Transport(self.stats, limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
+        http = _HTTPClient(self.stats, limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
         client = _AsyncOpenAI(
             api_key=self._key or _NO_KEY, base_url=self.base_url, max_retries=config.max_retries,
             timeout=openai.Timeout(config.request_timeout, pool=None), http_client=http,
@@ -376,7 +378,7 @@ class OpenAIBackend:
             url, reason = str(exc.request.url), _failure_reason(exc.__cause__ or exc)
         else:
             response = reply if isinstance(reply, httpx2.Response) else reply.http_response
-            return response.json()  # valid: _Transport checked it
+            return response.json()  # valid: _HTTPClient checked it
         self.stats["failed"] += 1
         raise ServerError(f"{url}: gave up after {self.config.max_retries + 1} attempts (last: {reason}); check "
                           "the server or raise --max-retries / --request-timeout")

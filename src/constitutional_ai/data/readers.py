@@ -8,7 +8,8 @@ Which formats go through Hugging Face ``datasets`` and which do not:
   in a temporary cache directory and held in memory, so no Arrow cache is left behind (not in
   the repository, not in ``~/.cache``); the Hub keeps the user's usual cache, since that is where
   the download lives. CSV cells are kept as written (``keep_default_na=False``): an empty
-  prompt is an empty string, as in JSON, not a missing value.
+  prompt is an empty string, as in JSON, not a missing value, and ``NA`` stays a word; a column
+  holding only numbers does read as numbers, which a ``p_chosen`` column needs.
 - **JSONL, JSON and text do not.** Users' JSON files mix row shapes (a ``prompt`` string in one
   row, a ``messages`` list in the next; fields only some rows have), which Arrow's schema
   inference rejects or pads with nulls, changing the rows. And one bad line fails a ``datasets``
@@ -77,11 +78,11 @@ def read_rows(source: str | Path, format: str = "auto", *, name: str | None = No
         raise DataError(f"{source}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
     spec = str(source)
     name = spec if name is None else name
+    if format in ("auto", "hub") and is_hub_id(spec):
+        yield from _hub_rows(spec, name, split, subset, data_dir, offset, limit)
+        return
     file = Path(spec).expanduser()
     if not file.exists():
-        if format in ("auto", "hub") and not looks_like_path(spec, FILE_FORMATS):
-            yield from _hub_rows(spec, name, split, subset, data_dir, offset, limit)
-            return
         raise DataError(f"{name}: file not found{missing_hint}")
     fmt = file_format(file, format, name)
     if fmt == "hub":

@@ -11,11 +11,11 @@ import torch
 
 from constitutional_ai.common.errors import ModelLoadError
 from constitutional_ai.common.types import Conversation
+from constitutional_ai.layout import PM_INFO
 from constitutional_ai.models.loading import load_tokenizer, loading, locate_model, resolve_device, resolve_dtype
 from constitutional_ai.preference_model.encoding import PairEncoder
 
 #: Written next to a trained PM: base model, max_length, data and training figures.
-PM_INFO = "pm_info.json"
 
 
 def load_sequence_classifier(name: str, revision: str | None = None, trust_remote_code: bool = False,

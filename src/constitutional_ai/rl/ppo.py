@@ -374,9 +374,9 @@ class PPOTrainer:
         from safetensors import safe_open
 
         with safe_open(str(last / "model.safetensors"), framework="pt") as saved:
-            if set(saved.keys()) != _trained_names(self.model):
-                raise ConfigError(f"{last} holds other weights than this run trains (another model, LoRA setting "
-                                  "or number of processes); --overwrite starts afresh")
+            if set(saved.keys()) != _trained_names(self._unwrapped()):  # accelerate saves the unwrapped model
+                raise ConfigError(f"{last} holds other weights than this run trains (another model or LoRA "
+                                  "setting); --overwrite starts afresh")
         self.accelerator.load_state(str(last), strict=False)  # strict=False: the frozen weights are not saved
         self.load_state_dict(json.loads((last / TRAINER_STATE).read_text()))
         return last

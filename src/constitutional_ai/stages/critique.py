@@ -11,7 +11,7 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
-from constitutional_ai.layout import RunLayout
+from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
 from constitutional_ai.stages.registry import ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
@@ -74,8 +74,8 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     # The store is opened (and a changed config refused) before the model is loaded: a refusal
     # should cost a second, not a model load.
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info) as store:
-        config.to_yaml(directory / "config.yaml")
-        constitution.save(str(directory / "constitution.yaml"))
+        config.to_yaml(directory / STAGE_CONFIG)
+        constitution.save(str(directory / STAGE_CONSTITUTION))
         streamed = run_with_backend(store, items, lambda it: it.key, config.critique.batch_size,
                                     critique_processor, config, config.policy, backend, "model_id", STAGE,
                                     "prompts")

@@ -17,7 +17,7 @@ from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, write_atomic
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
-from constitutional_ai.layout import RunLayout
+from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
 from constitutional_ai.stages.registry import ReportSpec, Stage, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
@@ -67,7 +67,7 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
     identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS)}
     directory = RunLayout(config.output_dir).pairs
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
-        config.to_yaml(directory / "config.yaml")
+        config.to_yaml(directory / STAGE_CONFIG)
         streamed = run_with_backend(store, items, lambda it: it.key, config.pairs.batch_size, pairs_processor, config,
                                     config.policy, backend, "policy_id", PAIRS, "prompts")
         store.close(complete=True, prompts=report.as_dict())
@@ -117,8 +117,8 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
     identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
     directory = layout.labels
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
-        config.to_yaml(directory / "config.yaml")
-        constitution.save(str(directory / "constitution.yaml"))
+        config.to_yaml(directory / STAGE_CONFIG)
+        constitution.save(str(directory / STAGE_CONSTITUTION))
         streamed = run_with_backend(store, comparisons, lambda c: c.key, config.feedback.batch_size,
                                     label_processor, config, config.feedback.model or config.policy, backend,
                                     "labeler_id", LABELS, "pairs")
