@@ -117,12 +117,12 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_and_names_the_debug_switch(monkeypatch):
-    import constitutional_ai.stages.critique as stage
+    from dataclasses import replace
 
     def boom(config, backend=None):
         raise RuntimeError("something deep inside a library\nwith a second line")
 
-    monkeypatch.setattr(stage, "run_critique", boom)
+    monkeypatch.setitem(registry._REGISTRY, "critique", replace(registry.get("critique"), run=boom))
     monkeypatch.delenv("CAI_DEBUG", raising=False)
     result = runner.invoke(app, ["critique"])
     assert result.exit_code == 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import write_sft_data
+from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RLConfig, RunConfig
 from constitutional_ai.rl.core import KLController, explained_variance, gae, policy_loss, value_loss, whiten
 
@@ -305,3 +306,5 @@ def test_a_resumed_ppo_run_continues_from_the_saved_step_optimizer_and_kl_coeffi
 
     torch.save(Planted(), tmp_path / "checkpoints" / "step-3" / "random_states_0.pkl")
     assert second.resume().name == "step-3" and not marker.exists()
+    with pytest.raises(ConfigError, match="not a checkpoint of this run"):  # LoRA on, or off: other weights
+        _ppo_trainer(tmp_path, tiny_model_dir, not lora).resume()

@@ -274,13 +274,18 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _stage_command(stage: Any) -> Callable[[RunConfig], None]:
+def _stage_command(name: str, help_text: str) -> Callable[[RunConfig], None]:
+    """The stage is looked up when the command runs, so a replaced registration takes effect."""
+
     def run_stage(config: RunConfig) -> None:
+        from constitutional_ai.stages import registry
+
+        stage = registry.get(name)
         result = stage.run(config)
         if result is not None:
             print_summary(stage.command, stage.summary(result) if stage.summary else result.as_dict())
 
-    run_stage.__doc__ = stage.help
+    run_stage.__doc__ = help_text
     return run_stage
 
 
@@ -301,8 +306,8 @@ def register_commands() -> None:
     known = {c.name for c in app.registered_commands}
     for stage in registry.stages():
         if stage.command not in known:
-            app.command(stage.command, help=stage.help, cls=StageCommand)(build_command(_stage_command(stage),
-                                                                      fields_for(stage.flag_sections)))
+            command = build_command(_stage_command(stage.name, stage.help), fields_for(stage.flag_sections))
+            app.command(stage.command, help=stage.help, cls=StageCommand)(command)
     if "run" not in known:
         app.command("run", help=run.__doc__, cls=StageCommand)(build_command(run, fields_for(None)))
 

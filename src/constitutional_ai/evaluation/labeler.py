@@ -120,10 +120,10 @@ def evaluate_batch(items: list[EvalItem], backend: LanguageModel, labeler: Feedb
     return [out[it.key] for it in items]
 
 
-def summarise(records: list[dict[str, Any]], directory: Path, n_bins: int, **meta: Any) -> dict[str, Any]:
+def summarise(records: list[dict[str, Any]], plot: Path, n_bins: int, **meta: Any) -> dict[str, Any]:
     """Accuracy, ECE, reliability diagram and position bias over all items and per kind."""
     if not records:
-        raise DataError(f"{directory}: no item could be evaluated (all too long for the context?)")
+        raise DataError(f"{plot.parent}: no item could be evaluated (all too long for the context?)")
     p = [r["p_correct"] for r in records]
     results: dict[str, Any] = {**meta, **calibration_summary(p, n_bins)}
     for kind in ("multiple_choice", "pairwise"):
@@ -132,6 +132,6 @@ def summarise(records: list[dict[str, Any]], directory: Path, n_bins: int, **met
             results[kind] = {k: v for k, v in calibration_summary(subset, n_bins).items() if k != "bins"}
     first, second = position_pairs([r for r in records if r["kind"] == "pairwise"])
     results["position_bias_rate"] = position_bias_rate(first, second) if first else None
-    results["reliability_diagram"] = str(reliability_diagram(p, directory / "reliability.png", n_bins=n_bins,
+    results["reliability_diagram"] = str(reliability_diagram(p, plot, n_bins=n_bins,
                                                              title="AI feedback labeler reliability"))
     return results

@@ -29,6 +29,7 @@ from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RLConfig
+from constitutional_ai.layout import RunLayout
 from constitutional_ai.rl.core import (
     KLController,
     entropy_from_logits,
@@ -39,6 +40,8 @@ from constitutional_ai.rl.core import (
     value_loss,
     whiten,
 )
+
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint, next to accelerate's files
 
 
 def format_prompt(tokenizer: Any, conversation: Conversation) -> str:
@@ -344,7 +347,7 @@ class PPOTrainer:
         """accelerate's checkpoint (trained weights as safetensors, optimizer, random generators) plus
         :meth:`state_dict` as JSON, written to ``step-N.tmp`` and renamed once complete: a killed save
         leaves only a ``.tmp`` folder, which :meth:`resume` never picks."""
-        final = self.output_dir / "checkpoints" / f"step-{self.global_step}"
+        final = RunLayout.checkpoints(self.output_dir) / f"step-{self.global_step}"
         tmp = final.with_name(final.name + ".tmp")
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,20 +366,24 @@ class PPOTrainer:
 
         Nothing is unpickled freely: the weights are safetensors; the optimizer and random generator
         states go through accelerate's ``load``, which defaults to ``torch.load(weights_only=True)``
-        (tensors and plain values, numpy's array reconstructor allow-listed for the generators). Our
-        own numbers are JSON rather than a ``register_for_checkpointing`` object, because accelerate
+        (tensors and plain values, numpy's array reconstructor allow-listed for the generators; were
+        those refused, accelerate would go on without them, and every step reseeds anyway). Our own
+        numbers are JSON rather than a ``register_for_checkpointing`` object, because accelerate
         1.15's ``load_custom_state`` reads those with ``weights_only=False``: any pickle put in the
         folder would run."""
-        done = [p for p in (self.output_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
+        from safetensors import safe_open
+
+        done = [p for p in RunLayout.checkpoints(self.output_dir).glob("step-*") if not p.name.endswith(".tmp")]
         if not done:
             return None
         last = max(done, key=lambda p: int(p.name.split("-")[1]))
-        from safetensors import safe_open
-
-        with safe_open(str(last / "model.safetensors"), framework="pt") as saved:
-            if set(saved.keys()) != _trained_names(self._unwrapped()):  # accelerate saves the unwrapped model
-                raise ConfigError(f"{last} holds other weights than this run trains (another model or LoRA "
-                                  "setting); --overwrite starts afresh")
+        saved: set[str] = set()
+        if (last / "model.safetensors").is_file():
+            with safe_open(str(last / "model.safetensors"), framework="pt") as weights:
+                saved = set(weights.keys())
+        if saved != _trained_names(self._unwrapped()):  # accelerate saves the unwrapped model
+            raise ConfigError(f"{last} is not a checkpoint of this run (another model or LoRA setting, or an older "
+                              "format); --overwrite starts afresh")
         self.accelerator.load_state(str(last), strict=False)  # strict=False: the frozen weights are not saved
         self.load_state_dict(json.loads((last / TRAINER_STATE).read_text()))
         return last
@@ -388,9 +395,6 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step, self.kl.value = state["global_step"], state["kl_coef"]
         self.reward_stats = dict(state["reward_stats"])
-
-
-TRAINER_STATE = "trainer_state.json"
 
 
 def _trained_names(model: torch.nn.Module) -> set[str]:

@@ -38,7 +38,7 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
             written = stream_batches(store, items, lambda it: it.key, config.feedback.batch_size,
                                         lambda batch, _: evaluate_batch(batch, backend, labeler, config.seed),
                                         "eval-labeler", "items", config.progress).written
-            results = summarise(list(store.records()), directory, config.eval_labeler.n_bins,
+            results = summarise(list(store.records()), layout.labeler_plot, config.eval_labeler.n_bins,
                                 labeler_id=backend.model_id, constitution_hash=constitution.hash)
             results["skipped_too_long"] = labeler.too_long
             write_atomic(layout.labeler_results, json.dumps(results, indent=2))
