@@ -39,47 +39,90 @@ from constitutional_ai.common.errors import CAIError, first_line
 from constitutional_ai.common.progress import console
 from constitutional_ai.config import RunConfig
 
-#: Short and historical names of fields: ``flag -> candidate dotted paths``. A command gets the
-#: alias when one of the candidates is among its flags (the first such candidate wins), so
-#: ``--policy`` is ``rl.policy`` on ``cai ppo`` and ``dpo.policy`` on ``cai dpo``.
+#: Short names of fields (every flag of earlier releases, so existing commands keep working):
+#: ``flag -> candidate dotted paths``. A command gets the alias when one of the candidates is among
+#: its flags (the first such candidate wins): ``--policy`` is ``rl.policy`` on ``cai ppo`` and
+#: ``dpo.policy`` on ``cai dpo``.
 ALIASES: dict[str, tuple[str, ...]] = {
-    "-o": ("output_dir",), "--output-dir": ("output_dir",),
-    "-m": ("policy.model_name_or_path",), "--model": ("policy.model_name_or_path",),
-    "--device": ("policy.device",), "--backend": ("policy.backend",), "--base-url": ("policy.base_url",),
-    "--tokenizer": ("policy.tokenizer",), "--max-concurrency": ("policy.max_concurrency",),
-    "--tp": ("policy.tensor_parallel_size",), "--gpu-memory-utilization": ("policy.gpu_memory_utilization",),
     "--enable-prefix-caching": ("policy.enable_prefix_caching",),
-    "-p": ("prompts.path",), "--prompts": ("prompts.path",), "--prompts-format": ("prompts.format",),
-    "--prompts-field": ("prompts.field",), "--prompts-data-dir": ("prompts.data_dir",), "--limit": ("prompts.limit",),
-    "-n": ("critique.n_rounds",), "--rounds": ("critique.n_rounds",), "--few-shot": ("critique.few_shot",),
+    "--gradient-checkpointing": ("pm.gradient_checkpointing",),
+    "--output-dir": ("output_dir",), "-o": ("output_dir",), "--model": ("policy.model_name_or_path",),
+    "-m": ("policy.model_name_or_path",), "--model-revision": ("policy.revision",), "--device": ("policy.device",),
+    "--dtype": ("policy.dtype",), "--model-batch-size": ("policy.batch_size",),
+    "--prefix-cache-tokens": ("policy.prefix_cache_tokens",), "--max-context": ("policy.max_context",),
+    "--chat-format": ("policy.chat_format",), "--trust-remote-code": ("policy.trust_remote_code",),
+    "--backend": ("policy.backend",), "--base-url": ("policy.base_url",), "--api-key-env": ("policy.api_key_env",),
+    "--max-concurrency": ("policy.max_concurrency",), "--max-retries": ("policy.max_retries",),
+    "--request-timeout": ("policy.request_timeout",), "--logprobs-mode": ("policy.logprobs_mode",),
+    "--tokenizer": ("policy.tokenizer",), "--extra-body": ("policy.extra_body",),
+    "--tensor-parallel-size": ("policy.tensor_parallel_size",), "--tp": ("policy.tensor_parallel_size",),
+    "--gpu-memory-utilization": ("policy.gpu_memory_utilization",), "--ray-workers": ("ray.workers",),
+    "--ray-address": ("ray.address",), "--ray-gpus-per-worker": ("ray.num_gpus_per_worker",),
+    "--ray-cpus-per-worker": ("ray.num_cpus_per_worker",), "--ray-batch-size": ("ray.batch_size",),
+    "--prompts": ("prompts.path",), "-p": ("prompts.path",), "--prompts-format": ("prompts.format",),
+    "--prompts-field": ("prompts.field",), "--prompts-split": ("prompts.split",),
+    "--prompts-subset": ("prompts.subset",), "--prompts-data-dir": ("prompts.data_dir",),
+    "--limit": ("prompts.limit",), "--rounds": ("critique.n_rounds",), "-n": ("critique.n_rounds",),
+    "--few-shot": ("critique.few_shot",), "--skip-critique": ("critique.skip_critique",),
     "--batch-size": ("critique.batch_size",), "--max-new-tokens": ("critique.generation.max_new_tokens",),
-    "--temperature": ("critique.generation.temperature",), "--helpful-fraction": ("sft_export.helpful_fraction",),
-    "--n-responses": ("pairs.n_responses",), "--pairs-max-new-tokens": ("pairs.generation.max_new_tokens",),
+    "--temperature": ("critique.generation.temperature",), "--top-p": ("critique.generation.top_p",),
+    "--top-k": ("critique.generation.top_k",), "--stop": ("critique.generation.stop",),
+    "--revisions": ("sft_export.revisions",), "--helpful": ("sft_export.helpful.path",),
+    "--helpful-fraction": ("sft_export.helpful_fraction",), "--drop-truncated": ("sft_export.drop_truncated",),
+    "--n-responses": ("pairs.n_responses",), "--pairs-batch-size": ("pairs.batch_size",),
+    "--pairs-max-new-tokens": ("pairs.generation.max_new_tokens",),
+    "--pairs-temperature": ("pairs.generation.temperature",),
     "--feedback-model": ("feedback.model.model_name_or_path",), "--principles": ("feedback.principles",),
-    "--both-orders": ("feedback.both_orders",), "--chain-of-thought": ("feedback.chain_of_thought",),
-    "--feedback-few-shot": ("feedback.few_shot",), "--feedback-batch-size": ("feedback.batch_size",),
-    "--pm-model": ("pm.model_name_or_path",), "--pm-data": ("pm.sources",), "--pm-eval-data": ("pm.eval_sources",),
-    "--eval-fraction": ("pm.eval_fraction",), "--max-length": ("pm.max_length",), "--lr": ("pm.learning_rate",),
-    "--learning-rate": ("pm.learning_rate",), "--epochs": ("pm.num_train_epochs",),
-    "--pm-batch-size": ("pm.per_device_train_batch_size",), "--pm-device": ("pm.device",),
-    "--logging-steps": ("pm.logging_steps",), "--disable-dropout": ("pm.disable_dropout",),
-    "--pm": ("eval_pm.model", "serve_pm.model"), "--eval-data": ("eval_pm.data",),
-    "--bins": ("eval_pm.n_bins", "eval_labeler.n_bins"), "--host": ("serve_pm.host",), "--port": ("serve_pm.port",),
-    "--sft-model": ("sft.model_name_or_path",), "--sft-data": ("sft.data",), "--sft-lr": ("sft.learning_rate",),
+    "--k": ("feedback.k",), "--both-orders": ("feedback.both_orders",),
+    "--feedback-few-shot": ("feedback.few_shot",), "--feedback-few-shot-blocks": ("feedback.few_shot_blocks",),
+    "--chain-of-thought": ("feedback.chain_of_thought",), "--clamp": ("feedback.clamp",),
+    "--feedback-batch-size": ("feedback.batch_size",), "--pm-model": ("pm.model_name_or_path",),
+    "--pm-data": ("pm.sources",), "--pm-eval-data": ("pm.eval_sources",), "--eval-fraction": ("pm.eval_fraction",),
+    "--max-length": ("pm.max_length",), "--learning-rate": ("pm.learning_rate",), "--lr": ("pm.learning_rate",),
+    "--epochs": ("pm.num_train_epochs",), "--pm-batch-size": ("pm.per_device_train_batch_size",),
+    "--gradient-accumulation-steps": ("pm.gradient_accumulation_steps",),
+    "--lr-scheduler": ("pm.lr_scheduler_type",), "--warmup-ratio": ("pm.warmup_ratio",),
+    "--weight-decay": ("pm.weight_decay",), "--center-rewards": ("pm.center_rewards_coefficient",),
+    "--group-by-length": ("pm.group_by_length",), "--bf16": ("pm.bf16",),
+    "--disable-dropout": ("pm.disable_dropout",), "--lora-r": ("pm.lora.r",), "--pm-device": ("pm.device",),
+    "--logging-steps": ("pm.logging_steps",), "--save-steps": ("pm.save_steps",), "--report-to": ("pm.report_to",),
+    "--score-batch-size": ("pm.batch_size",), "--pm": ("eval_pm.model", "serve_pm.model"),
+    "--eval-data": ("eval_pm.data",), "--bins": ("eval_pm.n_bins", "eval_labeler.n_bins"),
+    "--host": ("serve_pm.host",), "--port": ("serve_pm.port",), "--sft-model": ("sft.model_name_or_path",),
+    "--sft-data": ("sft.data",), "--algo": ("rl.algo",), "--policy": ("rl.policy", "dpo.policy"),
+    "--reward-model": ("rl.reward_model",), "--value-model": ("rl.value_model",),
+    "--total-steps": ("rl.total_steps",), "--rollout-batch-size": ("rl.batch_size",),
+    "--num-mini-batches": ("rl.num_mini_batches",), "--ppo-epochs": ("rl.ppo_epochs",),
+    "--num-generations": ("rl.num_generations",), "--rl-max-new-tokens": ("rl.max_new_tokens",),
+    "--kl-coef": ("rl.kl_coef",), "--kl-target": ("rl.kl_target",), "--vf-coef": ("rl.vf_coef",),
+    "--missing-eos-penalty": ("rl.missing_eos_penalty",), "--normalize-reward": ("rl.normalize_reward",),
+    "--rl-lr": ("rl.learning_rate",), "--rl-lora-r": ("rl.lora.r",), "--rl-device": ("rl.device",),
+    "--rl-save-steps": ("rl.save_steps",), "--rl-report-to": ("rl.report_to",), "--dpo-data": ("dpo.data",),
+    "--beta": ("dpo.beta",), "--eval-model": ("eval.models",), "--judge": ("eval.judge",),
+    "--harmless-prompts": ("eval.harmless_prompts.path",), "--helpful-prompts": ("eval.helpful_prompts.path",),
+    "--prompts-per-set": ("eval.limit",), "--eval-max-new-tokens": ("eval.generation.max_new_tokens",),
+    "--bootstrap": ("eval.bootstrap",), "--data": ("eval_labeler.data",), "--data-format": ("eval_labeler.format",),
+    "--eval-limit": ("eval_labeler.limit",), "--sft-lr": ("sft.learning_rate",),
     "--sft-epochs": ("sft.num_train_epochs",), "--sft-train-batch-size": ("sft.per_device_train_batch_size",),
-    "--sft-device": ("sft.device",), "--sft-logging-steps": ("sft.logging_steps",),
-    "--algo": ("rl.algo",), "--policy": ("rl.policy", "dpo.policy"), "--reward-model": ("rl.reward_model",),
-    "--value-model": ("rl.value_model",), "--total-steps": ("rl.total_steps",),
-    "--rollout-batch-size": ("rl.batch_size",), "--num-mini-batches": ("rl.num_mini_batches",),
-    "--ppo-epochs": ("rl.ppo_epochs",), "--rl-max-new-tokens": ("rl.max_new_tokens",), "--kl-coef": ("rl.kl_coef",),
-    "--kl-target": ("rl.kl_target",), "--rl-device": ("rl.device",), "--beta": ("dpo.beta",),
-    "--eval-model": ("eval.models",), "--judge": ("eval.judge",), "--prompts-per-set": ("eval.limit",),
-    "--eval-max-new-tokens": ("eval.generation.max_new_tokens",), "--bootstrap": ("eval.bootstrap",),
-    "--data": ("eval_labeler.data",), "--ray-workers": ("ray.workers",), "--ray-address": ("ray.address",),
-    "--ray-batch-size": ("ray.batch_size",),
+    "--sft-grad-accum": ("sft.gradient_accumulation_steps",), "--sft-max-length": ("sft.max_length",),
+    "--sft-lora-r": ("sft.lora.r",), "--sft-device": ("sft.device",), "--sft-save-steps": ("sft.save_steps",),
+    "--sft-logging-steps": ("sft.logging_steps",), "--sft-report-to": ("sft.report_to",),
+    "--sft-bf16": ("sft.bf16",), "--dpo-lr": ("dpo.learning_rate",), "--dpo-epochs": ("dpo.num_train_epochs",),
+    "--dpo-train-batch-size": ("dpo.per_device_train_batch_size",),
+    "--dpo-grad-accum": ("dpo.gradient_accumulation_steps",), "--dpo-max-length": ("dpo.max_length",),
+    "--dpo-lora-r": ("dpo.lora.r",), "--dpo-device": ("dpo.device",), "--dpo-save-steps": ("dpo.save_steps",),
+    "--dpo-logging-steps": ("dpo.logging_steps",), "--dpo-report-to": ("dpo.report_to",),
+    "--dpo-bf16": ("dpo.bf16",),
 }
-#: Off-switch spellings of boolean aliases (``--keep-dropout`` turns ``pm.disable_dropout`` off).
-OFF_ALIASES = {"--disable-dropout": "--keep-dropout", "--both-orders": "--one-order"}
+#: Off-switch spellings of the boolean aliases (``--keep-dropout`` turns ``pm.disable_dropout`` off).
+OFF_ALIASES: dict[str, str] = {
+    "--enable-prefix-caching": "--no-enable-prefix-caching", "--gradient-checkpointing": "--no-gradient-checkpointing",
+    "--trust-remote-code": "--no-trust-remote-code", "--skip-critique": "--with-critique",
+    "--drop-truncated": "--keep-truncated", "--both-orders": "--one-order",
+    "--chain-of-thought": "--no-chain-of-thought", "--group-by-length": "--no-group-by-length",
+    "--bf16": "--no-bf16", "--disable-dropout": "--keep-dropout", "--normalize-reward": "--no-normalize-reward",
+    "--sft-bf16": "--no-sft-bf16", "--dpo-bf16": "--no-dpo-bf16",
+}
 
 
 @dataclass(frozen=True)
@@ -300,16 +343,20 @@ def run(config: RunConfig) -> None:
 
 
 def register_commands() -> None:
-    """One command per registered stage, plus ``cai run`` over every field."""
+    """One command per registered stage (pipeline order first, so ``cai --help`` reads like the
+    pipeline), then ``cai run`` over every field."""
     from constitutional_ai.stages import registry
 
+    ordered = registry.pipeline_order() + [s for s in registry.stages() if not s.pipeline]
     known = {c.name for c in app.registered_commands}
-    for stage in registry.stages():
+    for stage in ordered:
         if stage.command not in known:
             command = build_command(_stage_command(stage.name, stage.help), fields_for(stage.flag_sections))
             app.command(stage.command, help=stage.help, cls=StageCommand)(command)
     if "run" not in known:
         app.command("run", help=run.__doc__, cls=StageCommand)(build_command(run, fields_for(None)))
+    rank = {name: i for i, name in enumerate([*(s.command for s in ordered), "run"])}
+    app.registered_commands.sort(key=lambda c: rank.get(c.name or "", len(rank)))
 
 
 @app.command("report")

@@ -140,4 +140,5 @@ def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
 def upstream(stage: Stage, order: list[Stage]) -> list[str]:
     """Names of the pipeline stages whose outputs ``stage`` consumes (its identity includes theirs)."""
     producer = {entry: s.name for s in order for entry in s.produces}
-    return sorted({producer[e] for e in stage.consumes if e in producer and producer[e] != stage.name})
+    names = [producer[e] for e in stage.consumes if e in producer and producer[e] != stage.name]
+    return list(dict.fromkeys(names))  # in the order declared: the identity hash depends on it
