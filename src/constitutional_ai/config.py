@@ -42,11 +42,21 @@ class GenerationParams(_Base):
 RUNTIME = {"runtime": True}
 
 
+#: Every generation backend: the name ``backend`` takes, and the class implementing it (imported on
+#: use by ``backends.load_backend``). A new backend is a module in ``backends/`` and one line here.
+BACKENDS: dict[str, str] = {
+    "transformers": "constitutional_ai.backends.transformers_backend:TransformersBackend",
+    "openai": "constitutional_ai.backends.openai_backend:OpenAIBackend",
+    "vllm": "constitutional_ai.backends.vllm_backend:VLLMBackend",
+}
+BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+
+
 class ModelConfig(_Base):
     """Which model to load and how. ``embedded:tiny-demo`` builds a tiny offline demo model."""
 
     model_name_or_path: str = Field(EMBEDDED_MODEL, description="Local model directory or Hugging Face model id.")
-    backend: Literal["transformers", "openai", "vllm"] = Field(
+    backend: BackendName = Field(
         "transformers", description="transformers (in-process, default), openai (any OpenAI-compatible server: vLLM, "
                                     "SGLang, llama.cpp, Ollama, hosted APIs) or vllm (in-process vLLM engine, GPU).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
