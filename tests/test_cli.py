@@ -33,16 +33,28 @@ def _paths(config, prefix=""):
             yield f"{prefix}{name}"
 
 
-def test_every_config_field_is_a_flag_of_cai_run_named_by_its_dotted_path():
+def test_every_config_field_is_a_flag_named_by_its_dotted_path():
     config = RunConfig(feedback={"model": {}}, pm={"lora": {}}, sft={"lora": {}}, rl={"lora": {}}, dpo={"lora": {}})
     paths = set(_paths(config))
     assert {"critique.n_rounds", "feedback.model.device", "rl.kl_coef", "output_dir"} <= paths
-    params = inspect.signature(_command("run").callback).parameters
-    flags = {p.replace("__", ".") for p in params} - {"config"}
-    assert paths <= flags, sorted(paths - flags)
-    help_text = runner.invoke(app, ["run", "--help"], terminal_width=80).output
+    flags = {}
+    for command in app.registered_commands:
+        params = set(inspect.signature(command.callback).parameters) if command.callback else set()
+        for param in params - {"config"}:
+            flags.setdefault(param.replace("__", "."), command.name)
+    assert paths <= set(flags), sorted(paths - set(flags))
+    help_text = "".join(runner.invoke(app, [name, "--help"], terminal_width=80).output for name in set(flags.values()))
     for path in paths:
         assert f"--{path}" in help_text, path
+
+
+def test_cai_run_offers_what_its_stages_read_less_what_it_wires_itself():
+    run_params = {p.replace("__", ".") for p in inspect.signature(_command("run").callback).parameters}
+    assert {"critique.n_rounds", "rl.kl_coef", "pm.sources", "eval.judge", "sft.num_train_epochs"} <= run_params
+    assert "sft.model_name_or_path" not in run_params  # cai run fine-tunes the policy model
+    assert not any(p.startswith(("dpo.", "serve_pm.", "eval_pm.", "eval_labeler.")) for p in run_params)
+    sft_params = set(inspect.signature(_command("sft").callback).parameters)
+    assert "sft__model_name_or_path" in sft_params and not any(p.startswith("policy__") for p in sft_params)
 
 
 @pytest.mark.parametrize("stage", registry.stages(), ids=lambda s: s.command)
@@ -55,7 +67,7 @@ def test_each_command_offers_exactly_its_sections_fields(stage):
 
 def test_flags_set_the_dotted_field_and_aliases_keep_the_short_names(tmp_path):
     seen = {}
-    command = build_command(lambda config: seen.update(config=config), fields_for(None))
+    command = build_command(lambda config: seen.update(config=config), fields_for(set(RunConfig.model_fields)))
     probe = typer.Typer()
     probe.command()(command)
     result = runner.invoke(probe, ["--critique.n_rounds", "3", "--feedback.both_orders", "-o", str(tmp_path),

@@ -117,3 +117,31 @@ def test_every_builtin_stage_declares_real_sections_and_layout_entries():
             assert all(p.entry in RunLayout.ENTRIES for p in stage.report.plots)
     names = [s.name for s in registry.pipeline_order()]
     assert names == ["critique", "export_sft", "sft", "pairs", "labels", "pm", "rl", "eval"]
+
+
+def _old_identities(config: RunConfig) -> dict[str, str]:
+    """How 0.1.0's pipeline (a hand-kept table) hashed each stage: runs it made must stay valid."""
+    import hashlib
+
+    table = [("critique", ("seed", "constitution", "policy", "prompts", "critique"), ()),
+             ("export_sft", ("seed", "sft_export"), ("critique",)), ("sft", ("seed", "policy", "sft"), ("export_sft",)),
+             ("pairs", ("seed", "prompts", "pairs"), ("sft",)), ("labels", ("seed", "constitution", "feedback"),
+                                                                  ("pairs",)),
+             ("pm", ("seed", "pm"), ("labels",)), ("rl", ("seed", "prompts", "rl"), ("sft", "pm")),
+             ("eval", ("seed", "eval"), ("sft", "rl", "pm"))]
+    base = config.with_overrides({"sft.model_name_or_path": config.policy.model_name_or_path})
+    out: dict[str, str] = {}
+    for name, sections, after in table:
+        blob = json.dumps([name, base.fingerprint(sections), [out[a] for a in after]])
+        out[name] = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"policy.model_name_or_path": "gpt2", "rl.kl_coef": 0.1},
+                                       {"sft.model_name_or_path": "ignored/by/cai-run", "pairs.n_responses": 3}])
+def test_pipeline_identities_are_those_of_runs_made_before_the_registry(tmp_path, overrides):
+    from constitutional_ai.stages.pipeline import stage_identities
+
+    config = RunConfig().with_overrides(overrides) if overrides else RunConfig()
+    (tmp_path / "sft" / "model").mkdir(parents=True)  # pairs/labels wiring sees an SFT model: no effect on identity
+    assert stage_identities(config, RunLayout(tmp_path), registry.pipeline_order()) == _old_identities(config)

@@ -37,7 +37,7 @@ from typer.core import TyperCommand
 
 from constitutional_ai.common.errors import CAIError, first_line
 from constitutional_ai.common.progress import console
-from constitutional_ai.config import RunConfig
+from constitutional_ai.config import UNSET_SECTION_DEFAULTS, RunConfig
 
 #: Short names of fields (every flag of earlier releases, so existing commands keep working):
 #: ``flag -> candidate dotted paths``. A command gets the alias when one of the candidates is among
@@ -177,31 +177,35 @@ def _default_text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
-def config_fields(model: type[BaseModel] = RunConfig, instance: Any = None, prefix: str = "") -> Iterator[Field]:
-    """Every leaf field of the config (nested sections flattened into dotted paths)."""
+def config_fields(model: type[BaseModel] = RunConfig, instance: Any = None, prefix: str = "",
+                  unset: str = "") -> Iterator[Field]:
+    """Every leaf field of the config (nested sections flattened into dotted paths). ``unset`` says
+    what a field of an optional section that is unset by default falls back to."""
     instance = model() if instance is None and model is RunConfig else instance
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
         default = getattr(instance, name, None) if instance is not None else info.get_default(call_default_factory=True)
         sub = _submodel(info.annotation)
         if sub is not None:
-            yield from config_fields(sub, default if isinstance(default, sub) else None, f"{path}.")
+            inherited = UNSET_SECTION_DEFAULTS.get(path)
+            note = unset or ("" if default is not None else
+                             f"as {inherited} while {path} is unset" if inherited else
+                             f"{path} is unset (off); setting a field turns it on")
+            yield from config_fields(sub, default if isinstance(default, sub) else None, f"{path}.", note)
             continue
         cli_type, choices = _cli_type(info.annotation)
         description = (info.description or "").rstrip(".")
         choice_text = f" ({'|'.join(choices)})" if choices else ""
-        yield Field(path, cli_type, f"{description}{choice_text}. Default: {_default_text(default)}.",
-                    cli_type is bool, choices)
+        default_text = f"{_default_text(default)}; {unset}" if unset else _default_text(default)
+        yield Field(path, cli_type, f"{description}{choice_text}. Default: {default_text}.", cli_type is bool, choices)
 
 
 ALL_FIELDS: dict[str, Field] = {f.path: f for f in config_fields()}
 
 
-def fields_for(sections: tuple[str, ...] | None) -> list[Field]:
-    """The flags of a command reading ``sections`` (None: every field, for ``cai run``)."""
-    if sections is None:
-        return list(ALL_FIELDS.values())
-    return [f for f in ALL_FIELDS.values() if f.path.split(".")[0] in sections]
+def fields_for(sections: tuple[str, ...] | set[str], leave_out: frozenset[str] | set[str] = frozenset()) -> list[Field]:
+    """The flags of a command reading ``sections``, less the fields in ``leave_out``."""
+    return [f for f in ALL_FIELDS.values() if f.path.split(".")[0] in sections and f.path not in leave_out]
 
 
 def _aliases(fields: list[Field]) -> dict[str, list[str]]:
@@ -354,7 +358,8 @@ def register_commands() -> None:
             command = build_command(_stage_command(stage.name, stage.help), fields_for(stage.flag_sections))
             app.command(stage.command, help=stage.help, cls=StageCommand)(command)
     if "run" not in known:
-        app.command("run", help=run.__doc__, cls=StageCommand)(build_command(run, fields_for(None)))
+        sections, wired = registry.pipeline_flags()
+        app.command("run", help=run.__doc__, cls=StageCommand)(build_command(run, fields_for(sections, wired)))
     rank = {name: i for i, name in enumerate([*(s.command for s in ordered), "run"])}
     app.registered_commands.sort(key=lambda c: rank.get(c.name or "", len(rank)))
 

@@ -42,6 +42,10 @@ class GenerationParams(_Base):
 RUNTIME = {"runtime": True}
 
 
+#: Optional sections that mean "as another section" while unset: setting one of their fields starts
+#: them from that section (``--feedback.model.batch_size 8`` is the policy model with batch size 8).
+UNSET_SECTION_DEFAULTS = {"feedback.model": "policy"}
+
 #: Every generation backend: the name ``backend`` takes, and the class implementing it (imported on
 #: use by ``backends.load_backend``). A new backend is a module in ``backends/`` and one line here.
 BACKENDS: dict[str, str] = {
@@ -485,12 +489,15 @@ class RunConfig(_Base):
     def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> RunConfig:
         """Return a copy with dotted-path overrides (``{"critique.n_rounds": 2}``) applied."""
         data = self.model_dump(mode="json")
-        for dotted, value in overrides.items():
+        # a section that starts as a copy of another is filled in after that other is overridden
+        late = tuple(f"{s}." for s in UNSET_SECTION_DEFAULTS)
+        for dotted, value in sorted(overrides.items(), key=lambda kv: kv[0].startswith(late)):
             node = data
             *parents, leaf = dotted.split(".")
-            for part in parents:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
+            for depth, part in enumerate(parents):
+                if not isinstance(node.get(part), dict):  # an unset optional section, switched on here
+                    inherited = UNSET_SECTION_DEFAULTS.get(".".join(parents[:depth + 1]))
+                    node[part] = dict(data[inherited]) if inherited else {}
                 node = node[part]
             node[leaf] = value
         return RunConfig.from_dict(data, source=source)

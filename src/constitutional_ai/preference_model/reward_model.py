@@ -15,8 +15,6 @@ from constitutional_ai.layout import PM_INFO
 from constitutional_ai.models.loading import load_tokenizer, loading, locate_model, resolve_device, resolve_dtype
 from constitutional_ai.preference_model.encoding import PairEncoder
 
-#: Written next to a trained PM: base model, max_length, data and training figures.
-
 
 def load_sequence_classifier(name: str, revision: str | None = None, trust_remote_code: bool = False,
                              dtype: torch.dtype | None = None) -> tuple[Any, Any]:

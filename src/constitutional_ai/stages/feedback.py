@@ -177,7 +177,8 @@ def sft_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
 
 
 register(Stage(
-    name=PAIRS, command="sample-pairs", run=run_sample_pairs, sections=PAIRS_SECTIONS, options=("ray",),
+    name=PAIRS, command="sample-pairs", run=run_sample_pairs, sections=("seed", "prompts", "pairs"),
+    options=("policy", "ray"),
     help="RL-CAI: sample K responses per prompt from the policy and pair them, resumable.",
     consumes=("sft_model",), produces=("pairs", "pairs_records"),
     wire=sft_policy,

@@ -38,9 +38,16 @@ def check_models(config: RunConfig) -> None:
             check_hub_model(name, None)
 
 
-def identity(stage: registry.Stage, config: RunConfig, upstream: list[str]) -> str:
-    blob = json.dumps([stage.name, config.fingerprint(stage.sections), upstream])
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+def stage_identities(config: RunConfig, layout: RunLayout, order: list[registry.Stage]) -> dict[str, str]:
+    """Each stage's identity: the hash of its sections, read on the config it runs with (its
+    ``wire``: SFT fine-tunes the policy model), and of the identities of the stages it reads from."""
+    identities: dict[str, str] = {}
+    for stage in order:
+        wired = stage.wire(config, layout) if stage.wire is not None else config
+        upstream = [identities[u] for u in registry.upstream(stage, order)]
+        blob = json.dumps([stage.name, wired.fingerprint(stage.sections), upstream])
+        identities[stage.name] = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+    return identities
 
 
 def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -53,10 +60,9 @@ def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> 
     config.to_yaml(layout.config)
     state: dict[str, Any] = json.loads(layout.pipeline.read_text()) if layout.pipeline.is_file() else {}
     order = registry.pipeline_order()
-    identities: dict[str, str] = {}
+    identities = stage_identities(config, layout, order)
     summary: dict[str, Any] = {}
     for stage in order:
-        identities[stage.name] = identity(stage, config, [identities[u] for u in registry.upstream(stage, order)])
         previous = state.get(stage.name)
         if previous and previous["identity"] == identities[stage.name] and previous["status"] == "complete" \
                 and not config.overwrite:
@@ -65,7 +71,7 @@ def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> 
             continue
         changed = bool(previous) and previous["identity"] != identities[stage.name]
         stage_cfg = config.model_copy(update={"overwrite": config.overwrite or changed, "resume": True})
-        if stage.wire is not None:
+        if stage.wire is not None:  # now, after the stages before it have written what it may point at
             stage_cfg = stage.wire(stage_cfg, layout)
         progress(f"{stage.name}: {'inputs changed, running again' if changed else 'running'}")
         state[stage.name] = {"identity": identities[stage.name], "status": "running"}

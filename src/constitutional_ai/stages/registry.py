@@ -55,6 +55,10 @@ class Stage:
     help: str
     sections: tuple[str, ...]  # RunConfig sections that change what it writes (its identity)
     options: tuple[str, ...] = ()  # sections it also reads that change speed or location only (flags, no identity)
+    #: Fields `cai run` sets for this stage (its ``wire``): in the identity, but not flags of `cai run`.
+    wired: tuple[str, ...] = ()
+    #: Identity sections the stage itself does not read (the pipeline wires them in): not its flags.
+    unread: tuple[str, ...] = ()
     consumes: tuple[str, ...] = ()  # RunLayout entries it reads
     produces: tuple[str, ...] = ()  # RunLayout entries it writes
     pipeline: bool = True  # part of `cai run`
@@ -67,7 +71,9 @@ class Stage:
 
     @property
     def flag_sections(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((*COMMON_FIELDS, *self.sections, *self.options)))
+        """The config sections its command offers as flags: what it reads."""
+        read = (s for s in (*self.sections, *self.options) if s not in self.unread)
+        return tuple(dict.fromkeys((*COMMON_FIELDS, *read)))
 
     def __post_init__(self) -> None:
         for entry in (*self.consumes, *self.produces):
@@ -135,6 +141,13 @@ def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
         order.append(ready)
         todo.remove(ready)
     return order
+
+
+def pipeline_flags() -> tuple[set[str], set[str]]:
+    """``(sections, wired fields)`` of `cai run`: what its stages read, less what it sets itself."""
+    order = pipeline_order()
+    sections = {s for stage in order for s in stage.flag_sections}
+    return sections, {path for stage in order for path in stage.wired}
 
 
 def upstream(stage: Stage, order: list[Stage]) -> list[str]:

@@ -90,7 +90,8 @@ register(Stage(
     consumes=("critique_records",), produces=("sft_data",),
 ))
 register(Stage(
-    name=SFT, command="sft", run=run_sft, sections=("seed", "policy", "sft"), wire=_pipeline_sft,
+    name=SFT, command="sft", run=run_sft, sections=("seed", "policy", "sft"), unread=("policy",),
+    wire=_pipeline_sft, wired=("sft.model_name_or_path",),
     help="SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA).",
     consumes=("sft_data",), produces=("sft_trainer", "sft_model"), summary=lambda result: result.extra,
     report=ReportSpec(store="sft_trainer", unit="steps"),
