@@ -310,3 +310,10 @@ def test_runtime_fields_are_marked_on_the_field_and_left_out_of_the_identity():
     assert same.fingerprint(sections) == base.fingerprint(sections)
     for changed in ({"policy.model_name_or_path": "x"}, {"critique.n_rounds": 2}, {"feedback.model.revision": "v2"}):
         assert base.with_overrides(changed).fingerprint(sections) != base.fingerprint(sections), changed
+
+
+def test_a_feedback_model_flag_starts_from_the_policy_not_the_demo_model():
+    """feedback.model unset means "the policy": one of its flags must not swap the labeler for another model."""
+    config = RunConfig().with_overrides({"feedback.model.batch_size": 8, "policy.model_name_or_path": "gpt2"})
+    assert config.feedback.model.model_name_or_path == "gpt2" and config.feedback.model.batch_size == 8
+    assert RunConfig().with_overrides({"pm.lora.r": 4}).pm.lora.r == 4  # other optional sections: their defaults
