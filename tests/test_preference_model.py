@@ -290,6 +290,6 @@ def test_the_openrlhf_endpoint_returns_the_models_rewards(tiny_model_dir):
         bad = urllib.request.Request(server.url, data=b'{"query": "not a list"}')
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(bad, timeout=30)
-        assert err.value.code == 400
+        assert err.value.code == 422
     finally:
         server.shutdown()

@@ -404,6 +404,17 @@ class ServePMConfig(_Base):
     model: str = Field("", description="Preference model directory; empty: this run's trained PM.")
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for every interface).")
     port: int = Field(5000, ge=0, le=65535, description="Port; POST /get_reward.")
+    max_batch_size: int = Field(64, ge=1, description="Queries scored in one forward pass, gathered from concurrent "
+                                                      "requests.")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="Longest wait for a batch to fill before "
+                                                                  "scoring what has arrived.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413.")
+    max_queries: int = Field(1024, ge=1, description="Most queries per request; more get 413 (split the request).")
+    max_query_chars: int = Field(65536, ge=16, description="Longest query in characters; longer ones get 413.")
+    token_env: str = Field("CAI_PM_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                           description="Environment variable holding the bearer token clients must send "
+                                       "(Authorization: Bearer ...); unset variable: no token asked.")
+    insecure: bool = Field(False, description="Allow listening beyond loopback without a token.")
 
 
 class RayConfig(_Base):

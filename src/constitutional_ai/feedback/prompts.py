@@ -17,6 +17,8 @@ to the judge) cannot change which option a letter refers to. The inner conversat
 from __future__ import annotations
 
 import random
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,19 +32,43 @@ ANSWER = "The answer is:"
 THINK = "Let's think step by step:"
 CHAT_THINK = "\n\nLet's think step by step, then give the answer."
 LETTERS = ("A", "B")
-_DEFANG = {"[[[": "[ [ [", "]]]": "] ] ]", "\n\nHuman:": "\n\nhuman:", "\n\nAssistant:": "\n\nassistant:"}
+#: Runs of two or more square brackets (after NFKC has folded full-width ones): near-miss delimiters.
+_BRACKET_RUN = re.compile(r"\[{2,}|\]{2,}")
+#: A role label opening a line (``H:``, ``Human:``, ``Assistant :``...): a forged turn.
+_ROLE_LABEL = re.compile(r"(?im)^([ \t]*)(human|assistant|system|user|h|a)([ \t]*):")
+#: The answer cue: only the question itself may say it.
+_ANSWER_CUE = re.compile(r"the\s+answer\s+is\s*:?", re.IGNORECASE)
 
 
 def defang(text: str, special_tokens: Sequence[str] = ()) -> str:
-    """Neutralise delimiters, outer turn markers and the model's special tokens (chat-template
-    markers such as ``<|im_start|>``) inside a response, so it cannot open a turn of its own.
-    Idempotent."""
-    for raw, safe in _DEFANG.items():
-        text = text.replace(raw, safe)
+    """Make a response (or a turn of the judged conversation) unable to act as structure of the
+    question around it. Each rule closes one way out:
+
+    - NFKC folding first, so full-width ``［［［`` and other look-alikes meet the rules below;
+    - ``\r\n`` and ``\r`` become ``\n``, and blank lines collapse: turns are separated by a blank
+      line, so no text inside a turn can start a turn (``\r\n\r\nHuman:``, ``\n\nH:``);
+    - a role label at the start of a line loses its colon (``H: ...`` becomes ``H - ...``);
+    - a run of brackets is spaced out (``[[``, ``]]]``), and a bracket at either end is kept off
+      the delimiter, so ``...]`` never meets ``]]]`` as ``]]]]``;
+    - ``The answer is:`` becomes ``the answer would be``: only the question gives the cue;
+    - the model's special tokens (chat-template markers such as ``<|im_start|>``) are split.
+
+    Idempotent, so defanging twice changes nothing.
+    """
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"\n[ \t]*(?:\n[ \t]*)+", "\n", text)
+    text = _ROLE_LABEL.sub(lambda m: f"{m.group(1)}{m.group(2)} -", text)
+    text = _BRACKET_RUN.sub(lambda m: " ".join(m.group(0)), text)
+    text = _ANSWER_CUE.sub("the answer would be", text)
     for token in special_tokens:
         if len(token) > 1:
             text = text.replace(token, f"{token[0]} {token[1:]}")
-    return text.strip()
+    text = text.strip()
+    if text.startswith("["):
+        text = " " + text
+    if text.endswith("]"):
+        text += " "
+    return text
 
 
 def render_inner(conversation: Conversation, special_tokens: Sequence[str] = ()) -> str:

