@@ -268,6 +268,12 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort, click.exceptions.ClickException):
         raise
+    except OSError as exc:  # the machine said no (disk full, permissions, a missing folder): the user can fix it
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        reason = exc.strerror or first_line(exc)
+        console.print(f"[bold red]error:[/] {where}{reason}; check the path, its permissions and free disk space",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except Exception as exc:
         if os.environ.get("CAI_DEBUG"):
             raise

@@ -12,15 +12,40 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from constitutional_ai.common.errors import ConfigError, first_line, format_validation_error
+from constitutional_ai.common.errors import ConfigError, format_validation_error
+from constitutional_ai.common.yaml_safe import load_yaml
 
 EMBEDDED_MODEL = "embedded:tiny-demo"
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float is finite: inf or NaN in a knob (a temperature of inf samples uniform noise) is refused
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: Below this a temperature divides logits into overflow: 0 (greedy) is the way to ask for argmax.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+
+
+def _check_temperature(value: float, greedy_allowed: bool) -> float:
+    if greedy_allowed and value == 0.0:
+        return value
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        hint = "0 for greedy decoding, or " if greedy_allowed else ""
+        raise ValueError(f"{value} is outside [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]; use {hint}a value such as 0.7")
+    return value
 
 
 class GenerationParams(_Base):
@@ -31,6 +56,11 @@ class GenerationParams(_Base):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings; cut from the output.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _check_temperature(v, greedy_allowed=True)
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +75,18 @@ RUNTIME = {"runtime": True}
 #: Optional sections that mean "as another section" while unset: setting one of their fields starts
 #: them from that section (``--feedback.model.batch_size 8`` is the policy model with batch size 8).
 UNSET_SECTION_DEFAULTS = {"feedback.model": "policy"}
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.username and not parts.password:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
 
 #: Every generation backend: the name ``backend`` takes, and the class implementing it (imported on
 #: use by ``backends.load_backend``). A new backend is a module in ``backends/`` and one line here.
@@ -124,6 +166,14 @@ class ModelConfig(_Base):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not a JSON object ({exc.msg}); pass e.g. '{{\"repeat_penalty\": 1.0}}'") from None
         return v
+
+    @field_serializer("base_url")
+    def _redact_url(self, url: str | None, info: SerializationInfo) -> str | None:
+        """Credentials in the URL (``http://user:KEY@host``) never reach a file, a log or a table;
+        only :meth:`RunConfig.with_overrides` (in memory) keeps them."""
+        if url is None or (info.context or {}).get("keep_secrets"):
+            return url
+        return redact_url(url)
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> ModelConfig:
@@ -340,6 +390,11 @@ class RLConfig(TrainingConfig):
     num_generations: int = Field(4, ge=2, description="rloo/grpo: samples per prompt.")
     max_new_tokens: int = Field(48, ge=1, description="Longest response sampled.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _check_temperature(v, greedy_allowed=False)
     kl_coef: float = Field(0.05, ge=0.0, description="Per-token KL penalty against the reference (paper's "
                                                      "RLHF: 0.001).")
     kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL controller target (per sequence); "
@@ -472,10 +527,10 @@ class RunConfig(_Base):
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; pass a YAML file (`cai config` prints one)")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
-        return cls.from_dict(raw, source=str(path))
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8 YAML") from None
+        return cls.from_dict(load_yaml(text, str(path), ConfigError) or {}, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> RunConfig:
@@ -499,7 +554,7 @@ class RunConfig(_Base):
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> RunConfig:
         """Return a copy with dotted-path overrides (``{"critique.n_rounds": 2}``) applied."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", context={"keep_secrets": True})
         # a section that starts as a copy of another is filled in after that other is overridden
         late = tuple(f"{s}." for s in UNSET_SECTION_DEFAULTS)
         for dotted, value in sorted(overrides.items(), key=lambda kv: kv[0].startswith(late)):
@@ -513,6 +568,27 @@ class RunConfig(_Base):
             node[leaf] = value
         return RunConfig.from_dict(data, source=source)
 
+    def fingerprint_fields(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        """The values :meth:`fingerprint` hashes, flattened to dotted paths: kept beside a record
+        store so that a refused resume can say which setting changed."""
+        out: dict[str, Any] = {}
+
+        def walk(value: Any, path: str) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(item, f"{path}.{key}" if path else key)
+            else:
+                out[path] = value
+
+        walk(self._fingerprinted(sections), "")
+        return out
+
+    def _fingerprinted(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        data = {k: v for k, v in _without_runtime(self).items() if k in sections}
+        data.pop("constitution", None)
+        data.get("prompts", {}).pop("limit", None)
+        return data
+
     def fingerprint(self, sections: tuple[str, ...]) -> str:
         """Hash of the fields that change what a stage writes: every field of ``sections`` except
         those marked :data:`RUNTIME` (speed, memory, device), wherever they sit.
@@ -521,10 +597,7 @@ class RunConfig(_Base):
         constitution's location (its content hash is checked on its own, so moving the file is not
         a change).
         """
-        data = {k: v for k, v in _without_runtime(self).items() if k in sections}
-        data.pop("constitution", None)
-        data.get("prompts", {}).pop("limit", None)
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self._fingerprinted(sections), sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -549,6 +622,7 @@ def _without_runtime(model: BaseModel) -> dict[str, Any]:
 def _commented(model: BaseModel, indent: int) -> list[str]:
     pad = "  " * indent
     lines: list[str] = []
+    dumped = model.model_dump(mode="json")  # what a file may hold (credentials redacted)
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         description = info.description or (type(value).__doc__ or "").strip().split("\n")[0]
@@ -558,18 +632,10 @@ def _commented(model: BaseModel, indent: int) -> list[str]:
             lines.append(f"{pad}{name}:")
             lines += _commented(value, indent + 1)
         else:
-            dumped = yaml.safe_dump({name: _plain(value)}, sort_keys=False, allow_unicode=True,
-                                    default_flow_style=False, width=1000).rstrip("\n").split("\n")
-            lines += [pad + line for line in dumped]
+            text = yaml.safe_dump({name: dumped[name]}, sort_keys=False, allow_unicode=True,
+                                  default_flow_style=False, width=1000).rstrip("\n").split("\n")
+            lines += [pad + line for line in text]
     return lines
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -77,7 +77,7 @@ from constitutional_ai.backends.base import Generation, cut_at_stop
 from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import CAIError, ModelLoadError, first_line
 from constitutional_ai.common.types import Prompt
-from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig
+from constitutional_ai.config import EMBEDDED_MODEL, GenerationParams, ModelConfig, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ class OpenAIBackend:
         self.config = config
         assert config.base_url is not None  # ModelConfig refuses backend openai without one
         self.base_url = config.base_url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)  # what messages and logs may show
         self._key = os.environ.get(config.api_key_env) or None
         #: Requests, retries by reason and failures, for the run summary and the benchmarks.
         self.stats: Counter[str] = Counter()
@@ -300,7 +301,7 @@ class OpenAIBackend:
         name = config.model_name_or_path
         if name == EMBEDDED_MODEL or not name:
             if not served:
-                raise ModelLoadError(f"{self.base_url}/models lists no model; pass the served name with --model")
+                raise ModelLoadError(f"{self.shown_url}/models lists no model; pass the served name with --model")
             name = served[0]
         self.model_id = name
         self.revision = None
@@ -340,7 +341,7 @@ class OpenAIBackend:
         try:
             reply = self._run(self._json(self._client.models.with_raw_response.list(extra_headers=self._auth)))
         except ServerError as exc:
-            raise ModelLoadError(f"{self.base_url}: no OpenAI-compatible server answers ({exc}); start it or fix "
+            raise ModelLoadError(f"{self.shown_url}: no OpenAI-compatible server answers ({exc}); start it or fix "
                                  "--base-url") from None
         data = reply.get("data") if isinstance(reply, dict) else None
         return data if isinstance(data, list) else []
@@ -372,10 +373,11 @@ class OpenAIBackend:
             reply = await call
         except openai.APIStatusError as exc:
             if exc.status_code not in RETRY_STATUSES:
-                raise ServerError(self._describe(str(exc.request.url), exc.status_code, exc.response)) from None
-            url, reason = str(exc.request.url), f"HTTP {exc.status_code}"
+                raise ServerError(self._describe(redact_url(str(exc.request.url)), exc.status_code,
+                                                 exc.response)) from None
+            url, reason = redact_url(str(exc.request.url)), f"HTTP {exc.status_code}"
         except openai.APIConnectionError as exc:  # timeouts too
-            url, reason = str(exc.request.url), _failure_reason(exc.__cause__ or exc)
+            url, reason = redact_url(str(exc.request.url)), _failure_reason(exc.__cause__ or exc)
         else:
             response = reply if isinstance(reply, httpx2.Response) else reply.http_response
             return response.json()  # valid: _HTTPClient checked it
@@ -457,7 +459,7 @@ class OpenAIBackend:
                 return n + extra
         if self._tokenize_route != "estimate":
             log.warning("%s offers no tokenize endpoint; token counts are estimated (3 characters a token); "
-                        "pass --tokenizer for exact counts", self.base_url)
+                        "pass --tokenizer for exact counts", self.shown_url)
             self._tokenize_route = "estimate"
         return len(text) // 3 + 1 + extra
 
@@ -505,7 +507,7 @@ class OpenAIBackend:
             choice = reply["choices"][0]
             out = choice["text"] if text is not None else (choice["message"].get("content") or "")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise ServerError(f"{self.base_url}: a completion reply without choices[0] text") from None
+            raise ServerError(f"{self.shown_url}: a completion reply without choices[0] text") from None
         out, hit_stop = cut_at_stop(out, params.stop)  # some servers return the stop string too
         finish = "length" if choice.get("finish_reason") == "length" and not hit_stop else "stop"
         usage = reply.get("usage") or {}
@@ -544,7 +546,7 @@ class OpenAIBackend:
                 log.info("%s scoring not offered: %s", mode, exc)
                 continue
         raise ScoringUnsupportedError(
-            f"{self.base_url} returns neither prompt log-probabilities (echo + logprobs on /completions) nor "
+            f"{self.shown_url} returns neither prompt log-probabilities (echo + logprobs on /completions) nor "
             "top_logprobs, so the feedback model cannot score choices there; serve the model with vLLM, SGLang "
             "or llama.cpp, or use --backend transformers")
 

@@ -12,6 +12,7 @@ import yaml
 
 from constitutional_ai.common.chat_format import parse_raw, split_blocks
 from constitutional_ai.common.errors import ConstitutionError, first_line
+from constitutional_ai.common.yaml_safe import MAX_YAML_BYTES, load_yaml
 
 PAPER_FILES = {
     "critique_revision": "CritiqueRevisionInstructions.json",
@@ -30,15 +31,19 @@ def read_constitution_file(path: str | Path) -> tuple[Any, str]:
         return read_anthropic_paper(path)
     if not path.exists():
         raise ConstitutionError(f"{path}: no such constitution file; pass a YAML/JSON file or 'default'")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConstitutionError(f"{path}: {path.stat().st_size} bytes is over the {MAX_YAML_BYTES}-byte limit for a "
+                                "constitution")
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
-        at = f" (line {line + 1 if hasattr(exc, 'problem_mark') else line})" if line is not None else ""
-        raise ConstitutionError(f"{path}{at}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                                f"{first_line(exc)}") from None
-    return raw, str(path)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConstitutionError(f"{path}: not UTF-8 text; save the constitution as UTF-8") from None
+    if path.suffix != ".json":
+        return load_yaml(text, str(path), ConstitutionError), str(path)
+    try:
+        return json.loads(text), str(path)
+    except json.JSONDecodeError as exc:
+        raise ConstitutionError(f"{path} (line {exc.lineno}): not valid JSON: {first_line(exc)}") from None
 
 
 def read_default() -> tuple[Any, str]:

@@ -24,6 +24,8 @@ from constitutional_ai.data.readers import Row, read_rows
 
 EMBEDDED = "embedded:"
 TEXT_FIELDS = ("prompt", "text", "question", "instruction", "input", "query", "content")
+#: Columns that hold ``Human:/Assistant:`` transcripts (hh-rlhf's), parsed into turns in ``auto`` format.
+TRANSCRIPT_FIELDS = ("chosen", "rejected", "transcript")
 Conversation = list[dict[str, str]]
 
 
@@ -158,9 +160,9 @@ def row_conversation(row: Any, config: PromptSourceConfig) -> Conversation | Non
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if not isinstance(value, str):
         return None
-    if config.format == "hh" or "\n\nHuman:" in value:
+    if config.format == "hh" or name in TRANSCRIPT_FIELDS:  # asked for, or hh-rlhf's own columns
         return parse_raw(value)
-    return [{"role": "user", "content": value}]
+    return [{"role": "user", "content": value}]  # text is a prompt as written, whatever it contains
 
 
 def _prompt_of(row: Any, config: PromptSourceConfig) -> Conversation | None:
@@ -174,8 +176,11 @@ def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptRe
     report = PromptReport(source=config.path)
     items: list[PromptItem] = []
     seen: set[str] = set()
+    fields: set[str] = set()
     for n, where, row in iter_rows(config, report):
         report.read += 1
+        if isinstance(row, dict) and len(fields) < 50:
+            fields.update(str(k) for k in row)
         messages = _prompt_of(row, config)
         if messages is None:
             report.skip("malformed", where)
@@ -193,4 +198,14 @@ def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptRe
         if config.limit and len(items) >= config.limit:
             break
     report.kept = len(items)
+    if not items:
+        raise DataError(_nothing_usable(config, report, fields))
     return items, report
+
+
+def _nothing_usable(config: PromptSourceConfig, report: PromptReport, fields: set[str]) -> str:
+    """The one-line error for a source that gave no prompt: what was looked for, what was there."""
+    looked = config.field or ", ".join(("messages", *TRANSCRIPT_FIELDS[:1], *TEXT_FIELDS))
+    found = f"the rows have fields {', '.join(sorted(fields))}" if fields else "no JSON object rows"
+    return (f"{config.path}: no usable prompts ({report.summary()}); looked for {looked}; {found}; "
+            "set prompts.field (--prompts-field) to the column holding the prompt")

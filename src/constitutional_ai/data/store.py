@@ -52,8 +52,8 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _scan(path: Path, key_field: str | None = None) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """``(end offset, record)`` for each complete line; ``record`` is None for a blank line.
+def _scan(path: Path, key_field: str | None = None) -> Iterator[tuple[int, int, dict[str, Any] | None]]:
+    """``(end offset, line number, record)`` for each complete line; ``record`` is None for a blank line.
 
     Only an unterminated (or unparseable) *last* line is a crash leftover and is silently
     ignored; a bad line with good lines after it means the file was edited or corrupted, and
@@ -74,24 +74,33 @@ def _scan(path: Path, key_field: str | None = None) -> Iterator[tuple[int, dict[
             if line.strip():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError as exc:  # bad JSON, invalid UTF-8, NUL bytes
                     if last:
                         return
-                    raise DataError(f"{path}:{n}: not valid JSON; fix or delete that line, or pass --overwrite "
+                    what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
+                    raise DataError(f"{path}:{n}: {what}; fix or delete that line, or pass --overwrite "
                                     "to start fresh") from None
                 if not isinstance(record, dict) or (key_field is not None and key_field not in record):
                     raise DataError(f"{path}:{n}: not a record with a {key_field or 'JSON object'!r} field; fix or "
                                     "delete that line, or pass --overwrite to start fresh")
             offset += len(line)
-            yield offset, record
+            yield offset, n, record
             line = following
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Complete records of a JSONL file; a torn last line (a crash mid-write) is ignored."""
-    for _, record in _scan(Path(path)):
+    for _, _, record in _scan(Path(path)):
         if record is not None:
             yield record
+
+
+def _changed_fields(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """The dotted config fields whose values differ (``critique.n_rounds: 4 -> 2``), when both are known."""
+    if not old or not new:
+        return []
+    keys = sorted(set(old) | set(new))
+    return [f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
 
 
 class RecordStore:
@@ -103,8 +112,10 @@ class RecordStore:
     """
 
     def __init__(self, directory: str | Path, identity: dict[str, Any], *, resume: bool = True,
-                 overwrite: bool = False, info: dict[str, Any] | None = None, key_field: str = "key"):
+                 overwrite: bool = False, info: dict[str, Any] | None = None, key_field: str = "key",
+                 fields: dict[str, Any] | None = None):
         self.directory = Path(directory)
+        self.fields = fields  # the config values behind identity["config"], so a refusal can name them
         self.path = self.directory / RECORDS
         self.manifest_path = self.directory / MANIFEST
         self.identity = identity
@@ -125,6 +136,8 @@ class RecordStore:
                 raise ResumeError(f"{self.path}: records without a manifest; move them away or pass --overwrite")
             self.manifest = {"identity": identity, "created": time.time(), "status": "running",
                              "resumed": 0, **(info or {})}
+        if fields is not None:
+            self.manifest["fields"] = fields
         self._repair_and_load_keys()
         self.manifest.update({"status": "running", "updated": time.time(), "records": len(self._keys)})
         write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, ensure_ascii=False))
@@ -142,7 +155,13 @@ class RecordStore:
     def _check_identity(self, manifest: dict[str, Any], resume: bool) -> None:
         old = manifest.get("identity", {})
         changed = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+        if changed and manifest.get("status") != "complete" and not (self.path.exists() and self.path.stat().st_size):
+            manifest["identity"] = self.identity  # a failed start left nothing: the corrected run takes its place
+            return
         if changed:
+            fields = _changed_fields(manifest.get("fields"), self.fields)
+            if fields:
+                changed = [c for c in changed if c != "config"] + fields
             raise ResumeError(
                 f"{self.directory}: holds a run with a different {', '.join(changed)}; pass --overwrite to "
                 "discard it and start fresh, or choose another --output-dir")
@@ -155,9 +174,16 @@ class RecordStore:
         if not self.path.exists():
             return
         good = 0
-        for good, record in _scan(self.path, self.key_field):  # noqa: B007 - the last offset is kept
-            if record is not None:
-                self._keys.add(record[self.key_field])
+        first_line: dict[str, int] = {}
+        for good, n, record in _scan(self.path, self.key_field):  # noqa: B007 - the last offset is kept
+            if record is None:
+                continue
+            key = record[self.key_field]
+            if key in first_line:  # never written twice by us: the file was edited or concatenated
+                raise DataError(f"{self.path}:{n}: key {key!r} is already on line {first_line[key]}; delete one of "
+                                "the two lines, or pass --overwrite to start fresh")
+            first_line[key] = n
+            self._keys.add(key)
         if good != self.path.stat().st_size:
             with self.path.open("r+b") as f:
                 f.truncate(good)

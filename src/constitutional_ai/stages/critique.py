@@ -73,7 +73,8 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     info = {"constitution": {"name": constitution.name, "version": constitution.version, "hash": constitution.hash}}
     # The store is opened (and a changed config refused) before the model is loaded: a refusal
     # should cost a second, not a model load.
-    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info) as store:
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite, info=info,
+                     fields=config.fingerprint_fields(SECTIONS)) as store:
         config.to_yaml(directory / STAGE_CONFIG)
         constitution.save(str(directory / STAGE_CONSTITUTION))
         streamed = run_with_backend(store, items, lambda it: it.key, config.critique.batch_size,

@@ -75,7 +75,8 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
                 "checkpoints": [path for _, path in checkpoints]}
     layout = RunLayout(config.output_dir)
     directory = layout.eval
-    store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite)
+    store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
+                        fields=config.fingerprint_fields(("seed", "eval")))
     try:
         for name, path in checkpoints:
             todo = [(s, item) for s in SETS for item in prompts[s] if f"{s}:{name}:{item.key}" not in store]

@@ -30,7 +30,8 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
                 "data": str(Path(config.eval_labeler.data).resolve())}
     layout = RunLayout(config.output_dir)
     directory = layout.eval_labeler
-    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
+                     fields=config.fingerprint_fields(SECTIONS)) as store:
         owns = backend is None
         backend = backend or load_backend(config.feedback.model or config.policy)
         try:

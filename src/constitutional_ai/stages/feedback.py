@@ -66,7 +66,8 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
     items, report = load_prompts(config.prompts)
     identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS)}
     directory = RunLayout(config.output_dir).pairs
-    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
+                     fields=config.fingerprint_fields(PAIRS_SECTIONS)) as store:
         config.to_yaml(directory / STAGE_CONFIG)
         streamed = run_with_backend(store, items, lambda it: it.key, config.pairs.batch_size, pairs_processor, config,
                                     config.policy, backend, "policy_id", PAIRS, "prompts")
@@ -116,7 +117,8 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
     comparisons = comparisons if comparisons is not None else comparisons_from_pairs(layout.pairs_records)
     identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
     directory = layout.labels
-    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite) as store:
+    with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
+                     fields=config.fingerprint_fields(LABEL_SECTIONS)) as store:
         config.to_yaml(directory / STAGE_CONFIG)
         constitution.save(str(directory / STAGE_CONSTITUTION))
         streamed = run_with_backend(store, comparisons, lambda c: c.key, config.feedback.batch_size,

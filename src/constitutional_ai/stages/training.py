@@ -38,13 +38,14 @@ class TrainingRun:
         self.stage = stage
         self.directory = directory
         self.checkpoints = RunLayout.checkpoints(directory)
-        self.identity = {"stage": stage, "config": config.fingerprint(sections or ("seed", stage)), **identity}
+        self.sections = sections or ("seed", stage)
+        self.identity = {"stage": stage, "config": config.fingerprint(self.sections), **identity}
         self.seconds = 0.0
         self.resumed_from: str | None = None
 
     def __enter__(self) -> TrainingRun:
         self.store = stage_store(self.directory, self.identity, resume=self.config.resume,
-                                 overwrite=self.config.overwrite)
+                                 overwrite=self.config.overwrite, fields=self.config.fingerprint_fields(self.sections))
         fresh_checkpoints(self.checkpoints, self.config.overwrite)
         return self
 
