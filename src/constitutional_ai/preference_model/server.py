@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Request  # at module level: FastAPI resolves the handler's annotations here
+
 from constitutional_ai.common.chat_format import parse_raw
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation
@@ -223,7 +225,7 @@ def build_app(score: Callable[[list[Conversation], list[str]], list[float]], nam
     """The FastAPI app: ``POST /get_reward`` (and ``/``), ``GET /health``."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
