@@ -223,3 +223,34 @@ def test_a_prompt_that_quotes_a_transcript_is_kept_as_written(tmp_path):
     assert items[0].messages == [{"role": "user", "content": text}]
     parsed, _ = load_prompts(PromptSourceConfig(path=str(path), format="hh", field="prompt"))  # asked for: parsed
     assert parsed[0].messages[-1]["content"] == "a quoted turn"
+
+
+def test_a_prompts_file_edited_in_place_is_refused_not_mixed(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(2)))
+    run = tmp_path / "run"
+    args = ["critique", "-m", str(tiny_model_dir), "-o", str(run), "-p", str(prompts), "--rounds", "1",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    prompts.write_text("".join(json.dumps({"prompt": f"another question {i}?"}) + "\n" for i in range(5)))
+    _check(args, "different inputs", run)  # the old records are not mixed with the new file's
+    redo = runner.invoke(app, [*args, "--overwrite"])
+    assert redo.exit_code == 0, redo.output
+    keys = [json.loads(line)["key"] for line in (run / "critique" / "records.jsonl").read_text().splitlines()]
+    assert len(keys) == 5
+
+
+def test_an_input_file_is_part_of_the_pipeline_identity(tmp_path):
+    from constitutional_ai.config import RunConfig
+    from constitutional_ai.layout import RunLayout
+    from constitutional_ai.stages import registry
+    from constitutional_ai.stages.pipeline import stage_identities
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "one?"}) + "\n")
+    config = RunConfig(prompts={"path": str(prompts)})
+    before = stage_identities(config, RunLayout(tmp_path), registry.pipeline_order())
+    prompts.write_text(json.dumps({"prompt": "two?"}) + "\n")
+    after = stage_identities(config, RunLayout(tmp_path), registry.pipeline_order())
+    assert after["critique"] != before["critique"] and after["pairs"] != before["pairs"]
+    assert after["rl"] != before["rl"]

@@ -216,3 +216,32 @@ def _hub_dataset_cached(name: str) -> bool:
     except Exception:
         return False
     return any(cache.glob(name.replace("/", "___") + "*"))
+
+
+def file_digest(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in chunks (input files can be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def local_input_digests(specs: dict[str, Any]) -> dict[str, str]:
+    """Content hashes of the user's own input files among ``{field: value}``: a path, a list of
+    paths, or preference sources (objects with ``.path``). ``embedded:`` samples (versioned with the
+    package), ``run:`` names (made by an upstream stage, whose identity covers them) and hub ids
+    (no local content) are left out. A file edited in place then changes its stage's identity."""
+    out: dict[str, str] = {}
+    for field, value in specs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for n, item in enumerate(values):
+            path = getattr(item, "path", item)
+            if not isinstance(path, str) or path.startswith(("embedded:", "run:")) or not path:
+                continue
+            file = Path(path).expanduser()
+            if file.is_file():
+                out[f"{field}[{n}]" if isinstance(value, (list, tuple)) else field] = file_digest(file)
+    return out

@@ -12,7 +12,7 @@ from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
-from constitutional_ai.stages.registry import ReportSpec, Stage, register
+from constitutional_ai.stages.registry import ReportSpec, Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 
@@ -69,7 +69,8 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
                                            config.critique.few_shot, "--few-shot")
     items, report = load_prompts(config.prompts)
     directory = RunLayout(config.output_dir).critique
-    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash}
+    identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
+                **inputs_identity(STAGE, config)}
     info = {"constitution": {"name": constitution.name, "version": constitution.version, "hash": constitution.hash}}
     # The store is opened (and a changed config refused) before the model is loaded: a refusal
     # should cost a second, not a model load.
@@ -92,6 +93,6 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
 register(Stage(
     name=STAGE, command="critique", run=run_critique, sections=SECTIONS, options=("ray",),
     help="SL-CAI data: initial responses, then rounds of critique and revision, resumable.",
-    produces=("critique", "critique_records"),
+    inputs=("prompts.path",), produces=("critique", "critique_records"),
     report=ReportSpec(store="critique", unit="prompts"),
 ))

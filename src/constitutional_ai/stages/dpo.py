@@ -42,6 +42,7 @@ def run_dpo(config: RunConfig) -> StageResult:
 register(Stage(
     name=DPO, command="dpo", run=run_dpo, sections=("seed", "dpo"), pipeline=False,
     help="DPO on the AI preference pairs (TRL DPOTrainer), the alternative to a PM plus RL.",
-    consumes=("preferences", "sft_model"), produces=("dpo", "dpo_model"), summary=lambda result: result.extra,
+    inputs=("dpo.data",), consumes=("preferences", "sft_model"),
+    produces=("dpo", "dpo_model"), summary=lambda result: result.extra,
     report=ReportSpec(store="dpo", unit="steps"),
 ))

@@ -18,7 +18,7 @@ from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.evaluation.curves import extra_figures
 from constitutional_ai.evaluation.elo_eval import SETS, feedback_judgments, summarise
 from constitutional_ai.layout import RunLayout
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
+from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult
 
 EVAL = "eval"
@@ -72,7 +72,7 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
         items, _ = load_prompts(source.model_copy(update={"limit": config.eval.limit}))
         prompts[name] = items
     identity = {"stage": EVAL, "config": config.fingerprint(("seed", "eval")),
-                "checkpoints": [path for _, path in checkpoints]}
+                "checkpoints": [path for _, path in checkpoints], **inputs_identity(EVAL, config)}
     layout = RunLayout(config.output_dir)
     directory = layout.eval
     store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
@@ -111,6 +111,7 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
 register(Stage(
     name=EVAL, command="eval", run=run_eval, sections=("seed", "eval"), options=("policy", "feedback"),
     help="Elo of checkpoints (initial, SL-CAI, RL-CAI...) on red-team and helpfulness prompts, judged by the PM.",
+    inputs=("eval.harmless_prompts.path", "eval.helpful_prompts.path"),
     consumes=("sft_model", "rl_model", "pm_model"), produces=("eval", "eval_records", "elo"),
     summary=lambda result: {"output": str(result.output), **{f"{k}_elo": v for k, v in result.extra.items()}},
     report=ReportSpec(store="eval", unit="answers", plots=(

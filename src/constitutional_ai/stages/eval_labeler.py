@@ -13,7 +13,7 @@ from constitutional_ai.data.store import RecordStore, write_atomic
 from constitutional_ai.evaluation.labeler import evaluate_batch, load_eval_items, summarise
 from constitutional_ai.feedback.labeler import FeedbackLabeler
 from constitutional_ai.layout import RunLayout
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
+from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution
 from constitutional_ai.stages.streaming import stream_batches
 
@@ -27,7 +27,7 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
                                            config.feedback.few_shot, "--feedback.few_shot")
     items = load_eval_items(config.eval_labeler.data, config.eval_labeler.format, config.eval_labeler.limit)
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
-                "data": str(Path(config.eval_labeler.data).resolve())}
+                "data": str(Path(config.eval_labeler.data).resolve()), **inputs_identity(STAGE, config)}
     layout = RunLayout(config.output_dir)
     directory = layout.eval_labeler
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
@@ -54,7 +54,7 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
 register(Stage(
     name=STAGE, command="eval-labeler", run=run_eval_labeler, sections=SECTIONS, pipeline=False,
     help="Measure a feedback configuration on data with known answers: accuracy, ECE, reliability, bias.",
-    produces=("eval_labeler", "labeler_results"),
+    inputs=("eval_labeler.data",), produces=("eval_labeler", "labeler_results"),
     report=ReportSpec(store="eval_labeler", unit="items",
                       plots=(Plot("labeler_plot", "Feedback labeler calibration"),)),
 ))

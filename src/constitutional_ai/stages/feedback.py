@@ -18,7 +18,7 @@ from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, wr
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
-from constitutional_ai.stages.registry import ReportSpec, Stage, register
+from constitutional_ai.stages.registry import ReportSpec, Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 
@@ -64,7 +64,7 @@ def pairs_processor(config: RunConfig, backend: LanguageModel | None = None) -> 
 def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) -> StageResult:
     start = time.perf_counter()
     items, report = load_prompts(config.prompts)
-    identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS)}
+    identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS), **inputs_identity(PAIRS, config)}
     directory = RunLayout(config.output_dir).pairs
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
                      fields=config.fingerprint_fields(PAIRS_SECTIONS)) as store:
@@ -182,7 +182,7 @@ register(Stage(
     name=PAIRS, command="sample-pairs", run=run_sample_pairs, sections=("seed", "prompts", "pairs"),
     options=("policy", "ray"),
     help="RL-CAI: sample K responses per prompt from the policy and pair them, resumable.",
-    consumes=("sft_model",), produces=("pairs", "pairs_records"),
+    inputs=("prompts.path",), consumes=("sft_model",), produces=("pairs", "pairs_records"),
     wire=sft_policy,
     report=ReportSpec(store="pairs", unit="prompts"),
 ))

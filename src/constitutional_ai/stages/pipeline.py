@@ -45,7 +45,11 @@ def stage_identities(config: RunConfig, layout: RunLayout, order: list[registry.
     for stage in order:
         wired = stage.wire(config, layout) if stage.wire is not None else config
         upstream = [identities[u] for u in registry.upstream(stage, order)]
-        blob = json.dumps([stage.name, wired.fingerprint(stage.sections), upstream])
+        parts: list[Any] = [stage.name, wired.fingerprint(stage.sections), upstream]
+        digests = registry.input_digests(stage.name, wired)
+        if digests:  # the user's own files, by content: one edited in place re-runs the stage
+            parts.append(digests)
+        blob = json.dumps(parts)
         identities[stage.name] = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
     return identities
 

@@ -146,7 +146,8 @@ def serve_pm(config: RunConfig) -> None:
 register(Stage(
     name=PM, command="train-pm", run=run_train_pm, sections=("seed", "pm"),
     help="Train a preference model (Bradley-Terry, soft labels) on mixed preference sources.",
-    consumes=("preferences",), produces=("pm", "pm_model"), summary=lambda result: result.extra,
+    inputs=("pm.sources", "pm.eval_sources"), consumes=("preferences",),
+    produces=("pm", "pm_model"), summary=lambda result: result.extra,
     report=ReportSpec(store="pm", unit="steps", plots=(
         Plot("pm_plot", "Preference model calibration on held-out pairs"),)),
 ))

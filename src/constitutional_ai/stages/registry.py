@@ -59,6 +59,8 @@ class Stage:
     wired: tuple[str, ...] = ()
     #: Identity sections the stage itself does not read (the pipeline wires them in): not its flags.
     unread: tuple[str, ...] = ()
+    #: Dotted config fields naming input files: their content is part of the identity.
+    inputs: tuple[str, ...] = ()
     consumes: tuple[str, ...] = ()  # RunLayout entries it reads
     produces: tuple[str, ...] = ()  # RunLayout entries it writes
     pipeline: bool = True  # part of `cai run`
@@ -141,6 +143,26 @@ def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
         order.append(ready)
         todo.remove(ready)
     return order
+
+
+def input_digests(name: str, config: RunConfig) -> dict[str, str]:
+    """Content hashes of the input files the stage ``name`` declares (see ``Stage.inputs``)."""
+    from constitutional_ai.data.readers import local_input_digests
+
+    values: dict[str, Any] = {}
+    for dotted in get(name).inputs:
+        node: Any = config
+        for part in dotted.split("."):
+            node = getattr(node, part, None) if node is not None else None
+        values[dotted] = node
+    return local_input_digests(values)
+
+
+def inputs_identity(name: str, config: RunConfig) -> dict[str, Any]:
+    """``{"inputs": digests}`` for a record store's identity, or nothing when the stage reads no file
+    of the user's (so stores made before input hashing keep their identity)."""
+    digests = input_digests(name, config) if name in _REGISTRY else {}
+    return {"inputs": digests} if digests else {}
 
 
 def pipeline_flags() -> tuple[set[str], set[str]]:

@@ -151,7 +151,8 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
 register(Stage(
     name=RL, command="ppo", run=run_rl, sections=("seed", "prompts", "rl"),
     help="RL-CAI: train the policy against the preference model (--algo ppo: ours; rloo, grpo: TRL).",
-    consumes=("sft_model", "pm_model"), produces=("rl", "rl_records", "rl_model"),
+    inputs=("prompts.path",), consumes=("sft_model", "pm_model"),
+    produces=("rl", "rl_records", "rl_model"),
     summary=lambda result: result.extra,
     report=ReportSpec(store="rl", unit="steps", plots=(Plot("rl_reward_plot", "PM score over RL training"),)),
 ))

@@ -87,12 +87,13 @@ def _pipeline_sft(config: RunConfig, layout: RunLayout) -> RunConfig:
 register(Stage(
     name="export_sft", command="export-sft", run=run_export_sft, sections=("seed", "sft_export"),
     help="Export critique records as conversational SFT data (TRL messages format).",
-    consumes=("critique_records",), produces=("sft_data",),
+    inputs=("sft_export.helpful.path",), consumes=("critique_records",), produces=("sft_data",),
 ))
 register(Stage(
     name=SFT, command="sft", run=run_sft, sections=("seed", "policy", "sft"), unread=("policy",),
     wire=_pipeline_sft, wired=("sft.model_name_or_path",),
     help="SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA).",
-    consumes=("sft_data",), produces=("sft_trainer", "sft_model"), summary=lambda result: result.extra,
+    inputs=("sft.data",), consumes=("sft_data",),
+    produces=("sft_trainer", "sft_model"), summary=lambda result: result.extra,
     report=ReportSpec(store="sft_trainer", unit="steps"),
 ))

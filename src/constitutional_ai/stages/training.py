@@ -19,6 +19,7 @@ from typing import Any
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import write_atomic
 from constitutional_ai.layout import RunLayout
+from constitutional_ai.stages.registry import inputs_identity
 from constitutional_ai.training.common import (
     fresh_checkpoints,
     is_main_process,
@@ -39,7 +40,8 @@ class TrainingRun:
         self.directory = directory
         self.checkpoints = RunLayout.checkpoints(directory)
         self.sections = sections or ("seed", stage)
-        self.identity = {"stage": stage, "config": config.fingerprint(self.sections), **identity}
+        self.identity = {"stage": stage, "config": config.fingerprint(self.sections), **inputs_identity(stage, config),
+                         **identity}
         self.seconds = 0.0
         self.resumed_from: str | None = None
 
