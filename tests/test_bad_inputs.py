@@ -141,6 +141,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sft without data", ["sft", "-o", "{run}"], "no SFT data"),
     ("eval-labeler without data", ["eval-labeler", "--data", "{tmp}/none.jsonl", "-o", "{run}"], "none.jsonl"),
     ("report of nothing", ["report", "{tmp}/no_such_run"], "no_such_run"),
+    ("empty model directory", ["critique", "-m", "{tmp}", "-o", "{run}", "--limit", "1"], "no config.json"),
     ("output under a file", ["critique", "-o", "{empty}/run"], "empty.jsonl"),
 ]
 
@@ -219,10 +220,10 @@ def test_a_prompt_that_quotes_a_transcript_is_kept_as_written(tmp_path):
     text = "Before the quote.\n\nHuman: a quoted turn\n\nAssistant: a quoted reply"
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": text}) + "\n")
-    items, _ = load_prompts(PromptSourceConfig(path=str(path)))
-    assert items[0].messages == [{"role": "user", "content": text}]
-    parsed, _ = load_prompts(PromptSourceConfig(path=str(path), format="hh", field="prompt"))  # asked for: parsed
-    assert parsed[0].messages[-1]["content"] == "a quoted turn"
+    items, report = load_prompts(PromptSourceConfig(path=str(path)))
+    assert items[0].messages == [{"role": "user", "content": text}] and report.parsed_transcripts == 0
+    parsed, report = load_prompts(PromptSourceConfig(path=str(path), format="hh", field="prompt"))  # asked for
+    assert parsed[0].messages[-1]["content"] == "a quoted turn" and report.as_dict()["parsed_transcripts"] == 1
 
 
 def test_a_prompts_file_edited_in_place_is_refused_not_mixed(tmp_path, tiny_model_dir):

@@ -48,6 +48,9 @@ class PromptReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    #: Rows whose text was parsed as a ``Human:/Assistant:`` transcript (``format: hh`` or a transcript
+    #: column): the one case where a prompt is not used as written, so it is counted.
+    parsed_transcripts: int = 0
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -62,8 +65,8 @@ class PromptReport:
         return f"{self.kept} prompts from {self.source} (skipped {parts})"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "read": self.read, "kept": self.kept,
-                "skipped": dict(self.skipped), "examples": self.examples}
+        return {"source": self.source, "read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
+                "examples": self.examples, "parsed_transcripts": self.parsed_transcripts}
 
 
 def conversation_key(messages: Conversation) -> str:
@@ -134,6 +137,26 @@ def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[Row]
 
 
 # -- rows to conversations ----------------------------------------------------------------------------
+def field_of(row: dict[str, Any], config: PromptSourceConfig) -> str | None:
+    """The column a row's prompt is read from: ``config.field``, else ``messages``, then hh-rlhf
+    ``chosen``, then the usual text columns."""
+    if config.field is not None:
+        return config.field
+    if "messages" in row:
+        return "messages"
+    if config.format == "hh" or ("chosen" in row and "prompt" not in row):
+        return "chosen"
+    return next((f for f in TEXT_FIELDS if f in row), None)
+
+
+def parses_transcript(row: Any, config: PromptSourceConfig) -> bool:
+    """Whether this row's text is read as a ``Human:/Assistant:`` transcript rather than as written."""
+    if not isinstance(row, dict):
+        return False
+    name = field_of(row, config)
+    return isinstance(row.get(name), str) and (config.format == "hh" or name in TRANSCRIPT_FIELDS)
+
+
 def row_conversation(row: Any, config: PromptSourceConfig) -> Conversation | None:
     """The conversation a row holds, whole (a trailing assistant turn included), or None.
 
@@ -144,14 +167,7 @@ def row_conversation(row: Any, config: PromptSourceConfig) -> Conversation | Non
         return [{"role": "user", "content": row}]
     if not isinstance(row, dict):
         return None
-    name = config.field
-    if name is None:
-        if "messages" in row:
-            name = "messages"
-        elif config.format == "hh" or ("chosen" in row and "prompt" not in row):
-            name = "chosen"
-        else:
-            name = next((f for f in TEXT_FIELDS if f in row), None)
+    name = field_of(row, config)
     value = row.get(name) if name is not None else None
     if isinstance(value, list):
         if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
@@ -193,6 +209,7 @@ def load_prompts(config: PromptSourceConfig) -> tuple[list[PromptItem], PromptRe
             report.skip("duplicate", where)
             continue
         seen.add(key)
+        report.parsed_transcripts += parses_transcript(row, config)
         meta = {k: row[k] for k in ("category", "id") if isinstance(row, dict) and k in row}
         items.append(PromptItem(key=key, messages=messages, index=n, meta=meta))
         if config.limit and len(items) >= config.limit:

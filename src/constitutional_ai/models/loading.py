@@ -61,6 +61,11 @@ def load_error(name: str, exc: Exception) -> ModelLoadError:
     text = first_line(exc)
     if looks_like_path(name) and not Path(name).expanduser().exists():
         return _no_such_directory(name)
+    local = Path(name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():  # transformers' own message trails off here
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:8]) or "nothing"
+        return ModelLoadError(f"model {name!r}: not a model directory (no config.json; it holds {found}); pass a "
+                              "folder saved with save_pretrained (config.json, tokenizer files, *.safetensors)")
     lowered = text.lower()
     if any(k in lowered for k in ("connect", "offline", "resolve", "couldn't find", "not a local folder",
                                   "does not appear to have", "repository not found", "hub")):
