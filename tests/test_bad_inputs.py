@@ -35,7 +35,9 @@ def _check(args: list[str], expect: str, run_dir: Path) -> str:
     error_lines = [line for line in lines if line.startswith("error:")]
     assert len(error_lines) == 1, out
     assert expect in error_lines[0], out
-    assert _snapshot(run_dir) == before, "a refused command changed files in the run directory"
+    after = _snapshot(run_dir)
+    changed = [name for name, data in before.items() if after.get(name) != data]
+    assert not changed, f"a refused command changed files already in the run directory: {changed}"
     return error_lines[0]
 
 
