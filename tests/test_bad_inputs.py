@@ -139,6 +139,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("pm data no pair fields", ["train-pm", "--pm-data", "{pm_fields}", "-o", "{run}"], "pm_fields.jsonl"),
     ("pm data bad middle line", ["train-pm", "--pm-data", "{pm_bad_line}", "-o", "{run}"], "pm_bad_line.jsonl:2"),
     ("eval-pm without a pm", ["eval-pm", "-o", "{run}"], "no preference model"),
+    ("serve-pm without a pm", ["serve-pm", "-o", "{run}"], "no preference model"),
     ("label without pairs", ["label", "-o", "{run}"], "no response pairs"),
     ("sft without data", ["sft", "-o", "{run}"], "no SFT data"),
     ("eval-labeler without data", ["eval-labeler", "--data", "{tmp}/none.jsonl", "-o", "{run}"], "none.jsonl"),
