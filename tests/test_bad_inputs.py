@@ -194,7 +194,7 @@ def test_a_refused_resume_names_the_setting_that_changed(tmp_path, finished_run,
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     line = _check(["critique", "-m", str(tiny_model_dir), "-o", str(run), "--limit", "3", "--rounds", "2",
-                   "--max-new-tokens", "4", "--no-progress"], "critique.n_rounds (1 -> 2)", run)
+                   "--max-new-tokens", "4", "--no-progress"], "config (critique.n_rounds: 1 -> 2)", run)
     assert "--overwrite" in line
 
 

@@ -100,7 +100,7 @@ def _changed_fields(old: dict[str, Any] | None, new: dict[str, Any] | None) -> l
     if not old or not new:
         return []
     keys = sorted(set(old) | set(new))
-    return [f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
 
 
 class RecordStore:
@@ -160,8 +160,8 @@ class RecordStore:
             return
         if changed:
             fields = _changed_fields(manifest.get("fields"), self.fields)
-            if fields:
-                changed = [c for c in changed if c != "config"] + fields
+            if fields and "config" in changed:
+                changed = [f"config ({'; '.join(fields)})" if c == "config" else c for c in changed]
             raise ResumeError(
                 f"{self.directory}: holds a run with a different {', '.join(changed)}; pass --overwrite to "
                 "discard it and start fresh, or choose another --output-dir")
