@@ -13,8 +13,9 @@ from constitutional_ai import cli
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import RecordStore, read_records
 from constitutional_ai.layout import RunLayout
+from constitutional_ai.report.spec import Plot, ReportSpec
 from constitutional_ai.stages import registry
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage
+from constitutional_ai.stages.registry import Stage
 
 runner = CliRunner()
 

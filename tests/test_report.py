@@ -7,6 +7,7 @@ import pytest
 from constitutional_ai.config import RunConfig
 from constitutional_ai.evaluation.curves import plot_curve
 from constitutional_ai.report.build import build_report
+from constitutional_ai.stages import registry
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -39,7 +40,7 @@ def _fake_run(tmp_path):
 
 def test_the_report_shows_the_constitution_tables_plots_and_samples(tmp_path):
     run = _fake_run(tmp_path)
-    page = build_report(run).read_text()
+    page = build_report(run, registry.report_sections()).read_text()
     assert "These are toy models" in page and "configs/one-gpu-qwen.yaml" in page
     assert "<img src='eval/revisions.png'" in page and "eval/elo.png" not in page  # only plots that exist
     assert "0.610" in page and "42.0" in page and "It helps burglary." in page and "Call a locksmith." in page
@@ -60,7 +61,7 @@ def test_a_run_directory_that_does_not_exist_is_a_one_line_error(tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 def test_the_report_renders_in_headless_chromium_with_its_plots_and_tables(tmp_path):
     run = _fake_run(tmp_path)
-    page = build_report(run)
+    page = build_report(run, registry.report_sections())
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]

@@ -374,9 +374,10 @@ def register_commands() -> None:
 def report(run_dir: Annotated[Path, typer.Argument(help="A run's --output-dir.")] = Path("runs/default")) -> None:
     """Rebuild a run's HTML report and Markdown summary from what is in its directory."""
     from constitutional_ai.report.build import build_report
+    from constitutional_ai.stages import registry
 
     with user_errors():
-        path = build_report(run_dir)
+        path = build_report(run_dir, registry.report_sections())
     console.print(f"wrote {path} and {path.with_name('report.md')}", highlight=False)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
 from constitutional_ai.data.store import MANIFEST, read_records, write_atomic
 from constitutional_ai.layout import PM_INFO, RunLayout
-from constitutional_ai.stages import registry
+from constitutional_ai.report.spec import ReportSpec
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -46,29 +46,27 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def collect(run: Path) -> dict[str, Any]:
-    """Every figure the report shows, from the files a run left."""
+def collect(run: Path, sections: list[tuple[str, ReportSpec]]) -> dict[str, Any]:
+    """Every figure the report shows, from the files a run left; ``sections`` says, stage by stage in
+    order, which record store and plots to show."""
     facts: dict[str, Any] = {"run": str(run)}
-    config_file = RunLayout(run).config
+    layout = RunLayout(run)
+    config_file = layout.config
     config = RunConfig.from_yaml(config_file) if config_file.is_file() else None
     facts["config_yaml"] = config_file.read_text(encoding="utf-8") if config else None
     facts["toy"] = config is None or config.policy.model_name_or_path == EMBEDDED_MODEL
-    layout = RunLayout(run)
     pipeline = _json(layout.pipeline) or {}
     timings = {name: entry.get("seconds") for name, entry in pipeline.items() if isinstance(entry, dict)}
     stages, plots = [], []
-    ordered = registry.pipeline_order() + [s for s in registry.stages() if not s.pipeline]
-    for stage in ordered:  # every stage says what the report shows for it
-        if stage.report is None:
-            continue
-        manifest = _json(layout.path(stage.report.store) / MANIFEST)
+    for name, spec in sections:
+        manifest = _json(layout.path(spec.store) / MANIFEST)
         if manifest:
-            seconds = timings.get(stage.name) or manifest.get("seconds") or manifest.get("train_seconds")
+            seconds = timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds")
             records = manifest.get("records")
-            stages.append({"stage": stage.name, "status": manifest.get("status"), "records": records,
-                           "unit": stage.report.unit, "seconds": seconds,
+            stages.append({"stage": name, "status": manifest.get("status"), "records": records,
+                           "unit": spec.unit, "seconds": seconds,
                            "records/s": round(records / seconds, 2) if records and seconds else None})
-        for plot in stage.report.plots:
+        for plot in spec.plots:
             path = layout.path(plot.entry)
             if path.is_file():
                 plots.append((str(path.relative_to(run)), plot.caption))
@@ -186,14 +184,15 @@ def render_markdown(facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(run: str | Path) -> Path:
-    """Write ``report.html`` and ``report.md`` into the run directory; returns the HTML path."""
+def build_report(run: str | Path, sections: list[tuple[str, ReportSpec]]) -> Path:
+    """Write ``report.html`` and ``report.md`` into the run directory; returns the HTML path.
+    ``sections`` is ``stages.registry.report_sections()`` (what each stage asks to show)."""
     run = Path(run)
     if not run.is_dir():
         from constitutional_ai.common.errors import ConfigError
 
         raise ConfigError(f"{run}: no such run directory; pass the --output-dir of a run")
-    facts = collect(run)
+    facts = collect(run, sections)
     layout = RunLayout(run)
     write_atomic(layout.report_md, render_markdown(facts))
     write_atomic(layout.report, render_html(facts))

@@ -12,7 +12,8 @@ from constitutional_ai.critique.engine import CritiqueRevisionEngine
 from constitutional_ai.data.prompts import PromptItem, load_prompts
 from constitutional_ai.data.store import RecordStore
 from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
-from constitutional_ai.stages.registry import ReportSpec, Stage, inputs_identity, register
+from constitutional_ai.report.spec import ReportSpec
+from constitutional_ai.stages.registry import Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from constitutional_ai.config import RunConfig
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.preference_model.data import mix_sources
-from constitutional_ai.stages.registry import ReportSpec, Stage, register
+from constitutional_ai.report.spec import ReportSpec
+from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.sft import policy_path
 from constitutional_ai.stages.training import TrainingRun

@@ -18,7 +18,8 @@ from constitutional_ai.data.store import RecordStore, read_records, write_atomic
 from constitutional_ai.evaluation.curves import extra_figures
 from constitutional_ai.evaluation.elo_eval import SETS, feedback_judgments, summarise
 from constitutional_ai.layout import RunLayout
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, inputs_identity, register
+from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.registry import Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult
 
 EVAL = "eval"

@@ -13,7 +13,8 @@ from constitutional_ai.data.store import RecordStore, write_atomic
 from constitutional_ai.evaluation.labeler import evaluate_batch, load_eval_items, summarise
 from constitutional_ai.feedback.labeler import FeedbackLabeler
 from constitutional_ai.layout import RunLayout
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, inputs_identity, register
+from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.registry import Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution
 from constitutional_ai.stages.streaming import stream_batches
 

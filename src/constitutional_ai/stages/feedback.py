@@ -18,7 +18,8 @@ from constitutional_ai.data.store import MANIFEST, RecordStore, read_records, wr
 from constitutional_ai.evaluation.calibration import position_bias_rate
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
 from constitutional_ai.layout import STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
-from constitutional_ai.stages.registry import ReportSpec, Stage, inputs_identity, register
+from constitutional_ai.report.spec import ReportSpec
+from constitutional_ai.stages.registry import Stage, inputs_identity, register
 from constitutional_ai.stages.runner import StageResult, load_stage_constitution, run_with_backend
 from constitutional_ai.stages.streaming import Output, Processor, Skip
 

@@ -86,5 +86,5 @@ def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> 
                              "seconds": round(time.perf_counter() - start, 1)}
         write_atomic(layout.pipeline, json.dumps(state, indent=2))
         summary[stage.name] = {**state[stage.name], "skipped": False}
-    summary["report"] = str(build_report(layout.root))
+    summary["report"] = str(build_report(layout.root, registry.report_sections()))
     return summary

@@ -17,7 +17,8 @@ from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RunConfig
 from constitutional_ai.layout import PM_EVAL_RESULTS, PM_INFO, RunLayout
 from constitutional_ai.preference_model.data import mix_sources, split_heldout
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
+from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.training import TrainingRun
 from constitutional_ai.training.common import is_main_process, peft_config

@@ -19,30 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from constitutional_ai.layout import RunLayout
+from constitutional_ai.report.spec import ReportSpec
 
 if TYPE_CHECKING:
     from constitutional_ai.config import RunConfig
 
 #: The fields every command takes, whatever its sections.
 COMMON_FIELDS = ("output_dir", "seed", "constitution", "resume", "overwrite", "progress")
-
-
-@dataclass(frozen=True)
-class Plot:
-    """A figure the report embeds when the run has made it."""
-
-    entry: str  # a RunLayout entry, or a path relative to the run directory
-    caption: str
-
-
-@dataclass(frozen=True)
-class ReportSpec:
-    """What the report shows for a stage: the record store whose manifest gives status and count,
-    what one record is (``prompts``, ``pairs``, ``steps``), and its figures."""
-
-    store: str  # RunLayout entry of the stage's record store directory
-    unit: str = "records"
-    plots: tuple[Plot, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +153,12 @@ def pipeline_flags() -> tuple[set[str], set[str]]:
     order = pipeline_order()
     sections = {s for stage in order for s in stage.flag_sections}
     return sections, {path for stage in order for path in stage.wired}
+
+
+def report_sections() -> list[tuple[str, ReportSpec]]:
+    """``(stage name, what the report shows for it)``: pipeline stages in order, then the others."""
+    ordered = pipeline_order() + [s for s in stages() if not s.pipeline]
+    return [(s.name, s.report) for s in ordered if s.report is not None]
 
 
 def upstream(stage: Stage, order: list[Stage]) -> list[str]:

@@ -19,7 +19,8 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.models import model_path
-from constitutional_ai.stages.registry import Plot, ReportSpec, Stage, register
+from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.sft import policy_path
 from constitutional_ai.stages.training import TrainingRun

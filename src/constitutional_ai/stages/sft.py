@@ -11,7 +11,8 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import read_records
 from constitutional_ai.layout import SFT_INFO, RunLayout
 from constitutional_ai.models import model_path
-from constitutional_ai.stages.registry import ReportSpec, Stage, register
+from constitutional_ai.report.spec import ReportSpec
+from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.training import TrainingRun
 from constitutional_ai.training.common import load_causal_lm, peft_config, training_arguments
