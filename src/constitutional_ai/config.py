@@ -76,6 +76,7 @@ RUNTIME = {"runtime": True}
 #: them from that section (``--feedback.model.batch_size 8`` is the policy model with batch size 8).
 UNSET_SECTION_DEFAULTS = {"feedback.model": "policy"}
 
+
 def redact_url(url: str) -> str:
     """``url`` with any ``user:password@`` replaced by ``***@``."""
     from urllib.parse import urlsplit, urlunsplit
@@ -130,12 +131,12 @@ class ModelConfig(_Base):
     api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                              description="openai backend: the environment variable holding the API key (the key "
                                          "itself is never read from config, logged or stored).",
-        json_schema_extra=RUNTIME)
+                             json_schema_extra=RUNTIME)
     max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight at once.",
                                  json_schema_extra=RUNTIME)
     max_retries: int = Field(8, ge=0, description="openai backend: retries of a request after a 429, a 5xx, a "
                                                   "timeout, a dropped connection or a malformed reply.",
-        json_schema_extra=RUNTIME)
+                             json_schema_extra=RUNTIME)
     request_timeout: float = Field(120.0, gt=0, description="openai backend: seconds before a request is retried.",
                                    json_schema_extra=RUNTIME)
     logprobs_mode: Literal["auto", "echo", "top_logprobs"] = Field(
@@ -390,11 +391,6 @@ class RLConfig(TrainingConfig):
     num_generations: int = Field(4, ge=2, description="rloo/grpo: samples per prompt.")
     max_new_tokens: int = Field(48, ge=1, description="Longest response sampled.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        return _check_temperature(v, greedy_allowed=False)
     kl_coef: float = Field(0.05, ge=0.0, description="Per-token KL penalty against the reference (paper's "
                                                      "RLHF: 0.001).")
     kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL controller target (per sequence); "
@@ -411,6 +407,11 @@ class RLConfig(TrainingConfig):
                                                                "that ends without end-of-sequence.")
     normalize_reward: bool = Field(False, description="Normalise rewards by running mean and std.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every this many updates.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _check_temperature(v, greedy_allowed=False)
 
 
 class DPOConfig(TrainingConfig):
@@ -601,21 +602,16 @@ class RunConfig(_Base):
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _without_runtime(model: BaseModel) -> dict[str, Any]:
+def _without_runtime(model: BaseModel, dumped: dict[str, Any] | None = None) -> dict[str, Any]:
     """``model_dump(mode="json")`` less every field marked :data:`RUNTIME`, at any depth."""
+    dumped = model.model_dump(mode="json") if dumped is None else dumped
     out: dict[str, Any] = {}
     for name, info in type(model).model_fields.items():
         extra = info.json_schema_extra
         if isinstance(extra, dict) and extra.get("runtime"):
             continue
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            out[name] = _without_runtime(value)
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            out[name] = [v.model_dump(mode="json") for v in value]
-        else:
-            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else \
-                json.loads(json.dumps(value)) if isinstance(value, (tuple, list, dict)) else value
+        out[name] = _without_runtime(value, dumped[name]) if isinstance(value, BaseModel) else dumped[name]
     return out
 
 

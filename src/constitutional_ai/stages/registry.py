@@ -116,8 +116,7 @@ def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
     ties kept in registration order). A consumed entry nobody in the pipeline produces is an input
     from outside (or optional); a cycle is a declaration error."""
     todo = [s for s in (candidates if candidates is not None else stages()) if s.pipeline]
-    producer = {entry: s.name for s in todo for entry in s.produces}
-    needs = {s.name: {producer[e] for e in s.consumes if e in producer and producer[e] != s.name} for s in todo}
+    needs = {s.name: set(upstream(s, todo)) for s in todo}
     order: list[Stage] = []
     while todo:
         ready = next((s for s in todo if not needs[s.name] - {o.name for o in order}), None)
