@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="ours: longest wait for a batch to fill")
     args = ap.parse_args()
 
+    from constitutional_ai.config import ServePMConfig
     from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
-    from constitutional_ai.preference_model.server import RewardServer, ServerLimits
+    from constitutional_ai.preference_model.server import RewardServer
 
     tmp, tiny_dir = setup(args, "serve-pm")
     if args.tiny:
@@ -106,9 +107,9 @@ def main() -> None:
     reference = scorer.score_responses([c for c, _ in pairs], [r for _, r in pairs])
 
     servers = {
-        "ours": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=args.max_batch_size,
-                                                                 max_wait_ms=args.max_wait_ms)),
-        "one_at_a_time": RewardServer(scorer, port=0, limits=ServerLimits(max_batch_size=1, max_wait_ms=0.0)),
+        "ours": RewardServer(scorer, ServePMConfig(port=0, max_batch_size=args.max_batch_size,
+                                                   max_wait_ms=args.max_wait_ms)),
+        "one_at_a_time": RewardServer(scorer, ServePMConfig(port=0, max_batch_size=1, max_wait_ms=0.0)),
     }
     for server in servers.values():
         server.start()

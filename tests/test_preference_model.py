@@ -8,7 +8,7 @@ import torch
 
 from conftest import HH_DEV, PAPER_DIR, needs_hh, needs_paper
 from constitutional_ai.common.errors import DataError, ResumeError
-from constitutional_ai.config import PreferenceSourceConfig, RunConfig
+from constitutional_ai.config import PreferenceSourceConfig, RunConfig, ServePMConfig
 from constitutional_ai.data.prompts import hh_pair
 from constitutional_ai.evaluation.pm import evaluate_pm
 from constitutional_ai.preference_model.data import PreferencePair, mix_sources, parse_row, read_source, split_heldout
@@ -277,7 +277,7 @@ def test_queries_split_into_conversation_and_response():
 def test_the_openrlhf_endpoint_returns_the_models_rewards(tiny_model_dir):
     model, tokenizer = load_sequence_classifier(str(tiny_model_dir))
     scorer = RewardModel(model, tokenizer, max_length=64)
-    server = RewardServer(scorer, port=0)
+    server = RewardServer(scorer, ServePMConfig(port=0))
     server.start()
     try:
         queries = ["\n\nHuman: Hi\n\nAssistant: Hello there.", "\n\nHuman: Hi\n\nAssistant: Go away."]

@@ -12,8 +12,9 @@ import httpx2
 import pytest
 
 from constitutional_ai.common.errors import ConfigError
+from constitutional_ai.config import ServePMConfig
 from constitutional_ai.preference_model.reward_model import RewardModel, load_sequence_classifier
-from constitutional_ai.preference_model.server import DynamicBatcher, RewardServer, ServerLimits, split_query
+from constitutional_ai.preference_model.server import DynamicBatcher, RewardServer, split_query
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -36,8 +37,8 @@ def scorer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(scorer):
-    server = RewardServer(scorer, port=0, limits=ServerLimits(max_body_bytes=64 * 1024, max_queries=64,
-                                                              max_query_chars=4096, max_batch_size=16))
+    server = RewardServer(scorer, ServePMConfig(port=0, max_body_bytes=64 * 1024, max_queries=64, max_query_chars=4096,
+                                                max_batch_size=16))
     server.start()
     yield server
     server.shutdown()
@@ -166,7 +167,7 @@ def test_a_long_request_does_not_starve_short_ones():
 
 def test_the_token_guards_the_endpoint_and_the_network(scorer, monkeypatch):
     monkeypatch.setenv("CAI_PM_TOKEN", "s3cret")
-    server = RewardServer(scorer, port=0)
+    server = RewardServer(scorer, ServePMConfig(port=0))
     server.start()
     try:
         body = {"query": ["\n\nHuman: Hi\n\nAssistant: Hello"]}
@@ -179,5 +180,5 @@ def test_the_token_guards_the_endpoint_and_the_network(scorer, monkeypatch):
         server.shutdown()
     monkeypatch.delenv("CAI_PM_TOKEN")
     with pytest.raises(ConfigError, match="CAI_PM_TOKEN"):
-        RewardServer(scorer, host="0.0.0.0", port=0)
-    RewardServer(scorer, host="0.0.0.0", port=0, insecure=True)  # told to: allowed
+        RewardServer(scorer, ServePMConfig(host="0.0.0.0", port=0))
+    RewardServer(scorer, ServePMConfig(host="0.0.0.0", port=0, insecure=True))  # told to: allowed

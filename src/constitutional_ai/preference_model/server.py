@@ -42,6 +42,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handler's a
 from constitutional_ai.common.chat_format import parse_raw
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation
+from constitutional_ai.config import ServePMConfig
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +197,19 @@ class DynamicBatcher:
 
 
 # -- the app ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may ask for; past a limit the reply is 413, never a server out of memory."""
-
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_queries: int = 1024
-    max_query_chars: int = 65536
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def bearer_token(config: ServePMConfig) -> str | None:
+    """The token clients must send (from ``config.token_env``), or None; refuses, before anything is
+    loaded, to listen beyond loopback without one unless ``config.insecure``."""
+    token = os.environ.get(config.token_env) or None
+    if not is_loopback(config.host) and token is None and not config.insecure:
+        raise ConfigError(f"serve_pm.host={config.host} listens beyond this machine with no token; set the "
+                          f"environment variable {config.token_env} (clients send Authorization: Bearer <token>) "
+                          "or pass --serve_pm.insecure")
+    return token
 
 
 def is_loopback(host: str) -> bool:
@@ -221,8 +222,9 @@ def is_loopback(host: str) -> bool:
 
 
 def build_app(score: Callable[[list[Conversation], list[str]], list[float]], name: str,
-              specials: Sequence[str] = (), limits: ServerLimits = ServerLimits(), token: str | None = None) -> Any:
-    """The FastAPI app: ``POST /get_reward`` (and ``/``), ``GET /health``."""
+              specials: Sequence[str] = (), limits: ServePMConfig | None = None, token: str | None = None) -> Any:
+    """The FastAPI app: ``POST /get_reward`` (and ``/``), ``GET /health``; ``limits`` caps what one
+    request may ask for (past a limit the reply is 413, never a server out of memory)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -236,6 +238,7 @@ def build_app(score: Callable[[list[Conversation], list[str]], list[float]], nam
         query: list[StrictStr]
         prompts: list[StrictStr] | None = None
 
+    limits = limits or ServePMConfig()
     batcher = DynamicBatcher(score, limits.max_batch_size, limits.max_wait_ms)
     extra_tokens = tuple(t for t in specials if t)
 
@@ -317,26 +320,22 @@ def build_app(score: Callable[[list[Conversation], list[str]], list[float]], nam
 
 
 class RewardServer:
-    """A PM served on uvicorn: :meth:`serve_forever` for the CLI, :meth:`start`/:meth:`shutdown` for
-    tests and notebooks. Beyond loopback a bearer token is required unless ``insecure``."""
+    """A PM served on uvicorn as ``config`` (the ``serve_pm`` section) says: :meth:`serve_forever` for
+    the CLI, :meth:`start`/:meth:`shutdown` for tests and notebooks."""
 
-    def __init__(self, scorer: Any, host: str = "127.0.0.1", port: int = 5000, limits: ServerLimits = ServerLimits(),
-                 token_env: str = "CAI_PM_TOKEN", insecure: bool = False):
+    def __init__(self, scorer: Any, config: ServePMConfig | None = None):
         import uvicorn
 
-        token = os.environ.get(token_env) or None
-        if not is_loopback(host) and token is None and not insecure:
-            raise ConfigError(f"serve_pm.host={host} listens beyond this machine with no token; set the environment "
-                              f"variable {token_env} (clients send Authorization: Bearer <token>) or pass "
-                              "--serve_pm.insecure")
+        config = config or ServePMConfig()
+        token = bearer_token(config)
         self.scorer = scorer
         specials = tuple(t for t in (scorer.tokenizer.pad_token, scorer.tokenizer.eos_token) if t)
-        self.app = build_app(scorer.score_responses, scorer.name, specials, limits, token)
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", backlog=2048,
-                                timeout_graceful_shutdown=30, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.app = build_app(scorer.score_responses, scorer.name, specials, config, token)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port, log_level="warning",
+                                                    backlog=2048, timeout_graceful_shutdown=30, access_log=False,
+                                                    lifespan="on"))
         self._thread: threading.Thread | None = None
-        self.host, self.port = host, port
+        self.host, self.port = config.host, config.port
 
     @property
     def url(self) -> str:

@@ -8,7 +8,6 @@ out, ``eval_results.json`` and its reliability diagram beside it.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,18 +127,11 @@ def run_eval_pm(config: RunConfig) -> StageResult:
 def serve_pm(config: RunConfig) -> None:
     """Serve until interrupted; the endpoint is printed for OpenRLHF's ``--remote_rm_url``."""
     from constitutional_ai.common.progress import console
-    from constitutional_ai.preference_model.server import RewardServer, ServerLimits, is_loopback
+    from constitutional_ai.preference_model.server import RewardServer, bearer_token
 
-    cfg = config.serve_pm
-    if not is_loopback(cfg.host) and not os.environ.get(cfg.token_env) and not cfg.insecure:  # before loading
-        raise ConfigError(f"serve_pm.host={cfg.host} listens beyond this machine with no token; set the environment "
-                          f"variable {cfg.token_env} (clients send Authorization: Bearer <token>) or pass "
-                          "--serve_pm.insecure")
-    scorer = trained_pm(config, cfg.model, "--pm", config.pm.device)
-    limits = ServerLimits(max_body_bytes=cfg.max_body_bytes, max_queries=cfg.max_queries,
-                          max_query_chars=cfg.max_query_chars, max_batch_size=cfg.max_batch_size,
-                          max_wait_ms=cfg.max_wait_ms)
-    server = RewardServer(scorer, cfg.host, cfg.port, limits, token_env=cfg.token_env, insecure=cfg.insecure)
+    bearer_token(config.serve_pm)  # a refusal costs nothing: checked before the PM loads
+    scorer = trained_pm(config, config.serve_pm.model, "--pm", config.pm.device)
+    server = RewardServer(scorer, config.serve_pm)
     console.print(f"serving {scorer.name} at {server.url} (OpenRLHF: --remote_rm_url {server.url})", highlight=False)
     server.serve_forever()
 
