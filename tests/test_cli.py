@@ -52,7 +52,7 @@ def test_cai_run_offers_what_its_stages_read_less_what_it_wires_itself():
     run_params = {p.replace("__", ".") for p in inspect.signature(_command("run").callback).parameters}
     assert {"critique.n_rounds", "rl.kl_coef", "pm.sources", "eval.judge", "sft.num_train_epochs"} <= run_params
     assert "sft.model_name_or_path" not in run_params  # cai run fine-tunes the policy model
-    assert not any(p.startswith(("dpo.", "serve_pm.", "eval_pm.", "eval_labeler.")) for p in run_params)
+    assert not any(p.startswith(("dpo.", "serve_pm.", "eval_pm.")) for p in run_params)
     sft_params = set(inspect.signature(_command("sft").callback).parameters)
     assert "sft__model_name_or_path" in sft_params and not any(p.startswith("policy__") for p in sft_params)
 
@@ -260,18 +260,51 @@ def test_run_with_an_unreachable_hub_model_fails_at_once_before_any_stage(tmp_pa
     assert not (out / "critique").exists()
 
 
+#: What libraries print when left alone: tqdm bars, dataset maps, load reports, warnings, raw log dicts.
+THIRD_PARTY_NOISE = ("it/s]", "examples/s]", "Loading weights", "Writing model shards", "LOAD REPORT",
+                     "Warning", "warnings.warn", "Token indices sequence length", "{'loss'", "{'train_runtime'",
+                     "pin_memory")
+
+
 @pytest.mark.slow
-def test_cai_run_on_the_embedded_default_completes_in_a_subprocess_with_every_artifact(tmp_path):
+def test_cai_run_on_the_embedded_default_is_quiet_and_ends_with_a_summary_matching_summary_json(tmp_path):
+    from constitutional_ai.report.headline import format_headline
+
     out = tmp_path / "default"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run(_cai("run", "-o", str(out), "--no-progress"), env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "CAI_CACHE_DIR": str(tmp_path / "cache")}  # the demo build too
+    done = subprocess.run(_cai("run", "-o", str(out)), env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     for artifact in ("critique/records.jsonl", "sft/model/model.safetensors", "labels/records.jsonl",
-                     "pm/model/pm_info.json", "rl/model/model.safetensors", "eval/elo.json", "eval/elo.png",
-                     "eval/revisions.png", "eval/rl_reward.png", "report.html", "report.md"):
+                     "eval_labeler/results.json", "pm/model/pm_info.json", "rl/model/model.safetensors",
+                     "eval/elo.json", "eval/elo.png", "eval/revisions.png", "eval/rl_reward.png", "report.html",
+                     "report.md", "summary.json", "cai.log"):
         assert (out / artifact).is_file(), artifact
     assert "These are toy models" in (out / "report.html").read_text()
+    for noise in THIRD_PARTY_NOISE:
+        assert noise not in done.stdout and noise not in done.stderr, noise
+    log = (out / "cai.log").read_text()
+    assert "LOAD REPORT" in log or "pin_memory" in log  # what the console was spared is kept, not lost
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert "cai run finished in " in done.stdout and f"({summary['total_seconds']:.1f} s)" in done.stdout
+    assert list(summary["stages"]) == ["critique", "export_sft", "sft", "pairs", "labels", "eval_labeler", "pm",
+                                       "rl", "eval"]
+    for name, stage in summary["stages"].items():
+        assert stage["status"] == "complete" and not stage["skipped"], name
+        assert f"{stage['seconds']:7.1f} s  {stage['produced']}" in done.stdout, name
+    assert summary["stages"]["critique"]["produced"] == "52 prompts"
+    assert summary["stages"]["rl"]["produced"] == "16 steps"
+    head = summary["headline"]
+    assert set(head) == {"elo", "pm", "labeler", "rl"} and head["labeler"]["n"] == 24
+    assert head["labeler"]["position_bias"] is not None and head["rl"]["steps"] == 16
+    assert set(head["elo"]["harmless"]) == {"initial", "sft", "rl"}
+    lines = format_headline(head)
+    assert len(lines) >= 4 and all(line in done.stdout for line in lines)
+    assert f"report:  {out / 'report.html'}" in done.stdout
+
+    again = subprocess.run(_cai("run", "-o", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (unchanged)") == 9 and all(line in again.stdout for line in lines)
 
 
 def test_a_run_killed_mid_stage_completes_on_the_next_run_with_every_artifact(tmp_path, tiny_model_dir):

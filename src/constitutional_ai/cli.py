@@ -46,7 +46,8 @@ from constitutional_ai.config import UNSET_SECTION_DEFAULTS, RunConfig
 ALIASES: dict[str, tuple[str, ...]] = {
     "--enable-prefix-caching": ("policy.enable_prefix_caching",),
     "--gradient-checkpointing": ("pm.gradient_checkpointing",),
-    "--output-dir": ("output_dir",), "-o": ("output_dir",), "--model": ("policy.model_name_or_path",),
+    "--output-dir": ("output_dir",), "-o": ("output_dir",), "-v": ("verbose",),
+    "--model": ("policy.model_name_or_path",),
     "-m": ("policy.model_name_or_path",), "--model-revision": ("policy.revision",), "--device": ("policy.device",),
     "--dtype": ("policy.dtype",), "--model-batch-size": ("policy.batch_size",),
     "--prefix-cache-tokens": ("policy.prefix_cache_tokens",), "--max-context": ("policy.max_context",),
@@ -291,7 +292,12 @@ def build_command(func: Callable[[RunConfig], Any], fields: list[Field]) -> Call
         overrides = {by_param[k].path: v for k, v in kwargs.items() if v is not None and v != ()}
         with user_errors():
             base = RunConfig.from_yaml(config_file) if config_file else RunConfig()
-            func(base.with_overrides(overrides) if overrides else base)
+            config = base.with_overrides(overrides) if overrides else base
+            from constitutional_ai.common.console_log import quiet_console
+            from constitutional_ai.layout import RunLayout
+
+            with quiet_console(RunLayout(config.output_dir).log, config.verbose):
+                func(config)
 
     aliases = _aliases(fields)
     params = [inspect.Parameter(
@@ -345,11 +351,15 @@ def _stage_command(name: str, help_text: str) -> Callable[[RunConfig], None]:
 def run(config: RunConfig) -> None:
     """The whole pipeline on one config: critique, SFT, pairs, labels, PM, RL, evaluation, report.
     Complete and unchanged stages are skipped; changed ones run again; an interrupted one resumes."""
-    from constitutional_ai.stages.pipeline import run_pipeline
+    from constitutional_ai.common.progress import results
+    from constitutional_ai.stages.pipeline import run_pipeline, summary_lines
 
-    summary = run_pipeline(config, progress=lambda line: console.print(f"[bold]cai run[/] {line}", highlight=False))
-    print_summary("run", {name: ("skipped (unchanged)" if s["skipped"] else f"{s['seconds']} s")
-                          for name, s in summary.items() if isinstance(s, dict)} | {"report": summary["report"]})
+    summary = run_pipeline(config)
+    from constitutional_ai.training.common import is_main_process
+
+    if is_main_process():
+        for line in summary_lines(summary):
+            results.print(line, highlight=False, soft_wrap=True)
 
 
 def register_commands() -> None:
@@ -371,14 +381,27 @@ def register_commands() -> None:
 
 
 @app.command("report")
-def report(run_dir: Annotated[Path, typer.Argument(help="A run's --output-dir.")] = Path("runs/default")) -> None:
-    """Rebuild a run's HTML report and Markdown summary from what is in its directory."""
-    from constitutional_ai.report.build import build_report
+def report(run_dir: Annotated[Path, typer.Argument(help="A run's --output-dir.")] = Path("runs/default"),
+           other: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
+               help="A second run's --output-dir: compare the two side by side.")] = None,
+           output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+               "--output", "-o", help="Where to write the comparison page; default: RUN_DIR/compare.html.")] = None,
+           ) -> None:
+    """Rebuild a run's HTML report and Markdown summary from what is in its directory; with a second
+    run, write one page comparing them (constitution diff, config differences, metric deltas, answers)."""
     from constitutional_ai.stages import registry
 
     with user_errors():
-        path = build_report(run_dir, registry.report_sections())
-    console.print(f"wrote {path} and {path.with_name('report.md')}", highlight=False)
+        if other is None:
+            from constitutional_ai.report.build import build_report
+
+            path = build_report(run_dir, registry.report_sections())
+            console.print(f"wrote {path} and {path.with_name('report.md')}", highlight=False)
+        else:
+            from constitutional_ai.report.compare import compare_runs
+
+            path = compare_runs(run_dir, other, registry.report_sections(), output)
+            console.print(f"wrote {path}", highlight=False)
 
 
 @app.command("config")

@@ -250,11 +250,15 @@ class FeedbackConfig(_Base):
 class LabelerEvalConfig(_Base):
     """``cai eval-labeler``: a feedback configuration against data with known answers."""
 
-    data: str = Field("", description="JSONL: paper-style multiple choice (prompt/corrects/incorrects) or "
-                                      "pairwise chosen/rejected transcripts (hh-rlhf).")
+    data: str = Field("embedded:labeler", description="JSONL: paper-style multiple choice (prompt/corrects/"
+                                                      "incorrects) or pairwise chosen/rejected transcripts (hh-rlhf); "
+                                                      "embedded:labeler is 24 bundled pairs with known answers.")
     format: Literal["auto", "multiple_choice", "pairwise"] = Field("auto", description="How to read data.")
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many items.")
     n_bins: int = Field(10, ge=1, description="Confidence bins for ECE and the reliability diagram.")
+    both_orders: bool = Field(True, description="Score every item in both option orders, whatever "
+                                                "feedback.both_orders says: the position-bias rate needs both "
+                                                "(accuracy is then that of the two orders averaged).")
 
 
 class SFTExportConfig(_Base):
@@ -384,12 +388,13 @@ class RLConfig(TrainingConfig):
                                                    "or a model directory.")
     learning_rate: float = Field(1e-5, gt=0.0, description="Policy learning rate.")
     value_learning_rate: float | None = Field(None, gt=0.0, description="Value learning rate; unset: the policy's.")
-    total_steps: int = Field(40, ge=1, description="PPO updates (rollout + optimisation); real runs want hundreds.")
+    total_steps: int = Field(16, ge=1, description="PPO updates (rollout + optimisation): the default is a first "
+                                                   "look (about a minute on the demo); real runs want hundreds.")
     batch_size: int = Field(16, ge=1, description="Prompts per rollout.")
     num_mini_batches: int = Field(2, ge=1, description="Minibatches per PPO epoch.")
     ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs per rollout.")
     num_generations: int = Field(4, ge=2, description="rloo/grpo: samples per prompt.")
-    max_new_tokens: int = Field(48, ge=1, description="Longest response sampled.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest response sampled.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
     kl_coef: float = Field(0.05, ge=0.0, description="Per-token KL penalty against the reference (paper's "
                                                      "RLHF: 0.001).")
@@ -513,6 +518,8 @@ class RunConfig(_Base):
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")
+    verbose: bool = Field(False, description="Also show the libraries' own progress bars, warnings and logs on "
+                                             "the console (they always go to OUTPUT_DIR/cai.log).")
 
     @field_validator("output_dir")
     @classmethod

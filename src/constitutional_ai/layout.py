@@ -50,6 +50,8 @@ class RunLayout:
     pipeline = _Entry("pipeline.json", "cai run: each stage's identity, status and seconds")
     report = _Entry("report.html", "cai report: the HTML page")
     report_md = _Entry("report.md", "cai report: the Markdown summary")
+    summary = _Entry("summary.json", "cai run: total and per-stage time, what each stage made, headline figures")
+    log = _Entry("cai.log", "everything the libraries said (logs, warnings, their progress), every command")
 
     critique = _Entry("critique", "SL-CAI record store: initial response, critiques and revisions per prompt")
     critique_records = _Entry(f"critique/{RECORDS}", "one record per red-team prompt")
@@ -75,7 +77,7 @@ class RunLayout:
     elo = _Entry("eval/elo.json", "Elo per prompt set with bootstrap intervals, and the curves' figures")
     elo_plot = _Entry("eval/elo.png", "harmlessness against helpfulness Elo")
     revisions_plot = _Entry("eval/revisions.png", "PM score after each critique-revision round")
-    rl_reward_plot = _Entry("eval/rl_reward.png", "PM score over RL training")
+    rl_reward_plot = _Entry("eval/rl_reward.png", "reward, KL and response length over RL training")
     eval_labeler = _Entry("eval_labeler", "eval-labeler record store")
     labeler_results = _Entry("eval_labeler/results.json", "labeler accuracy, calibration, position bias")
     labeler_plot = _Entry("eval_labeler/reliability.png", "labeler reliability diagram")

@@ -117,19 +117,21 @@ def hh_pair(chosen: str, rejected: str) -> tuple[Conversation, str, str]:
 
 
 # -- raw rows -----------------------------------------------------------------------------------------
-def _embedded_path(name: str) -> Path:
-    ref = resources.files("constitutional_ai") / "resources" / "prompts" / f"{name}.jsonl"
+def embedded_path(name: str, folder: str = "prompts") -> Path:
+    """The file an ``embedded:NAME`` source means: data shipped in the package's ``resources/FOLDER``
+    (prompts: red_team, helpful; eval: labeler)."""
+    directory = resources.files("constitutional_ai") / "resources" / folder
+    ref = directory / f"{name}.jsonl"
     if not ref.is_file():
-        names = sorted(p.name.removesuffix(".jsonl") for p in
-                       (resources.files("constitutional_ai") / "resources" / "prompts").iterdir())
-        raise DataError(f"embedded:{name}: no such embedded prompt set; choose one of {', '.join(names)}")
+        names = sorted(p.name.removesuffix(".jsonl") for p in directory.iterdir())
+        raise DataError(f"embedded:{name}: no such embedded {folder} set; choose one of {', '.join(names)}")
     return Path(str(ref))
 
 
 def iter_rows(config: PromptSourceConfig, report: PromptReport) -> Iterator[Row]:
     """A prompt source's rows; a JSONL line that is not JSON is reported as malformed, not raised."""
     spec = config.path
-    source = _embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else spec
+    source = embedded_path(spec[len(EMBEDDED):]) if spec.startswith(EMBEDDED) else spec
     return read_rows(source, "auto" if config.format == "hh" else config.format, name=spec, split=config.split,
                      subset=config.subset, data_dir=config.data_dir,
                      on_bad_line=lambda where: report.skip("malformed", where),

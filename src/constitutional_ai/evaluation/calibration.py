@@ -26,10 +26,12 @@ from typing import Any
 __all__ = [
     "binary_accuracy",
     "calibration_summary",
+    "difference_interval",
     "expected_calibration_error",
     "position_bias_rate",
     "reliability_bins",
     "reliability_diagram",
+    "wilson_interval",
 ]
 
 # Bin edges are compared with this slack so that a confidence written as a decimal edge (0.6,
@@ -213,3 +215,34 @@ def position_bias_rate(p_first_order: Sequence[float], p_second_order: Sequence[
         )
     same_slot = sum(1 for a, b in zip(p1, p2, strict=False) if (a > 0.5 and b > 0.5) or (a < 0.5 and b < 0.5))
     return same_slot / len(p1)
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on ``n`` items.
+
+    Evaluation sets here are small (5 held-out pairs on the toy run, a few hundred on a real one),
+    and the normal approximation then gives intervals outside [0, 1] or of zero width at 0% and
+    100%; Wilson's stays inside and honest. ``accuracy`` may count half-credit ties, so it is taken
+    as a rate rather than a count of successes.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise ValueError(f"accuracy = {accuracy!r} is not a rate in [0, 1]")
+    z2 = z * z
+    centre = (accuracy + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(a: float, a_interval: tuple[float, float], b: float,
+                        b_interval: tuple[float, float]) -> tuple[float, float]:
+    """Interval of ``b - a`` for two independent estimates, from each one's own interval (MOVER,
+    Newcombe's method for two proportions).
+
+    Two runs are measured on different samples, so "B is better" needs the uncertainty of both; the
+    intervals may be asymmetric (Wilson, bootstrap), which adding standard errors would ignore.
+    """
+    (a_lo, a_hi), (b_lo, b_hi) = a_interval, b_interval
+    d = b - a
+    return d - math.hypot(b - b_lo, a_hi - a), d + math.hypot(b_hi - b, a - a_lo)

@@ -1,8 +1,9 @@
 """The other figures of the paper's evaluation: PM score after each revision round, the share of
-evasive answers, and PM score over RL training."""
+evasive answers, and PM score (with the KL and response length it came with) over RL training."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,28 +59,82 @@ def pm_score_by_revision(critique_records: Path, reward_fn: RewardFn, limit: int
 
 def rl_reward_curve(rl_records: Path) -> list[tuple[int, float]]:
     """``(step, mean reward)`` of every logged RL step (ours or TRL's)."""
-    out = []
+    return rl_metric_curves(rl_records).get("reward", [])
+
+
+#: Each RL figure's series and the record keys that carry it, first match wins: our PPO's names,
+#: then TRL's (GRPO/RLOO log ``reward``, ``kl``, ``completions/mean_length``; older TRL logged the
+#: ``objective/...`` names). A run made by any of them is read by this one table.
+RL_SERIES: dict[str, tuple[str, ...]] = {
+    "reward": ("reward", "objective/scores", "rewards/preference_model/mean"),
+    "kl": ("kl", "objective/kl"),
+    "response_length": ("response_length", "completions/mean_length"),
+}
+
+
+def rl_metric_curves(rl_records: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{series: [(step, value), ...]}`` for each of :data:`RL_SERIES` the run logged; a series
+    it never logged (TRL leaves out KL when its beta is 0) is absent rather than empty."""
+    curves: dict[str, dict[int, float]] = {name: {} for name in RL_SERIES}
     for r in read_records(rl_records):
-        if "reward" in r and "step" in r:
-            out.append((int(r["step"]), float(r["reward"])))
-    return sorted(out)
+        if "step" not in r:
+            continue
+        for name, keys in RL_SERIES.items():
+            key = next((k for k in keys if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])), None)
+            if key is not None:
+                curves[name][int(r["step"])] = float(r[key])
+    return {name: sorted(points.items()) for name, points in curves.items() if points}
 
 
-def plot_curve(points: Sequence[tuple[float, float]], path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+def _axes_style(ax: Any, integer_x: bool) -> None:
+    if integer_x:  # rounds and steps are counts: a tick at 2.5 would name a step that never happened
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def curve_figure(panels: Sequence[tuple[Sequence[tuple[float, float]], str]], title: str, xlabel: str,
+                 integer_x: bool = False) -> Any:
+    """A figure of one or more ``(points, ylabel)`` panels stacked on a shared x axis; drawn on a
+    bare Agg figure, never pyplot, so it needs no display and leaves the process's backend alone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4 if len(panels) == 1 else 1.2 + 2.0 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([x for x, _ in points], [y for _, y in points], "o-")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (points, ylabel) in zip(axes, panels, strict=True):
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", markersize=3)
+        ax.set_ylabel(ylabel)
+        _axes_style(ax, integer_x)
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def plot_curve(points: Sequence[tuple[float, float]], path: Path, title: str, xlabel: str, ylabel: str,
+               integer_x: bool = False) -> Path:
+    return _save(curve_figure([(points, ylabel)], title, xlabel, integer_x), path)
+
+
+def rl_figure(curves: dict[str, list[tuple[int, float]]]) -> Any:
+    """Reward, KL and response length over RL steps, one panel each: a rising reward means little
+    without the KL it cost and the length it came with (a PM that likes long answers is gamed by
+    length alone)."""
+    labels = {"reward": "mean reward (PM)", "kl": "KL to reference", "response_length": "response length (tokens)"}
+    panels = [(curves[name], labels[name]) for name in RL_SERIES if curves.get(name)]
+    return curve_figure(panels, "RL training: reward, KL and response length", "step", integer_x=True)
+
+
+def plot_rl_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    return _save(rl_figure(curves), path)
 
 
 def extra_figures(records: list[dict[str, Any]], reward_fn: RewardFn | None, limit: int, critique_records: Path,
@@ -94,10 +149,10 @@ def extra_figures(records: list[dict[str, Any]], reward_fn: RewardFn | None, lim
         if means:
             out["pm_score_by_revision"] = means
             plot_curve(list(enumerate(means)), revisions_plot, "PM score after each revision round",
-                       "revision round (0 = initial response)", "mean PM score")
+                       "revision round (0 = initial response)", "mean PM score", integer_x=True)
     if rl_records.is_file():
-        curve = rl_reward_curve(rl_records)
-        if curve:
-            out["rl_reward"] = curve
-            plot_curve(curve, rl_reward_plot, "PM score over RL training", "step", "mean reward")
+        curves = rl_metric_curves(rl_records)
+        if curves:
+            out.update({f"rl_{name}": points for name, points in curves.items()})
+            plot_rl_curves(curves, rl_reward_plot)
     return out

@@ -20,7 +20,7 @@ from constitutional_ai.backends import LanguageModel
 from constitutional_ai.common.chat_format import parse_raw
 from constitutional_ai.common.errors import DataError
 from constitutional_ai.common.seeding import derive_seed
-from constitutional_ai.data.prompts import conversation_key, hh_pair, hh_split
+from constitutional_ai.data.prompts import EMBEDDED, conversation_key, embedded_path, hh_pair, hh_split
 from constitutional_ai.data.readers import read_rows
 from constitutional_ai.evaluation.calibration import calibration_summary, position_bias_rate, reliability_diagram
 from constitutional_ai.feedback.labeler import Comparison, FeedbackLabeler, position_pairs
@@ -42,7 +42,7 @@ def _is_multiple_choice(row: dict[str, Any]) -> bool:
 
 def load_eval_items(path: str, fmt: str = "auto", limit: int | None = None) -> list[EvalItem]:
     """Read eval data; rows that fit neither format are a one-line error naming the line."""
-    file = Path(path)
+    file = embedded_path(path[len(EMBEDDED):], "eval") if path.startswith(EMBEDDED) else Path(path)
     if not path or not file.is_file():
         raise DataError(f"{path or '(none)'}: eval data not found; pass --data FILE.jsonl")
     # the paper's few-shot files are JSON lists; anything else is JSONL, whatever its suffix

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-DEMO_MODEL_VERSION = "v2"
+DEMO_MODEL_VERSION = "v3"
 
 
 def bundled_corpus() -> list[str]:
@@ -103,12 +103,13 @@ def cache_dir() -> Path:
 
 
 def pretrain_on_corpus(path: str | Path, corpus: list[str], steps: int = 300, seq_len: int = 96,
-                       batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
+                       batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+                       on_step: Callable[[int, float], None] | None = None) -> float:
     """A few hundred next-token steps on ``corpus`` so the demo model writes words, not bytes.
 
     It learns the bundled text's vocabulary and phrasing in seconds; it is not aligned and not a
     language model anyone should use, only enough for the offline demo to read like the real thing.
-    Returns the final training loss.
+    ``on_step(step, loss)`` follows progress. Returns the final training loss.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,13 +117,14 @@ def pretrain_on_corpus(path: str | Path, corpus: list[str], steps: int = 300, se
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tokenizer("\n\n".join(corpus), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # one long stream, cut into windows below: longer than the model's context on purpose
+    ids = tokenizer("\n\n".join(corpus), add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
         batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
@@ -131,6 +133,8 @@ def pretrain_on_corpus(path: str | Path, corpus: list[str], steps: int = 300, se
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
     model.eval()
     _save_quietly(model, path)
     return float(loss.detach())
@@ -146,22 +150,35 @@ def _save_quietly(model: Any, path: Path) -> None:
         hf_logging.enable_progress_bar()
 
 
+#: The demo model's training: enough steps to write the bundled text's words (loss about 2),
+#: few enough to build in well under half a minute on two cores.
+DEMO_STEPS = 120
+DEMO_LR = 4e-3
+
+
 def ensure_demo_model() -> Path:
-    """Build the offline demo model once (about half a minute on a laptop CPU) and reuse it.
+    """Build the offline demo model once (under half a minute on two CPU cores, with its own
+    progress bar) and reuse it from the cache.
 
     Built in a temporary directory and renamed into place, so concurrent runs and a kill halfway
     never leave a broken model in the cache.
     """
+    from constitutional_ai.common.progress import StageProgress, console
+
     target = cache_dir() / f"tiny-demo-{DEMO_MODEL_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"building the offline demo model once (cached in {target})", highlight=False)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-demo-", dir=target.parent))
     corpus = bundled_corpus()
-    build_tiny_causal_lm(tmp, corpus=corpus, hidden_size=128, num_layers=4, num_heads=4)
-    loss = pretrain_on_corpus(tmp, corpus)
+    with StageProgress("demo model", total=DEMO_STEPS, unit="steps") as bar:
+        bar.update(0, status="training a tokenizer")
+        build_tiny_causal_lm(tmp, corpus=corpus, hidden_size=128, num_layers=4, num_heads=4)
+        loss = pretrain_on_corpus(tmp, corpus, steps=DEMO_STEPS, lr=DEMO_LR,
+                                  on_step=lambda step, loss: bar.update(step, status=f"loss {loss:.2f}"))
     (tmp / "DEMO_MODEL.json").write_text(json.dumps({
-        "note": "offline demo model: random init, a few hundred steps on the package's own text; not aligned",
+        "note": f"offline demo model: random init, {DEMO_STEPS} steps on the package's own text; not aligned",
         "final_loss": round(loss, 3)}))
     try:
         tmp.rename(target)

@@ -1,186 +1,211 @@
-"""``cai report DIR``: one static HTML page (and a Markdown summary) of what a run did.
+"""``cai report DIR``: one static HTML page (and a Markdown summary) of what a run did, made to be
+forwarded: plots inlined, every metric with the sample it rests on and its 95% interval, and what
+to do next.
 
-Everything comes from the run directory: the config and constitution, each stage's manifest and
-info files (timings, throughput), the evaluation JSONs (labeler and PM accuracy and calibration,
-Elo), their PNG plots, and side-by-side samples (initial response, every critique and revision,
-the RL policy's answer to the same prompt). Missing stages are simply left out, so the report
-works on a partial run too. No JavaScript, no network: the page opens from disk.
+Everything comes from the run directory: the config and the constitution snapshot, each stage's
+manifest (status, count, timing), the headline figures (``report.headline``, shared with ``cai
+run``'s closing lines), the plots stages declare, and side-by-side samples (initial response, every
+critique and revision, each checkpoint's answer to the same prompt). Missing stages are left out,
+so the report works on a partial run too. No JavaScript, no network: the page opens anywhere.
 """
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.config import EMBEDDED_MODEL, RunConfig
-from constitutional_ai.data.store import MANIFEST, read_records, write_atomic
-from constitutional_ai.layout import PM_INFO, RunLayout
+from constitutional_ai.config import EMBEDDED_MODEL
+from constitutional_ai.data.store import MANIFEST, write_atomic
+from constitutional_ai.layout import RunLayout
+from constitutional_ai.report.headline import format_headline, headline
+from constitutional_ai.report.render import (
+    count,
+    duration,
+    esc,
+    figure,
+    interval,
+    next_steps_html,
+    next_steps_markdown,
+    page,
+    signed,
+    table,
+)
+from constitutional_ai.report.sources import read_json, records, run_config, run_constitution
 from constitutional_ai.report.spec import ReportSpec
 
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
+#: Plots shown inside the section about the figure they illustrate; any other declared plot
+#: (a plug-in's too) goes under "Figures".
+SECTION_PLOTS = {"elo_plot": "elo", "labeler_plot": "labeler", "pm_plot": "pm", "rl_reward_plot": "rl"}
+TOY_TITLE = "These are toy models."
+TOY_TEXT = ("The embedded default trains tiny models for a few hundred steps on the package's own text so that "
+            "the whole pipeline runs offline in minutes; their text is word salad and the numbers below show the "
+            "machinery, not alignment.")
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _stage_row(name: str, spec: ReportSpec, manifest: dict[str, Any], seconds: Any) -> dict[str, Any]:
+    """Counts carry their unit: "12" alone does not say whether a stage saw prompts or steps. A
+    training store holds log entries, so its manifest's step count is shown beside them."""
+    n = manifest.get("records")
+    steps = manifest.get("global_step", manifest.get("steps"))
+    steps = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    text = count(n, spec.unit) if isinstance(n, int) else ""
+    if steps is not None and (steps != n or spec.unit != "steps"):
+        text += f" ({count(steps, 'training steps')})"
+    seconds = float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
+    rate, done, unit = None, steps or n, "steps" if steps else spec.unit
+    if seconds and isinstance(done, int) and done > 0:  # slow stages read better as time per item
+        per = done / seconds
+        rate = f"{per:.3g} {unit}/s" if per >= 1 else f"{duration(seconds / done)} per {count(1, unit)[2:]}"
+    return {"stage": name, "status": manifest.get("status"), "records": text, "time": duration(seconds),
+            "rate": rate}
 
 
 def collect(run: Path, sections: list[tuple[str, ReportSpec]]) -> dict[str, Any]:
     """Every figure the report shows, from the files a run left; ``sections`` says, stage by stage in
     order, which record store and plots to show."""
-    facts: dict[str, Any] = {"run": str(run)}
     layout = RunLayout(run)
-    config_file = layout.config
-    config = RunConfig.from_yaml(config_file) if config_file.is_file() else None
-    facts["config_yaml"] = config_file.read_text(encoding="utf-8") if config else None
+    config = run_config(run)
+    facts: dict[str, Any] = {"run": str(run), "headline": headline(run)}
+    facts["config_yaml"] = layout.config.read_text(encoding="utf-8") if layout.config.is_file() else None
     facts["toy"] = config is None or config.policy.model_name_or_path == EMBEDDED_MODEL
-    pipeline = _json(layout.pipeline) or {}
-    timings = {name: entry.get("seconds") for name, entry in pipeline.items() if isinstance(entry, dict)}
-    stages, plots = [], []
+    timings = {n: e.get("seconds") for n, e in (read_json(layout.pipeline) or {}).items() if isinstance(e, dict)}
+    stages, plots = [], {}
     for name, spec in sections:
-        manifest = _json(layout.path(spec.store) / MANIFEST)
+        manifest = read_json(layout.path(spec.store) / MANIFEST)
         if manifest:
             seconds = timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds")
-            records = manifest.get("records")
-            stages.append({"stage": name, "status": manifest.get("status"), "records": records,
-                           "unit": spec.unit, "seconds": seconds,
-                           "records/s": round(records / seconds, 2) if records and seconds else None})
+            stages.append(_stage_row(name, spec, manifest, seconds))
         for plot in spec.plots:
-            path = layout.path(plot.entry)
-            if path.is_file():
-                plots.append((str(path.relative_to(run)), plot.caption))
-    facts["stages"] = stages
-    facts["pm_info"] = _json(layout.pm_model / PM_INFO)
-    facts["pm_eval"] = _json(layout.pm_eval)
-    facts["labeler_eval"] = _json(layout.labeler_results)
-    facts["elo"] = _json(layout.elo)
-    facts["plots"] = plots
-    records = list(read_records(layout.critique_records))[:5] if layout.critique_records.is_file() else []
-    facts["constitution_hash"] = records[0]["constitution_hash"] if records else None
-    if config is not None:
-        try:
-            from constitutional_ai.constitution import Constitution
-
-            constitution = Constitution.load(config.constitution)
-            facts["constitution_hash"] = constitution.hash
-            facts["principles"] = [p.id for p in constitution.critique_revision]
-            facts["comparison_principles"] = len(constitution.comparison)
-        except Exception:  # the report must not fail on a moved constitution file
-            facts["principles"] = None
+            if layout.path(plot.entry).is_file():
+                plots[plot.entry] = (layout.path(plot.entry), plot.caption)
+    facts["stages"], facts["plots"] = stages, plots
+    recorded = run_constitution(run)
+    critique = records(layout.critique_records)[:5]
+    facts["constitution_source"] = recorded.source
+    facts["constitution_hash"] = recorded.constitution.hash if recorded.constitution else (
+        critique[0].get("constitution_hash") if critique else None)
+    if recorded.constitution is not None:
+        facts["principles"] = [p.id for p in recorded.constitution.critique_revision]
+        facts["comparison_principles"] = len(recorded.constitution.comparison)
+    facts["elo"] = read_json(layout.elo)
+    facts["pm_eval"] = read_json(layout.pm_eval)
     answers: dict[str, dict[str, str]] = {}
-    if layout.eval_records.is_file():
-        for r in read_records(layout.eval_records):
-            if r.get("set") == "harmless":
-                answers.setdefault(r["prompt_key"], {})[r["model"]] = r["response"]
+    for r in records(layout.eval_records):
+        if r.get("set") == "harmless" and "prompt_key" in r:
+            answers.setdefault(r["prompt_key"], {})[str(r.get("model"))] = str(r.get("response", ""))
     facts["samples"] = [{"prompt": r["prompt"][-1]["content"], "initial": r["initial_response"],
-                         "rounds": r.get("rounds", []), "answers": answers.get(r["key"], {})} for r in records]
+                         "rounds": r.get("rounds", []), "answers": answers.get(r["key"], {})} for r in critique]
     return facts
 
 
+def _elo_html(facts: dict[str, Any]) -> list[str]:
+    elo = facts["headline"].get("elo")
+    if not elo:
+        return []
+    raw = facts.get("elo") or {}
+    evasive = raw.get("evasive_fraction", {}).get("harmless", {})
+    sets = [s for s in ("harmless", "helpful") if s in elo]
+    rows = [{"checkpoint": m, **{f"{s} Elo [95% CI]": f"{signed(elo[s][m]['elo'], 1)} "
+                                 f"{interval(elo[s][m]['lower'], elo[s][m]['upper'], 1)}" for s in sets if m in elo[s]},
+             "evasive answers (red-team)": f"{evasive[m]:.0%}" if m in evasive else None}
+            for m in dict.fromkeys(m for s in sets for m in elo[s])]
+    prompts = elo.get("prompts", {})
+    rests = ", ".join(f"{count(prompts[s], 'prompts')} ({s})" for s in sets if s in prompts)
+    judge = raw.get("judge")
+    return ["<h2>Elo</h2>", f"<p>Anchored on <code>{esc(raw.get('anchor', ''))}</code>"
+            + (f", judged by the {esc(judge)}" if judge else "") + (f", on {esc(rests)}" if rests else "")
+            + "; 95% bootstrap intervals.</p>", table(rows, list(rows[0]))]
+
+
+def _accuracy_row(m: dict[str, Any], unit: str) -> dict[str, Any]:
+    return {"accuracy": f"{m['accuracy']:.3f}", "95% CI (Wilson)": interval(m["lower"], m["upper"]),
+            "measured on": count(m["n"], unit), "ECE": f"{m['ece']:.3f}" if m.get("ece") is not None else None}
+
+
+def _quality_html(facts: dict[str, Any]) -> dict[str, list[str]]:
+    h, out = facts["headline"], {}
+    if h.get("labeler"):
+        m = h["labeler"]
+        row = _accuracy_row(m, "items")
+        if m.get("position_bias") is not None:
+            row["position bias"] = f"{m['position_bias']:.2f}" + (
+                f" on {count(m['position_bias_n'], 'comparisons')}" if m.get("position_bias_n") else "")
+        out["labeler"] = ["<h2>Feedback labeler</h2><p>How often the AI labeler picks the better response on data "
+                          "with known answers, how honest its probabilities are (ECE; the reliability diagram "
+                          "below), and how often it picks the same slot whichever order the pair is shown in.</p>",
+                          table([row], list(row))]
+    if h.get("pm"):
+        row = _accuracy_row(h["pm"], "held-out pairs")
+        margin = (facts.get("pm_eval") or {}).get("mean_margin")
+        row["mean margin"] = f"{margin:.3f}" if isinstance(margin, (int, float)) else None
+        out["pm"] = ["<h2>Preference model</h2>", table([row], list(row))]
+    if h.get("rl"):
+        out["rl"] = ["<h2>RL training</h2>", *(f"<p>{esc(line)}</p>" for line in format_headline({"rl": h["rl"]}))]
+    return out
+
+
+def _samples_html(samples: list[dict[str, Any]]) -> list[str]:
+    parts = ["<h2>Samples</h2>"] if samples else []
+    for sample in samples:
+        rows = [{"step": "prompt", "text": sample["prompt"]}, {"step": "initial response", "text": sample["initial"]}]
+        for r in sample["rounds"]:
+            rows += [{"step": f"critique {r.get('round')} ({r.get('principle_id')})", "text": r.get("critique")},
+                     {"step": f"revision {r.get('round')}", "text": r.get("revision")}]
+        rows += [{"step": f"answer of {m}", "text": a} for m, a in sample["answers"].items()]
+        parts.append("<div class='sample'>" + table(rows, ["step", "text"]) + "</div>")
+    return parts
+
+
 def render_html(facts: dict[str, Any]) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Constitutional AI run report</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
-             "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:left;vertical-align:top}img{max-width:100%;border:1px solid #ddd}"
-             ".note{background:#fff6d6;border:1px solid #e8c95a;padding:.6em 1em}pre{background:#f5f5f5;"
-             "padding:1em;overflow:auto;font-size:12px}.sample td{max-width:420px;white-space:pre-wrap}</style>",
-             "</head><body><h1>Constitutional AI run report</h1>",
-             f"<p>Run directory: <code>{_esc(facts['run'])}</code>"]
+    body = [f"<p>Run directory: <code>{esc(facts['run'])}</code>"]
     if facts.get("constitution_hash"):
-        parts.append(f"<br>Constitution: <code>{_esc(facts['constitution_hash'])}</code>")
-    parts.append("</p>")
+        body.append(f"<br>Constitution: <code>{esc(facts['constitution_hash'])}</code> "
+                    f"(from {esc(facts['constitution_source'])})")
+    body.append("</p>")
     if facts["toy"]:
-        parts.append("<p class='note'><b>These are toy models.</b> The embedded default trains tiny models for a "
-                     "few hundred steps on the package's own text so that the whole pipeline runs offline in "
-                     "minutes; their text is word salad and the numbers below show the machinery, not alignment. "
-                     "To run the same pipeline on a real model: <code>cai run --config "
-                     "configs/one-gpu-qwen.yaml</code>.</p>")
+        body.append(f"<p class='note'><b>{esc(TOY_TITLE)}</b> {esc(TOY_TEXT)} "
+                    "To run the same pipeline on a real model: <code>cai run --config configs/one-gpu-qwen.yaml"
+                    "</code>.</p>")
+    lines = format_headline(facts["headline"])
+    if lines:
+        body.append("<h2>Headline</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>")
+    body.append(next_steps_html())
     if facts.get("principles"):
-        parts.append(f"<h2>Constitution</h2><p>{len(facts['principles'])} critique/revision principles, "
-                     f"{facts.get('comparison_principles', 0)} comparison principles: "
-                     + ", ".join(f"<code>{_esc(p)}</code>" for p in facts["principles"]) + "</p>")
+        body.append(f"<h2>Constitution</h2><p>{len(facts['principles'])} critique/revision principles, "
+                    f"{facts.get('comparison_principles', 0)} comparison principles: "
+                    + ", ".join(f"<code>{esc(p)}</code>" for p in facts["principles"]) + "</p>")
     if facts["stages"]:
-        parts.append("<h2>Stages</h2>" + _table(facts["stages"], ["stage", "status", "records", "seconds",
-                                                                  "records/s"]))
-    elo = facts.get("elo")
-    if elo:
-        rows = [{"checkpoint": m, **{f"{s} Elo": elo[s]["elo"][m] for s in ("harmless", "helpful") if s in elo},
-                 **{f"{s} 95% CI": f"{elo[s]['lower'][m]} .. {elo[s]['upper'][m]}" for s in ("harmless", "helpful")
-                    if s in elo},
-                 "evasive (red-team)": elo.get("evasive_fraction", {}).get("harmless", {}).get(m, "")}
-                for m in elo["checkpoints"]]
-        parts.append("<h2>Elo</h2>" + _table(rows, list(rows[0])))
-    quality = []
-    if facts.get("labeler_eval"):
-        e = facts["labeler_eval"]
-        quality.append({"model": "feedback labeler", "accuracy": e.get("accuracy"), "ECE": e.get("ece"),
-                        "pairs": e.get("n"), "position bias": e.get("position_bias_rate")})
-    if facts.get("pm_eval"):
-        e = facts["pm_eval"]
-        quality.append({"model": "preference model", "accuracy": e.get("accuracy"), "ECE": e.get("ece"),
-                        "pairs": e.get("pairs"), "mean margin": e.get("mean_margin")})
-    if quality:
-        parts.append("<h2>Labeler and preference model</h2>"
-                     + _table(quality, ["model", "accuracy", "ECE", "pairs", "position bias", "mean margin"]))
-    for path, caption in facts["plots"]:
-        parts.append(f"<figure><img src='{_esc(path)}' alt='{_esc(caption)}'><figcaption>{_esc(caption)}"
-                     "</figcaption></figure>")
-    if facts["samples"]:
-        parts.append("<h2>Samples</h2>")
-        for sample in facts["samples"]:
-            rows = [{"step": "prompt", "text": sample["prompt"]},
-                    {"step": "initial response", "text": sample["initial"]}]
-            for r in sample["rounds"]:
-                rows += [{"step": f"critique {r.get('round')} ({r.get('principle_id')})", "text": r.get("critique")},
-                         {"step": f"revision {r.get('round')}", "text": r.get("revision")}]
-            rows += [{"step": f"answer of {m}", "text": a} for m, a in sample["answers"].items()]
-            parts.append("<div class='sample'>" + _table(rows, ["step", "text"]) + "</div>")
+        body += ["<h2>Stages</h2>", table(facts["stages"], ["stage", "status", "records", "time", "rate"])]
+    plots = dict(facts["plots"])
+    sections = {"elo": _elo_html(facts), **_quality_html(facts)}
+    for key in ("elo", "labeler", "pm", "rl"):
+        if sections.get(key):
+            body += sections[key]
+            body += [figure(*plots.pop(entry)) for entry, home in SECTION_PLOTS.items()
+                     if home == key and entry in plots]
+    if plots:
+        body += ["<h2>Figures</h2>", *(figure(path, caption) for path, caption in plots.values())]
+    body += _samples_html(facts["samples"])
     if facts.get("config_yaml"):
-        parts.append(f"<h2>Config</h2><pre>{_esc(facts['config_yaml'])}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        body.append(f"<h2>Config</h2><pre>{esc(facts['config_yaml'])}</pre>")
+    return page("Constitutional AI run report", body)
 
 
 def render_markdown(facts: dict[str, Any]) -> str:
     lines = ["# Constitutional AI run report", "", f"Run: `{facts['run']}`"]
     if facts.get("constitution_hash"):
-        lines.append(f"Constitution: `{facts['constitution_hash']}`")
+        lines.append(f"Constitution: `{facts['constitution_hash']}` (from {facts['constitution_source']})")
     if facts["toy"]:
-        lines += ["", "**These are toy models**: the numbers show the machinery, not alignment "
+        lines += ["", f"**{TOY_TITLE.rstrip('.')}**: the numbers show the machinery, not alignment "
                       "(`cai run --config configs/one-gpu-qwen.yaml` runs a real one)."]
+    headline_lines = format_headline(facts["headline"])
+    if headline_lines:
+        lines += ["", "## Headline", "", *(f"- {line}" for line in headline_lines)]
     if facts["stages"]:
-        lines += ["", "| stage | status | records | seconds |", "| --- | --- | ---: | ---: |"]
-        lines += [f"| {s['stage']} | {s['status']} | {s['records']} | {_fmt(s['seconds'])} |" for s in facts["stages"]]
-    elo = facts.get("elo")
-    if elo:
-        lines += ["", "| checkpoint | harmless Elo | helpful Elo |", "| --- | ---: | ---: |"]
-        lines += [f"| {m} | {elo.get('harmless', {}).get('elo', {}).get(m, '')} | "
-                  f"{elo.get('helpful', {}).get('elo', {}).get(m, '')} |" for m in elo["checkpoints"]]
-    for key, label in (("labeler_eval", "Feedback labeler"), ("pm_eval", "Preference model")):
-        if facts.get(key):
-            lines.append(f"\n{label}: accuracy {_fmt(facts[key].get('accuracy'))}, ECE {_fmt(facts[key].get('ece'))}")
-    lines += ["", f"Plots and samples: `{RunLayout(facts['run']).report.name}`."]
+        lines += ["", "| stage | status | records | time |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {s['stage']} | {s['status']} | {s['records']} | {s['time']} |" for s in facts["stages"]]
+    lines += ["", *next_steps_markdown()]
+    lines += ["", f"Plots and samples: `{RunLayout(facts['run']).report.name}` (self-contained: it can be mailed)."]
     return "\n".join(lines) + "\n"
 
 

@@ -322,15 +322,13 @@ class PPOTrainer:
 
     def train(self, progress: bool = True) -> list[dict[str, float]]:
         """Run until ``total_steps`` (continuing from the last checkpoint, if any)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from constitutional_ai.common.progress import StageProgress
 
         self.resume()
         history = []
-        columns = [TextColumn("ppo"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                   TextColumn("reward {task.fields[reward]:.3f} kl {task.fields[kl]:.3f}"), TimeElapsedColumn(),
-                   TimeRemainingColumn()]
-        with Progress(*columns, disable=not progress or not self.accelerator.is_main_process) as bar:
-            task = bar.add_task("ppo", total=self.config.total_steps, completed=self.global_step, reward=0.0, kl=0.0)
+        enabled = progress and self.accelerator.is_main_process
+        with StageProgress("ppo", total=self.config.total_steps, unit="steps", enabled=enabled,
+                           completed=self.global_step) as bar:
             while self.global_step < self.config.total_steps:
                 torch.manual_seed(self.seed * 1_000_003 + self.global_step)
                 metrics = self.step(self._batches())
@@ -338,7 +336,7 @@ class PPOTrainer:
                 if self.log_fn is not None and self.accelerator.is_main_process:
                     self.log_fn(metrics)
                 self.accelerator.log(metrics, step=self.global_step)
-                bar.update(task, completed=self.global_step, reward=metrics["reward"], kl=metrics["kl"])
+                bar.update(self.global_step, status=f"reward {metrics['reward']:.3f} kl {metrics['kl']:.3f}")
                 if self.global_step % self.config.save_steps == 0 or self.global_step == self.config.total_steps:
                     self.save_checkpoint()
         return history

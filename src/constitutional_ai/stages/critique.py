@@ -95,5 +95,5 @@ register(Stage(
     name=STAGE, command="critique", run=run_critique, sections=SECTIONS, options=("ray",),
     help="SL-CAI data: initial responses, then rounds of critique and revision, resumable.",
     inputs=("prompts.path",), produces=("critique", "critique_records"),
-    report=ReportSpec(store="critique", unit="prompts"),
+    report=ReportSpec(store="critique", unit="prompts"), produced=lambda r: f"{r.total} prompts",
 ))

@@ -45,5 +45,6 @@ register(Stage(
     help="DPO on the AI preference pairs (TRL DPOTrainer), the alternative to a PM plus RL.",
     inputs=("dpo.data",), consumes=("preferences", "sft_model"),
     produces=("dpo", "dpo_model"), summary=lambda result: result.extra,
-    report=ReportSpec(store="dpo", unit="steps"),
+    report=ReportSpec(store="dpo", unit="log entries"),
+    produced=lambda r: f"{r.extra.get('steps', r.written)} steps",
 ))

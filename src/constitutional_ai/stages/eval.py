@@ -115,6 +115,7 @@ register(Stage(
     inputs=("eval.harmless_prompts.path", "eval.helpful_prompts.path"),
     consumes=("sft_model", "rl_model", "pm_model"), produces=("eval", "eval_records", "elo"),
     summary=lambda result: {"output": str(result.output), **{f"{k}_elo": v for k, v in result.extra.items()}},
+    produced=lambda r: f"{r.total} answers",
     report=ReportSpec(store="eval", unit="answers", plots=(
         Plot("elo_plot", "Harmlessness against helpfulness Elo (anchored on the first checkpoint)"),
         Plot("revisions_plot", "PM score after each critique-revision round"))),

@@ -185,7 +185,7 @@ register(Stage(
     help="RL-CAI: sample K responses per prompt from the policy and pair them, resumable.",
     inputs=("prompts.path",), consumes=("sft_model",), produces=("pairs", "pairs_records"),
     wire=sft_policy,
-    report=ReportSpec(store="pairs", unit="prompts"),
+    report=ReportSpec(store="pairs", unit="prompts"), produced=lambda r: f"{r.total} prompts",
 ))
 register(Stage(
     name=LABELS, command="label", run=run_label, sections=("seed", "constitution", "feedback"),
@@ -193,7 +193,7 @@ register(Stage(
     help="RL-CAI: soft preference labels from the feedback model under the constitution, resumable.",
     consumes=("pairs_records",), produces=("labels", "labels_records", "preferences"),
     wire=sft_policy,
-    report=ReportSpec(store="labels", unit="pairs"),
+    report=ReportSpec(store="labels", unit="comparisons"), produced=lambda r: f"{r.total} comparisons",
 ))
 register(Stage(
     name="export_preferences", command="export-preferences", run=export_preferences, sections=(), pipeline=False,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,15 @@ def stage_identities(config: RunConfig, layout: RunLayout, order: list[registry.
     return identities
 
 
-def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue) every pipeline stage; returns ``{stage: {identity, status, seconds, skipped}}``."""
+def run_pipeline(config: RunConfig) -> dict[str, Any]:
+    """Run (or continue) every pipeline stage under one progress display; returns the run summary
+    (also written to the layout's ``summary.json``): total seconds, each stage's identity, status,
+    seconds and what it made, the headline figures, and the report's path."""
+    from constitutional_ai.common.progress import RunDisplay, clock
     from constitutional_ai.report.build import build_report
+    from constitutional_ai.report.headline import headline
 
+    t0 = time.perf_counter()
     check_models(config)
     layout = RunLayout(config.output_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -65,26 +69,55 @@ def run_pipeline(config: RunConfig, progress: Callable[[str], None] = print) -> 
     state: dict[str, Any] = json.loads(layout.pipeline.read_text()) if layout.pipeline.is_file() else {}
     order = registry.pipeline_order()
     identities = stage_identities(config, layout, order)
-    summary: dict[str, Any] = {}
-    for stage in order:
-        previous = state.get(stage.name)
-        if previous and previous["identity"] == identities[stage.name] and previous["status"] == "complete" \
-                and not config.overwrite:
-            progress(f"{stage.name}: complete and unchanged, skipped")
-            summary[stage.name] = {**previous, "skipped": True}
-            continue
-        changed = bool(previous) and previous["identity"] != identities[stage.name]
-        stage_cfg = config.model_copy(update={"overwrite": config.overwrite or changed, "resume": True})
-        if stage.wire is not None:  # now, after the stages before it have written what it may point at
-            stage_cfg = stage.wire(stage_cfg, layout)
-        progress(f"{stage.name}: {'inputs changed, running again' if changed else 'running'}")
-        state[stage.name] = {"identity": identities[stage.name], "status": "running"}
-        write_atomic(layout.pipeline, json.dumps(state, indent=2))
-        start = time.perf_counter()
-        stage.run(stage_cfg)
-        state[stage.name] = {"identity": identities[stage.name], "status": "complete",
-                             "seconds": round(time.perf_counter() - start, 1)}
-        write_atomic(layout.pipeline, json.dumps(state, indent=2))
-        summary[stage.name] = {**state[stage.name], "skipped": False}
-    summary["report"] = str(build_report(layout.root, registry.report_sections()))
+    stages: dict[str, Any] = {}
+    with RunDisplay(len(order), enabled=config.progress) as display:
+        for k, stage in enumerate(order):
+            display.stage(k, stage.name)
+            previous = state.get(stage.name)
+            if previous and previous["identity"] == identities[stage.name] and previous["status"] == "complete" \
+                    and not config.overwrite:
+                display.print(f"[dim]  {stage.name}: complete and unchanged, skipped[/]")
+                stages[stage.name] = {**previous, "skipped": True}
+                continue
+            changed = bool(previous) and previous["identity"] != identities[stage.name]
+            stage_cfg = config.model_copy(update={"overwrite": config.overwrite or changed, "resume": True})
+            if stage.wire is not None:  # now, after the stages before it have written what it may point at
+                stage_cfg = stage.wire(stage_cfg, layout)
+            if changed:
+                display.print(f"  {stage.name}: inputs changed, running again")
+            state[stage.name] = {"identity": identities[stage.name], "status": "running"}
+            write_atomic(layout.pipeline, json.dumps(state, indent=2))
+            start = time.perf_counter()
+            result = stage.run(stage_cfg)
+            seconds = round(time.perf_counter() - start, 1)
+            state[stage.name] = {"identity": identities[stage.name], "status": "complete", "seconds": seconds,
+                                 "produced": stage.produced(result) if stage.produced and result is not None else ""}
+            write_atomic(layout.pipeline, json.dumps(state, indent=2))
+            stages[stage.name] = {**state[stage.name], "skipped": False}
+            display.print(f"[green]✓[/] {stage.name}: {state[stage.name]['produced'] or 'done'} in {clock(seconds)}")
+        display.phase("writing the report")
+        report = build_report(layout.root, registry.report_sections())
+        display.finish(len(order))
+    summary = {"run": str(layout.root), "total_seconds": round(time.perf_counter() - t0, 1), "stages": stages,
+               "headline": headline(layout.root), "report": str(report), "log": str(layout.log)}
+    write_atomic(layout.summary, json.dumps(summary, indent=2))
     return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The end of `cai run` as plain lines for stdout: total time, each stage's time and what it
+    made, the headline figures with their sample sizes and intervals, and where to look next."""
+    from constitutional_ai.common.progress import clock
+    from constitutional_ai.report.headline import format_headline
+
+    width = max((len(name) for name in summary["stages"]), default=5)
+    lines = [f"cai run finished in {clock(summary['total_seconds'])} ({summary['total_seconds']:.1f} s)", ""]
+    for name, s in summary["stages"].items():
+        when = "skipped (unchanged)" if s.get("skipped") else f"{s.get('seconds', 0):7.1f} s"
+        lines.append(f"  {name:<{width}}  {when:>19}  {s.get('produced', '')}")
+    figures = format_headline(summary["headline"])
+    if figures:
+        lines += ["", *figures]
+    lines += ["", f"report:  {summary['report']}", f"summary: {Path(summary['run']) / RunLayout.ENTRIES['summary']}",
+              f"log:     {summary['log']}"]
+    return lines

@@ -141,7 +141,8 @@ register(Stage(
     help="Train a preference model (Bradley-Terry, soft labels) on mixed preference sources.",
     inputs=("pm.sources", "pm.eval_sources"), consumes=("preferences",),
     produces=("pm", "pm_model"), summary=lambda result: result.extra,
-    report=ReportSpec(store="pm", unit="steps", plots=(
+    produced=lambda r: f"{r.extra['global_step']} steps on {r.written} pairs",
+    report=ReportSpec(store="pm", unit="log entries", plots=(
         Plot("pm_plot", "Preference model calibration on held-out pairs"),)),
 ))
 register(Stage(

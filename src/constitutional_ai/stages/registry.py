@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from constitutional_ai.config import RunConfig
 
 #: The fields every command takes, whatever its sections.
-COMMON_FIELDS = ("output_dir", "seed", "constitution", "resume", "overwrite", "progress")
+COMMON_FIELDS = ("output_dir", "seed", "constitution", "resume", "overwrite", "progress", "verbose")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class Stage:
     report: ReportSpec | None = None
     #: The CLI's summary table from the run function's result; unset: ``result.as_dict()``.
     summary: Callable[[Any], dict[str, Any]] | None = None
+    #: What the run function's result says the stage made, in named units (``"52 prompts"``,
+    #: ``"26 steps on 208 conversations"``): the line `cai run` prints and keeps in summary.json.
+    produced: Callable[[Any], str] | None = None
 
     @property
     def flag_sections(self) -> tuple[str, ...]:

@@ -155,5 +155,7 @@ register(Stage(
     inputs=("prompts.path",), consumes=("sft_model", "pm_model"),
     produces=("rl", "rl_records", "rl_model"),
     summary=lambda result: result.extra,
-    report=ReportSpec(store="rl", unit="steps", plots=(Plot("rl_reward_plot", "PM score over RL training"),)),
+    produced=lambda r: f"{r.extra['steps']} steps",
+    report=ReportSpec(store="rl", unit="log entries", plots=(
+        Plot("rl_reward_plot", "Reward, KL to the reference policy and response length over RL training"),)),
 ))

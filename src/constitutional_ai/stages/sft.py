@@ -89,6 +89,7 @@ register(Stage(
     name="export_sft", command="export-sft", run=run_export_sft, sections=("seed", "sft_export"),
     help="Export critique records as conversational SFT data (TRL messages format).",
     inputs=("sft_export.helpful.path",), consumes=("critique_records",), produces=("sft_data",),
+    produced=lambda r: f"{r.critique_examples + r.helpful_examples} conversations",
 ))
 register(Stage(
     name=SFT, command="sft", run=run_sft, sections=("seed", "policy", "sft"), unread=("policy",),
@@ -96,5 +97,6 @@ register(Stage(
     help="SL-CAI: fine-tune the policy on the exported revisions (TRL SFTTrainer, full or LoRA).",
     inputs=("sft.data",), consumes=("sft_data",),
     produces=("sft_trainer", "sft_model"), summary=lambda result: result.extra,
-    report=ReportSpec(store="sft_trainer", unit="steps"),
+    report=ReportSpec(store="sft_trainer", unit="log entries"),
+    produced=lambda r: f"{r.extra['global_step']} steps on {r.written} conversations",
 ))

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from constitutional_ai.common.progress import phase_of
 from constitutional_ai.config import RunConfig
 from constitutional_ai.data.store import write_atomic
 from constitutional_ai.layout import RunLayout
@@ -25,6 +26,7 @@ from constitutional_ai.training.common import (
     is_main_process,
     last_checkpoint,
     metrics_callback,
+    quiet_trainer,
     save_trained,
     stage_store,
 )
@@ -66,6 +68,7 @@ class TrainingRun:
     def fit(self, trainer: Any) -> Any:
         """``trainer.train()``, from the last checkpoint when resuming; the output, timed."""
         self.resumed_from = last_checkpoint(self.checkpoints, self.config.resume)
+        quiet_trainer(trainer, self.stage, self.config.progress)
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=self.resumed_from)
         self.seconds = time.perf_counter() - start
@@ -75,7 +78,8 @@ class TrainingRun:
              info_file: str | None = None, info: dict[str, Any] | None = None) -> Any:
         """Save the model (LoRA merged, gathered from shards) and write ``info`` as ``info_file`` beside
         it; returns the whole saved model where this process holds it (see ``save_trained``)."""
-        final = save_trained(model, tokenizer, model_dir, lora, accelerator)
+        with phase_of("saving the model"):
+            final = save_trained(model, tokenizer, model_dir, lora, accelerator)
         if info_file and info is not None and is_main_process():
             write_atomic(model_dir / info_file, json.dumps(info, indent=2, ensure_ascii=False))
         return final

@@ -108,6 +108,50 @@ def metrics_callback(store: RecordStore) -> Any:
     return MetricsToStore()
 
 
+def progress_callback(description: str, enabled: bool) -> Any:
+    """A ``TrainerCallback`` that drives our progress bar (steps, steps/s, ETA, the latest loss) in
+    place of transformers' tqdm bar and its raw printed log dicts."""
+    from transformers import TrainerCallback
+
+    from constitutional_ai.common.progress import StageProgress
+
+    class RichProgress(TrainerCallback):
+        bar: StageProgress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                self.bar = StageProgress(description, total=state.max_steps, unit="steps", enabled=enabled,
+                                         completed=state.global_step).__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if self.bar is not None and isinstance(loss, (int, float)):
+                self.bar.update(state.global_step, status=f"loss {loss:.3f}")
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+
+    return RichProgress()
+
+
+def quiet_trainer(trainer: Any, description: str, enabled: bool) -> Any:
+    """Swap transformers' console callbacks (its tqdm bar, or the raw dict printer it uses when
+    tqdm is off) for :func:`progress_callback`; the logs still reach the record store."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback(description, enabled))
+    return trainer
+
+
 def fresh_checkpoints(directory: Path, overwrite: bool) -> None:
     """``--overwrite`` discards a stage's old checkpoints too: resuming another config's would be wrong.
 
