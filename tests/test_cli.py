@@ -154,7 +154,7 @@ def test_constitution_commands():
 SMALL_RUN = ["--limit", "4", "--rounds", "1", "--max-new-tokens", "8", "--n-responses", "2",
              "--pairs-max-new-tokens", "8", "--sft-epochs", "1", "--epochs", "1", "--eval-fraction", "0.25",
              "--total-steps", "2", "--rollout-batch-size", "4", "--rl-max-new-tokens", "6", "--prompts-per-set", "3",
-             "--eval-max-new-tokens", "6", "--bootstrap", "20", "--no-progress"]
+             "--eval-max-new-tokens", "6", "--bootstrap", "20", "--eval-limit", "4", "--no-progress"]
 
 
 def test_run_makes_every_artifact_then_reruns_only_what_a_change_touches(tmp_path, tiny_model_dir):
@@ -172,7 +172,7 @@ def test_run_makes_every_artifact_then_reruns_only_what_a_change_touches(tmp_pat
     assert all(s["status"] == "complete" for s in state.values())
     # unchanged: nothing runs; a changed RL setting re-runs RL and what follows, nothing before
     again = runner.invoke(app, args)
-    assert again.exit_code == 0 and again.output.count("complete and unchanged, skipped") == 8
+    assert again.exit_code == 0 and again.output.count("complete and unchanged, skipped") == 9
     changed = runner.invoke(app, [*args, "--kl-coef", "0.5"])
     assert changed.exit_code == 0, changed.output
     assert "critique: complete and unchanged, skipped" in changed.output
@@ -350,3 +350,10 @@ def test_a_feedback_model_flag_starts_from_the_policy_not_the_demo_model():
     config = RunConfig().with_overrides({"feedback.model.batch_size": 8, "policy.model_name_or_path": "gpt2"})
     assert config.feedback.model.model_name_or_path == "gpt2" and config.feedback.model.batch_size == 8
     assert RunConfig().with_overrides({"pm.lora.r": 4}).pm.lora.r == 4  # other optional sections: their defaults
+
+
+def test_the_embedded_default_config_file_is_what_cai_run_runs_with_no_arguments():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "embedded-default.yaml"
+    assert RunConfig.from_yaml(path).model_dump() == RunConfig().model_dump()

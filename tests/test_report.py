@@ -119,8 +119,10 @@ def test_the_report_shows_each_metric_with_its_sample_and_interval(tmp_path):
     # the Stages table: counts with their unit, seconds a person reads
     assert "<td>critique</td><td>complete</td><td>1 prompt</td><td>1 min 52 s</td><td>1 min 52 s per prompt</td>" \
         in page
-    assert "<td>rl</td><td>complete</td><td>12 steps</td><td>3.4 s</td><td>3.49 steps/s</td>" in page
-    assert "<td>pm</td><td>complete</td><td>3 steps (40 training steps)</td><td>2.5 s</td><td>16 steps/s</td>" in page
+    assert "<td>rl</td><td>complete</td><td>12 log entries (12 training steps)</td><td>3.4 s</td>" \
+        "<td>3.49 steps/s</td>" in page
+    assert "<td>pm</td><td>complete</td><td>3 log entries (40 training steps)</td><td>2.5 s</td>" \
+        "<td>16 steps/s</td>" in page
     assert "112.3" not in page and "3.440" not in page
     assert "It helps burglary." in page and "Call a locksmith. (rl)" in page
     assert f"<code>{Constitution.default().hash}</code> (from critique/constitution.yaml, recorded by the run)" in page

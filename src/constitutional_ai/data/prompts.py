@@ -124,7 +124,8 @@ def embedded_path(name: str, folder: str = "prompts") -> Path:
     ref = directory / f"{name}.jsonl"
     if not ref.is_file():
         names = sorted(p.name.removesuffix(".jsonl") for p in directory.iterdir())
-        raise DataError(f"embedded:{name}: no such embedded {folder} set; choose one of {', '.join(names)}")
+        kind = folder.removesuffix("s")
+        raise DataError(f"embedded:{name}: no such embedded {kind} set; choose one of {', '.join(names)}")
     return Path(str(ref))
 
 

@@ -37,9 +37,10 @@ from constitutional_ai.report.spec import ReportSpec
 #: (a plug-in's too) goes under "Figures".
 SECTION_PLOTS = {"elo_plot": "elo", "labeler_plot": "labeler", "pm_plot": "pm", "rl_reward_plot": "rl"}
 TOY_TITLE = "These are toy models."
-TOY_TEXT = ("The embedded default trains tiny models for a few hundred steps on the package's own text so that "
-            "the whole pipeline runs offline in minutes; their text is word salad and the numbers below show the "
-            "machinery, not alignment.")
+TOY_TEXT = ("The embedded default uses a 1.2M-parameter demo model trained for 120 steps on the package's own "
+            "text, so that the whole pipeline runs offline in minutes; its text is word salad, its preference "
+            "model learns from a few dozen pairs the same toy judged, and the numbers below show the machinery, "
+            "not alignment.")
 
 
 def _stage_row(name: str, spec: ReportSpec, manifest: dict[str, Any], seconds: Any) -> dict[str, Any]:
