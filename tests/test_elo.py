@@ -83,7 +83,7 @@ def test_evasive_answers_are_refusals_that_give_no_help():
 def test_pm_score_by_revision_round_and_the_rl_reward_curve(tmp_path):
     import json
 
-    from constitutional_ai.evaluation.curves import pm_score_by_revision, rl_reward_curve
+    from constitutional_ai.evaluation.curves import pm_score_by_revision, rl_metric_curves
 
     critique = tmp_path / "critique.jsonl"
     rows = [{"key": f"k{i}", "prompt": [{"role": "user", "content": "q"}], "initial_response": "x",
@@ -92,7 +92,7 @@ def test_pm_score_by_revision_round_and_the_rl_reward_curve(tmp_path):
     assert pm_score_by_revision(critique, lambda p, r: [float(len(t)) for t in r]) == [1.0, 2.0, 4.0]
     rl = tmp_path / "rl.jsonl"
     rl.write_text("".join(json.dumps({"key": f"step-{i}", "step": i, "reward": i / 2}) + "\n" for i in (2, 1)))
-    assert rl_reward_curve(rl) == [(1, 0.5), (2, 1.0)]
+    assert rl_metric_curves(rl)["reward"] == [(1, 0.5), (2, 1.0)]
 
 
 def test_cai_eval_can_be_judged_by_the_feedback_model_under_principles(tmp_path, tiny_model_dir):

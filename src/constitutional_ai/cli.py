@@ -353,10 +353,9 @@ def run(config: RunConfig) -> None:
     Complete and unchanged stages are skipped; changed ones run again; an interrupted one resumes."""
     from constitutional_ai.common.progress import results
     from constitutional_ai.stages.pipeline import run_pipeline, summary_lines
-
-    summary = run_pipeline(config)
     from constitutional_ai.training.common import is_main_process
 
+    summary = run_pipeline(config)
     if is_main_process():
         for line in summary_lines(summary):
             results.print(line, highlight=False, soft_wrap=True)

@@ -97,14 +97,14 @@ class RunDisplay:
     def stage(self, done: int, name: str) -> None:
         """Stage ``done + 1`` of n, called ``name``, starts."""
         self._stage = name
-        total = self.progress.tasks[0].total
-        self.progress.update(self._header, completed=done, status=f"stage {done + 1}/{int(total or 0)}: {name}")
+        self.progress.update(self._header, completed=done)
+        self.phase("")
 
     def phase(self, text: str) -> None:
         """What the current stage is doing between bars (loading a model, saving one)."""
-        total = self.progress.tasks[0].total
-        done = int(self.progress.tasks[0].completed)
-        self.progress.update(self._header, status=f"stage {done + 1}/{int(total or 0)}: {self._stage} - {text}")
+        header = self.progress.tasks[0]
+        status = f"stage {int(header.completed) + 1}/{int(header.total or 0)}: {self._stage}"
+        self.progress.update(self._header, status=f"{status} - {text}" if text else status)
 
     def finish(self, done: int) -> None:
         self.progress.update(self._header, completed=done, status="done")

@@ -57,11 +57,6 @@ def pm_score_by_revision(critique_records: Path, reward_fn: RewardFn, limit: int
     return means
 
 
-def rl_reward_curve(rl_records: Path) -> list[tuple[int, float]]:
-    """``(step, mean reward)`` of every logged RL step (ours or TRL's)."""
-    return rl_metric_curves(rl_records).get("reward", [])
-
-
 #: Each RL figure's series and the record keys that carry it, first match wins: our PPO's names,
 #: then TRL's (GRPO/RLOO log ``reward``, ``kl``, ``completions/mean_length``; older TRL logged the
 #: ``objective/...`` names). A run made by any of them is read by this one table.

@@ -118,6 +118,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     figures = format_headline(summary["headline"])
     if figures:
         lines += ["", *figures]
-    lines += ["", f"report:  {summary['report']}", f"summary: {Path(summary['run']) / RunLayout.ENTRIES['summary']}",
+    lines += ["", f"report:  {summary['report']}", f"summary: {RunLayout(summary['run']).summary}",
               f"log:     {summary['log']}"]
     return lines
