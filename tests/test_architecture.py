@@ -21,6 +21,13 @@ ALGORITHMS = ("critique", "feedback", "preference_model", "rl", "evaluation", "t
 UPSTAIRS = ("stages", "cli", "report", "__main__")
 #: The report is built from what stages declare (``report.spec``), so it never imports them.
 ABOVE_REPORT = ("stages", "cli", "__main__")
+#: Entrypoint-level adapters for RL engines (verl, OpenRLHF load them in their own workers): they use
+#: the layers below (preference_model, data, config, common), never stages, the report or the CLI, and
+#: nothing below imports them.
+ADAPTERS = ("integrations",)
+#: Engines & data packages held to the rule by name: they use config, layout, data, constitution and
+#: common, never an algorithm, a stage, the report, the CLI or an adapter (stages call them).
+DATA_LAYER = ("artifacts",)
 
 
 def _modules() -> dict[str, Path]:
@@ -96,8 +103,12 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
         for dep in sorted(deps):
             if layer in GROUND and _layer(dep) not in GROUND:
                 found.append(f"{module} (ground floor) imports {dep}")
-            if layer in ALGORITHMS and _layer(dep) in UPSTAIRS:
+            if layer in ALGORITHMS and _layer(dep) in (*UPSTAIRS, *ADAPTERS):
                 found.append(f"{module} (algorithm) imports {dep}")
+            if layer in DATA_LAYER and _layer(dep) in (*UPSTAIRS, *ADAPTERS, *ALGORITHMS):
+                found.append(f"{module} (engines & data) imports {dep}")
+            if layer in ADAPTERS and _layer(dep) in UPSTAIRS:
+                found.append(f"{module} (adapter) imports {dep}")
             if layer == "report" and _layer(dep) in ABOVE_REPORT:
                 found.append(f"{module} (report) imports {dep}")
     return found
@@ -117,17 +128,22 @@ def test_the_checks_catch_what_they_should():
              "constitutional_ai.critique.engine": {"constitutional_ai.stages.critique"},
              "constitutional_ai.common.types": {"constitutional_ai.config"},
              "constitutional_ai.stages.critique": {"constitutional_ai.critique.engine"},
-             "constitutional_ai.report.build": {"constitutional_ai.stages.registry"}}
+             "constitutional_ai.report.build": {"constitutional_ai.stages.registry"},
+             "constitutional_ai.integrations.verl": {"constitutional_ai.stages.registry",
+                                                     "constitutional_ai.preference_model.reward_model"},
+             "constitutional_ai.rl.ppo": {"constitutional_ai.integrations.verl"}}
     assert find_cycles(graph) == [["constitutional_ai.a", "constitutional_ai.b"],
                                   ["constitutional_ai.critique.engine", "constitutional_ai.stages.critique"]]
     assert sorted(layering_violations(graph)) == [
         "constitutional_ai.common.types (ground floor) imports constitutional_ai.config",
         "constitutional_ai.critique.engine (algorithm) imports constitutional_ai.stages.critique",
+        "constitutional_ai.integrations.verl (adapter) imports constitutional_ai.stages.registry",
         "constitutional_ai.report.build (report) imports constitutional_ai.stages.registry",
+        "constitutional_ai.rl.ppo (algorithm) imports constitutional_ai.integrations.verl",
     ]
 
 
-@pytest.mark.parametrize("package", ALGORITHMS + GROUND)
+@pytest.mark.parametrize("package", ALGORITHMS + GROUND + ADAPTERS + DATA_LAYER)
 def test_each_layer_exists(package):
     """A renamed package must not silently drop out of the checks above."""
     assert (PACKAGE / package / "__init__.py").is_file()

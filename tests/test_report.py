@@ -216,7 +216,7 @@ def test_the_rl_figure_has_reward_kl_and_length_panels_on_one_step_axis(tmp_path
     assert rl_metric_curves(trl) == {"reward": [(1, 0.1), (2, 0.3)], "kl": [(1, 0.0)],
                                      "response_length": [(1, 12.0), (2, 9.0)]}
     plot = tmp_path / "eval" / "rl_reward.png"
-    out = extra_figures([], None, 0, tmp_path / "none.jsonl", ours, tmp_path / "rev.png", plot)
+    out = extra_figures([], None, 0, tmp_path / "none.jsonl", {1: ours}, tmp_path / "rev.png", plot)
     assert plot.read_bytes().startswith(b"\x89PNG") and out["rl_kl"] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert out["rl_reward"] == [(1, 0.5), (2, 1.0), (3, 1.5)]
 

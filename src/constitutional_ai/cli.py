@@ -113,7 +113,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "--dpo-grad-accum": ("dpo.gradient_accumulation_steps",), "--dpo-max-length": ("dpo.max_length",),
     "--dpo-lora-r": ("dpo.lora.r",), "--dpo-device": ("dpo.device",), "--dpo-save-steps": ("dpo.save_steps",),
     "--dpo-logging-steps": ("dpo.logging_steps",), "--dpo-report-to": ("dpo.report_to",),
-    "--dpo-bf16": ("dpo.bf16",),
+    "--dpo-bf16": ("dpo.bf16",), "--iterations": ("rl.iterations",), "--reward": ("rl.reward",),
+    "--feedback-reward": ("rl.feedback_reward",), "--new-data-weight": ("pm.new_data_weight",),
+    "--push-to-hub": ("hub.push_to_hub",),
 }
 #: Off-switch spellings of the boolean aliases (``--keep-dropout`` turns ``pm.disable_dropout`` off).
 OFF_ALIASES: dict[str, str] = {
@@ -340,9 +342,18 @@ def _stage_command(name: str, help_text: str) -> Callable[[RunConfig], None]:
         from constitutional_ai.stages import registry
 
         stage = registry.get(name)
+        if config.hub.push_to_hub:  # a bad repo id or a missing token is refused before the work, not after
+            from constitutional_ai.stages.export import check_stage_push
+
+            check_stage_push(stage, config)
         result = stage.run(config)
         if result is not None:
             print_summary(stage.command, stage.summary(result) if stage.summary else result.as_dict())
+        if config.hub.push_to_hub:
+            from constitutional_ai.stages.export import push_produced
+
+            for line in push_produced(stage, config):
+                console.print(line, highlight=False, soft_wrap=True)
 
     run_stage.__doc__ = help_text
     return run_stage
@@ -355,9 +366,19 @@ def run(config: RunConfig) -> None:
     from constitutional_ai.stages.pipeline import run_pipeline, summary_lines
     from constitutional_ai.training.common import is_main_process
 
+    if config.hub.push_to_hub:  # a bad prefix or a missing token is refused before the work, not after it
+        from constitutional_ai.artifacts import ARTIFACTS
+        from constitutional_ai.artifacts.push import check_push
+
+        check_push(config.hub, list(ARTIFACTS), prefix=True)
     summary = run_pipeline(config)
     if is_main_process():
         for line in summary_lines(summary):
+            results.print(line, highlight=False, soft_wrap=True)
+    if config.hub.push_to_hub:
+        from constitutional_ai.stages.export import push_run
+
+        for line in push_run(config):
             results.print(line, highlight=False, soft_wrap=True)
 
 

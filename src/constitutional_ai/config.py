@@ -70,6 +70,9 @@ class GenerationParams(_Base):
 #: Marks a field that changes speed, memory or where a model runs, never what a stage writes: it is
 #: left out of the identity hash, so it may change between a crash and its resume.
 RUNTIME = {"runtime": True}
+#: Marks a field added after runs were made: at its default it is left out of the identity hash, so
+#: a run made before the field existed keeps its identity (and is not redone) until it is set.
+ADDED = {"added": True}
 
 
 #: Optional sections that mean "as another section" while unset: setting one of their fields starts
@@ -365,6 +368,9 @@ class PreferenceModelConfig(TrainingConfig):
     disable_dropout: bool = Field(True, description="Turn the model's dropout off (TRL's default); keep it on to "
                                                   "regularise small datasets.")
     batch_size: int = Field(32, ge=1, description="Conversations per forward pass when scoring.")
+    new_data_weight: float = Field(2.0, gt=0.0, description="Iterated RL-CAI, iterations 2+: sampling weight of the "
+                                                            "newest iteration's AI labels in the PM's mix (older "
+                                                            "iterations keep weight 1).", json_schema_extra=ADDED)
 
 
 class SFTConfig(TrainingConfig):
@@ -412,6 +418,21 @@ class RLConfig(TrainingConfig):
                                                                "that ends without end-of-sequence.")
     normalize_reward: bool = Field(False, description="Normalise rewards by running mean and std.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every this many updates.")
+    reward: Literal["pm", "feedback"] = Field(
+        "pm", description="What rewards a response: pm (the trained preference model, the paper's RL-CAI) or "
+                          "feedback (direct RLAIF, Lee et al. 2023: the feedback model's own judgement under a "
+                          "sampled comparison principle, read from one score_choices pass; no PM is trained).",
+        json_schema_extra=ADDED)
+    feedback_reward: Literal["rating", "pairwise"] = Field(
+        "rating", description="reward feedback: rating (the probability-weighted score over the rating tokens "
+                              "1..10) or pairwise (P(response is better than the starting policy's greedy "
+                              "response), mapped to [-1, 1]).", json_schema_extra=ADDED)
+    # how many iterations there are, not what any one of them writes: raising it extends a run
+    iterations: int = Field(1, ge=1, description="Iterated online RL-CAI (Bai et al. 2022a): after each RL phase, "
+                                                 "sample new pairs from the current policy, label them, continue "
+                                                 "training the PM on the accumulated mix and continue RL from the "
+                                                 "last policy; each iteration is its own stages in cai run.",
+                            json_schema_extra=RUNTIME)
 
     @field_validator("temperature")
     @classmethod
@@ -478,6 +499,39 @@ class ServePMConfig(_Base):
     insecure: bool = Field(False, description="Allow listening beyond loopback without a token.")
 
 
+class HubConfig(_Base):
+    """Uploading what a command made to the Hugging Face Hub (``huggingface_hub.upload_folder``)."""
+
+    push_to_hub: str | None = Field(None, description="Hub repository (user/name) to upload this command's dataset "
+                                                      "or model to, with its card; cai export: a prefix, each "
+                                                      "artifact going to PREFIX-<artifact>.",
+                                    json_schema_extra=RUNTIME)
+    private: bool = Field(True, description="Create the repository private.", json_schema_extra=RUNTIME)
+    token_env: str = Field("HF_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                           description="Environment variable holding the Hub token (never logged or stored).",
+                           json_schema_extra=RUNTIME)
+
+
+#: What ``cai export`` can write: each a run-layout entry holding a dataset or a model.
+ExportArtifact = Literal["sft_data", "preferences", "sft_model", "pm_model", "rl_model"]
+
+
+class ExportConfig(_Base):
+    """``cai export``: the run's datasets and models as Hub-ready folders with dataset and model cards."""
+
+    output: str = Field("", description="Folder to write the artifacts into; empty: OUTPUT_DIR/export.")
+    artifacts: list[ExportArtifact] = Field(
+        default_factory=list, description="Which artifacts (sft_data, preferences, sft_model, pm_model, rl_model); "
+                                          "empty: every one the run has made.")
+
+
+class RLDataConfig(_Base):
+    """``cai rl-data``: this run's prompts as verl's parquet and OpenRLHF's JSONL datasets."""
+
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of prompts held out for the engines' "
+                                                                  "validation files (at least one prompt).")
+
+
 class RayConfig(_Base):
     """Fan critique, sample-pairs and label out over Ray actors (Ray Data ``map_batches``).
 
@@ -515,6 +569,11 @@ class RunConfig(_Base):
     rl: RLConfig = Field(default_factory=RLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     ray: RayConfig = Field(default_factory=RayConfig, description="Distributed generation (critique, pairs, labels).")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    rl_data: RLDataConfig = Field(default_factory=RLDataConfig)
+    hub: HubConfig = Field(default_factory=HubConfig, description="Pushing datasets and models to the Hub.")
+    iteration: int = Field(1, ge=1, description="The RL-CAI iteration a stage of the RL loop (pairs, labels, PM, "
+                                                "RL) works on; cai run sets it for each iteration's stages.")
     resume: bool = Field(True, description="Continue a run found in output_dir.")
     overwrite: bool = Field(False, description="Discard a run found in output_dir and start fresh.")
     progress: bool = Field(True, description="Show progress bars.")
@@ -618,6 +677,8 @@ def _without_runtime(model: BaseModel, dumped: dict[str, Any] | None = None) -> 
         if isinstance(extra, dict) and extra.get("runtime"):
             continue
         value = getattr(model, name)
+        if isinstance(extra, dict) and extra.get("added") and value == info.get_default(call_default_factory=True):
+            continue
         out[name] = _without_runtime(value, dumped[name]) if isinstance(value, BaseModel) else dumped[name]
     return out
 

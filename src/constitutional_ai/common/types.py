@@ -15,5 +15,7 @@ Conversation = list[dict[str, str]]
 Prompt = str | Conversation
 #: How a backend shows a conversation to its model: the paper's raw ``Human:/Assistant:`` text or a chat template.
 Style = Literal["raw", "chat"]
-#: ``reward_fn(prompts, responses) -> rewards``: a preference model (``RewardModel.score_responses``) or any rule.
+#: ``reward_fn(prompts, responses) -> rewards``: a preference model (``RewardModel.score_responses``), the
+#: feedback model (``feedback.direct_reward.FeedbackReward``) or any rule. One that sets ``last`` (a dict
+#: per response of its latest call: the principle it judged under...) has it recorded with each RL step.
 RewardFn = Callable[[list[Conversation], list[str]], list[float]]

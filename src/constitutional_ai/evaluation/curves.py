@@ -133,8 +133,9 @@ def plot_rl_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Pa
 
 
 def extra_figures(records: list[dict[str, Any]], reward_fn: RewardFn | None, limit: int, critique_records: Path,
-                  rl_records: Path, revisions_plot: Path, rl_reward_plot: Path) -> dict[str, Any]:
-    """What ``cai eval`` adds next to the Elo ratings, from whatever this run has made."""
+                  rl_records: dict[int, Path], revisions_plot: Path, rl_reward_plot: Path) -> dict[str, Any]:
+    """What ``cai eval`` adds next to the Elo ratings, from whatever this run has made;
+    ``rl_records`` by RL-CAI iteration (one for a run that did not iterate)."""
     out: dict[str, Any] = {"evasive_fraction": {
         s: {m: evasive_fraction([r["response"] for r in records if r["set"] == s and r["model"] == m])
             for m in sorted({r["model"] for r in records if r["set"] == s})}
@@ -145,9 +146,45 @@ def extra_figures(records: list[dict[str, Any]], reward_fn: RewardFn | None, lim
             out["pm_score_by_revision"] = means
             plot_curve(list(enumerate(means)), revisions_plot, "PM score after each revision round",
                        "revision round (0 = initial response)", "mean PM score", integer_x=True)
-    if rl_records.is_file():
-        curves = rl_metric_curves(rl_records)
-        if curves:
-            out.update({f"rl_{name}": points for name, points in curves.items()})
-            plot_rl_curves(curves, rl_reward_plot)
+    per_iteration = {k: curves for k, path in sorted(rl_records.items())
+                     if path.is_file() and (curves := rl_metric_curves(path))}
+    if len(per_iteration) == 1:
+        curves = next(iter(per_iteration.values()))
+        out.update({f"rl_{name}": points for name, points in curves.items()})
+        plot_rl_curves(curves, rl_reward_plot)
+    elif per_iteration:
+        out["rl_iterations"] = {str(k): {name: points for name, points in c.items()} for k, c in per_iteration.items()}
+        _save(rl_iterations_figure(per_iteration), rl_reward_plot)
     return out
+
+
+def rl_iterations_figure(per_iteration: dict[int, dict[str, list[tuple[int, float]]]]) -> Any:
+    """Iterated RL-CAI: each iteration's reward, KL and length one after another on one step axis,
+    in its own colour. An iteration's reward comes from its own PM and its KL is to its own starting
+    policy, so a jump at an iteration boundary is a new yardstick, not progress."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = {"reward": "mean reward (that iteration's PM)", "kl": "KL to the iteration's start",
+              "response_length": "response length (tokens)"}
+    names = [n for n in RL_SERIES if any(c.get(n) for c in per_iteration.values())]
+    fig = Figure(figsize=(6, 1.2 + 2.0 * len(names)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    offset = 0
+    for k, curves in per_iteration.items():
+        last = max((s for c in curves.values() for s, _ in c), default=0)
+        for ax, name in zip(axes, names, strict=True):
+            points = curves.get(name, [])
+            ax.plot([offset + s for s, _ in points], [y for _, y in points], "o-", markersize=3,
+                    label=f"iteration {k}")
+            ax.axvline(offset + 0.5, color="0.8", linewidth=0.8)
+        offset += last
+    for ax, name in zip(axes, names, strict=True):
+        ax.set_ylabel(labels[name])
+        _axes_style(ax, True)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Iterated RL-CAI: reward, KL and response length per iteration")
+    axes[-1].set_xlabel("step (all iterations)")
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,15 @@
      (B) [[[response two]]]
     The answer is: (A|B)
 
+Direct RLAIF (Lee et al. 2023) asks the same feedback model to rate one response instead:
+
+    Consider the following conversation between a human (H) and an assistant (A):
+    H: ...  A: ...
+    The assistant's final response:
+    [[[response]]]
+    Rate the assistant's final response from 1 (worst) to 10 (best) by this standard: <principle>
+    Rating: (1..10)/10
+
 Responses sit inside ``[[[ ]]]`` delimiters with any delimiter or turn marker inside them
 defanged, so text in a response (``(B)``, ``The answer is``, a fake options block, an instruction
 to the judge) cannot change which option a letter refers to. The inner conversation uses
@@ -32,6 +41,15 @@ ANSWER = "The answer is:"
 THINK = "Let's think step by step:"
 CHAT_THINK = "\n\nLet's think step by step, then give the answer."
 LETTERS = ("A", "B")
+RATING_RESPONSE = "The assistant's final response:"
+RATING_INSTRUCTION = "Rate the assistant's final response from 1 (worst) to 10 (best) by this standard:"
+RATING_CUE = "Rating:"
+#: The rating scale, lowest first: the order of a rating question's choices.
+RATINGS = tuple(range(1, 11))
+#: Written after every rating: without it `` 1`` is a prefix of `` 10`` (digits are separate tokens
+#: in most tokenizers), so P(`` 1``) would hold all of P(`` 10``) and the ten choices would not be
+#: disjoint events; with it, ``1/10`` and ``10/10`` part at the token after ``1``.
+RATING_SUFFIX = "/10"
 #: Runs of two or more square brackets (after NFKC has folded full-width ones): near-miss delimiters.
 _BRACKET_RUN = re.compile(r"\[{2,}|\]{2,}")
 #: A role label opening a line (``H:``, ``Human:``, ``Assistant :``...): a forged turn.
@@ -81,6 +99,22 @@ def question(conversation: Conversation, principle: str, option_a: str, option_b
     a, b = defang(option_a, special_tokens), defang(option_b, special_tokens)
     return (f"{INTRO}\n\n{render_inner(conversation, special_tokens)}\n\n{principle.strip()}\nOptions:\n"
             f" (A) [[[{a}]]]\n (B) [[[{b}]]]")
+
+
+def rating_question(conversation: Conversation, principle: str, response: str,
+                    special_tokens: Sequence[str] = ()) -> str:
+    """The question that rates one response; the principle is a comparison principle, read as the
+    standard the rating is given by."""
+    return (f"{INTRO}\n\n{render_inner(conversation, special_tokens)}\n\n{RATING_RESPONSE}\n"
+            f"[[[{defang(response, special_tokens)}]]]\n\n{RATING_INSTRUCTION} {principle.strip()}")
+
+
+@dataclass(frozen=True)
+class RatingQuestion:
+    """One scored rating question: the prompt and one continuation per rating in :data:`RATINGS`."""
+
+    prompt: Prompt
+    choices: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -152,3 +186,18 @@ class FeedbackPromptBuilder:
         if self.style == "raw":
             return render_raw([{"role": "user", "content": q}], True) + f" {THINK}"
         return [{"role": "user", "content": q + CHAT_THINK}]
+
+    def rating_choices(self) -> tuple[str, ...]:
+        """Raw: `` 1/10`` .. `` 10/10`` after the cue; chat: the whole assistant reply
+        ``Rating: 1/10`` .., like ``The answer is: (A)`` (the shared ``Rating:`` cancels in the softmax)."""
+        lead = " " if self.style == "raw" else f"{RATING_CUE} "
+        return tuple(f"{lead}{k}{RATING_SUFFIX}" for k in RATINGS)
+
+    def build_rating(self, conversation: Conversation, principle: str, response: str) -> RatingQuestion:
+        """The rating question for one response. Few-shot examples are comparisons, not ratings, so
+        none are shown: a rating question is always zero-shot."""
+        q = rating_question(conversation, principle, response, self.special_tokens)
+        if self.style == "raw":
+            return RatingQuestion(render_raw([{"role": "user", "content": q}], True) + f" {RATING_CUE}",
+                                  self.rating_choices())
+        return RatingQuestion([{"role": "user", "content": q}], self.rating_choices())

@@ -124,10 +124,13 @@ def parse_row(row: Any, fmt: str = "auto") -> tuple[Conversation, str, str, floa
 def _rows(source: PreferenceSourceConfig, run_dir: Path | None) -> tuple[str, Iterator[Row]]:
     """``(name, rows)`` of one source, offset and limit applied."""
     path = source.path
-    if path == RUN_PREFERENCES:
+    if path == RUN_PREFERENCES or path.startswith(RUN_PREFERENCES + "@"):
         if run_dir is None:
             raise DataError("run:preferences needs a run directory; pass --output-dir of a run that ran `cai label`")
-        path = str(RunLayout(run_dir).preferences)
+        resolved = RunLayout(run_dir).run_data(path)
+        if resolved is None:
+            raise DataError(f"{path}: not a run data name; use run:preferences or run:preferences@K (iteration K)")
+        path = str(resolved)
         if not Path(path).is_file():
             raise DataError(f"{path}: no AI preference labels yet; run `cai label` (or `cai run`) with this "
                             "--output-dir first, or pass --pm-data FILE")
@@ -189,6 +192,50 @@ def mix_sources(sources: list[PreferenceSourceConfig], seed: int, run_dir: Path 
         reports.append(report)
     random.Random(derive_seed(seed, "pm-shuffle")).shuffle(mixed)
     return mixed, reports
+
+
+@dataclass
+class IterationMix:
+    """What iteration ``k`` of iterated online RL-CAI trains and measures its PM on."""
+
+    train: list[PreferencePair]
+    heldout: list[PreferencePair]  # fixed across iterations: iteration 1's held-out prompts
+    newest: list[PreferencePair]  # the newest policy's pairs on held-out prompts (never trained on)
+    reports: list[SourceReport]
+    eval_reports: list[SourceReport]
+
+
+def iteration_mix(sources: list[PreferenceSourceConfig], eval_sources: list[PreferenceSourceConfig],
+                  eval_fraction: float, seed: int, run_dir: Path, iteration: int,
+                  new_weight: float) -> IterationMix:
+    """The PM's data at ``iteration``: iteration 1's mix exactly as a one-iteration run has it (its
+    sources, ``run:preferences`` being iteration 1's labels), plus every later iteration's AI labels
+    (``run:preferences@j``), the newest weighted ``new_weight`` and the older ones 1, so the PM
+    follows the policy without forgetting where it started. The held-out set is iteration 1's and
+    stays fixed; the newest policy's pairs on its prompts are a second, moving, held-out set. No
+    prompt is both trained and evaluated on."""
+    train, reports = mix_sources(sources, seed, run_dir)
+    if eval_sources:
+        heldout, eval_reports = mix_sources(eval_sources, seed, run_dir)
+    else:
+        train, heldout = split_heldout(train, eval_fraction)
+        eval_reports = []
+    if iteration == 1:
+        return IterationMix(train, heldout, heldout, reports, eval_reports)
+    held = {conversation_key(p.prompt) for p in heldout}
+    newest_source = PreferenceSourceConfig(path=f"{RUN_PREFERENCES}@{iteration}")
+    newest_all, _ = read_source(newest_source, run_dir)
+    newest = [p for p in newest_all if conversation_key(p.prompt) in held]
+    if not newest:  # held-out prompts from elsewhere (eval_sources): hold out part of the newest pairs
+        _, newest = split_heldout(newest_all, eval_fraction or 0.1)
+        held |= {conversation_key(p.prompt) for p in newest}
+    later = [PreferenceSourceConfig(path=f"{RUN_PREFERENCES}@{j}", weight=new_weight if j == iteration else 1.0)
+             for j in range(2, iteration + 1)]
+    added, added_reports = mix_sources(later, derive_seed(seed, "pm-iteration", iteration), run_dir)
+    train = [p for p in train if conversation_key(p.prompt) not in held]
+    train += [p for p in added if conversation_key(p.prompt) not in held]
+    random.Random(derive_seed(seed, "pm-iteration-shuffle", iteration)).shuffle(train)
+    return IterationMix(train, heldout, newest, reports + added_reports, eval_reports)
 
 
 def split_heldout(pairs: list[PreferencePair], fraction: float) -> tuple[list[PreferencePair], list[PreferencePair]]:

@@ -71,14 +71,21 @@ def collect(run: Path, sections: list[tuple[str, ReportSpec]]) -> dict[str, Any]
     facts["toy"] = config is None or config.policy.model_name_or_path == EMBEDDED_MODEL
     timings = {n: e.get("seconds") for n, e in (read_json(layout.pipeline) or {}).items() if isinstance(e, dict)}
     stages, plots = [], {}
+    iterations = layout.iterations()
     for name, spec in sections:
-        manifest = read_json(layout.path(spec.store) / MANIFEST)
-        if manifest:
-            seconds = timings.get(name) or manifest.get("seconds") or manifest.get("train_seconds")
-            stages.append(_stage_row(name, spec, manifest, seconds))
-        for plot in spec.plots:
-            if layout.path(plot.entry).is_file():
-                plots[plot.entry] = (layout.path(plot.entry), plot.caption)
+        # a stage of the RL loop has a row per iteration (pm, pm@2...); its plots are the last iteration's
+        looped = RunLayout.split_name(spec.store)[0] in RunLayout.PER_ITERATION
+        for k in iterations if looped else [1]:
+            label = name if k == 1 else f"{name}@{k}"
+            manifest = read_json(layout.path(RunLayout.at_iteration(spec.store, k)) / MANIFEST)
+            if manifest:
+                seconds = timings.get(label) or manifest.get("seconds") or manifest.get("train_seconds")
+                stages.append(_stage_row(label, spec, manifest, seconds))
+            for plot in spec.plots:
+                path = layout.path(RunLayout.at_iteration(plot.entry, k))
+                if path.is_file():
+                    caption = plot.caption + (f" (iteration {k})" if len(iterations) > 1 and looped else "")
+                    plots[plot.entry] = (path, caption)
     facts["stages"], facts["plots"] = stages, plots
     recorded = run_constitution(run)
     critique = records(layout.critique_records)[:5]
@@ -142,7 +149,36 @@ def _quality_html(facts: dict[str, Any]) -> dict[str, list[str]]:
         out["pm"] = ["<h2>Preference model</h2>", table([row], list(row))]
     if h.get("rl"):
         out["rl"] = ["<h2>RL training</h2>", *(f"<p>{esc(line)}</p>" for line in format_headline({"rl": h["rl"]}))]
+    if h.get("iterations"):
+        out["iterations"] = _iterations_html(h["iterations"])
     return out
+
+
+def _iterations_html(iterations: list[dict[str, Any]]) -> list[str]:
+    """Iterated RL-CAI, one row per iteration: is the PM keeping up with the policy it rewards?"""
+    def acc(m: dict[str, Any] | None, unit: str) -> str | None:
+        return f"{m['accuracy']:.3f} {interval(m['lower'], m['upper'])} on {count(m['n'], unit)}" if m else None
+
+    rows = []
+    for it in iterations:
+        rl, elo = it.get("rl") or {}, it.get("elo") or {}
+        rows.append({
+            "iteration": it["iteration"],
+            "PM, fixed held-out set": acc(it.get("pm_heldout"), "pairs"),
+            "PM, newest policy's pairs": acc(it.get("pm_newest"), "pairs") if it["iteration"] > 1 else "(the same)",
+            "previous PM, same pairs": acc(it.get("previous_pm_newest"), "pairs"),
+            "RL reward (first -> last)": f"{rl['reward_start']:.3f} -> {rl['reward_end']:.3f}"
+            if "reward_start" in rl else None,
+            "KL (last)": f"{rl['kl_end']:.3f}" if "kl_end" in rl else None,
+            **{f"{s} Elo": f"{signed(r['elo'], 1)} {interval(r['lower'], r['upper'], 1)}" for s, r in elo.items()},
+        })
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    return ["<h2>Iterations</h2><p>Iterated online RL-CAI: each iteration samples pairs from the policy the last "
+            "one left, labels them, continues the PM on the accumulated mix (the newest weighted up) and continues "
+            "RL. The held-out set is fixed (iteration 1's prompts); the newest policy's pairs on those prompts show "
+            "whether the PM keeps up with the policy, and the previous PM on the same pairs how stale it had "
+            "grown. Each iteration's rewards come from its own PM, so compare rewards within a row, not "
+            "across.</p>", table(rows, columns)]
 
 
 def _samples_html(samples: list[dict[str, Any]]) -> list[str]:
@@ -179,7 +215,7 @@ def render_html(facts: dict[str, Any]) -> str:
         body += ["<h2>Stages</h2>", table(facts["stages"], ["stage", "status", "records", "time", "rate"])]
     plots = dict(facts["plots"])
     sections = {"elo": _elo_html(facts), **_quality_html(facts)}
-    for key in ("elo", "labeler", "pm", "rl"):
+    for key in ("elo", "labeler", "pm", "rl", "iterations"):
         if sections.get(key):
             body += sections[key]
             body += [figure(*plots.pop(entry)) for entry, home in SECTION_PLOTS.items()

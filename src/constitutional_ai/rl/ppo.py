@@ -160,6 +160,7 @@ class PPOTrainer:
         self.global_step = 0
         self.reward_stats = {"count": 0, "mean": 0.0, "m2": 0.0}
         self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.reward_details: list[dict[str, Any]] = []
 
     # -- model calls ---------------------------------------------------------------------------------
     def _unwrapped(self) -> PolicyAndValue:
@@ -202,6 +203,8 @@ class PPOTrainer:
         texts_out = [self.tokenizer.decode(response[i, :lengths[i]], skip_special_tokens=True)
                      for i in range(len(prompts))]
         scores = torch.tensor(self.reward_fn(prompts, texts_out), dtype=torch.float, device=device)
+        # a reward that explains itself (the feedback model's principle per response) is kept with the step
+        self.reward_details = list(getattr(self.reward_fn, "last", None) or [])
         raw_scores = scores.clone()
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~ended).float()
@@ -334,7 +337,7 @@ class PPOTrainer:
                 metrics = self.step(self._batches())
                 history.append(metrics)
                 if self.log_fn is not None and self.accelerator.is_main_process:
-                    self.log_fn(metrics)
+                    self.log_fn({**metrics, **({"reward_details": self.reward_details} if self.reward_details else {})})
                 self.accelerator.log(metrics, step=self.global_step)
                 bar.update(self.global_step, status=f"reward {metrics['reward']:.3f} kl {metrics['kl']:.3f}")
                 if self.global_step % self.config.save_steps == 0 or self.global_step == self.config.total_steps:

@@ -69,7 +69,7 @@ def run_critique(config: RunConfig, backend: LanguageModel | None = None) -> Sta
     constitution = load_stage_constitution(config.constitution, "critique_revision", "critique_examples",
                                            config.critique.few_shot, "--few-shot")
     items, report = load_prompts(config.prompts)
-    directory = RunLayout(config.output_dir).critique
+    directory = RunLayout.of(config).critique
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
                 **inputs_identity(STAGE, config)}
     info = {"constitution": {"name": constitution.name, "version": constitution.version, "hash": constitution.hash}}

@@ -22,7 +22,7 @@ def run_dpo(config: RunConfig) -> StageResult:
     from trl import DPOConfig, DPOTrainer
 
     cfg = config.dpo
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     pairs, reports = mix_sources(cfg.data, config.seed, layout.root)
     with TrainingRun(config, DPO, layout.dpo) as run:
         model, tokenizer = load_causal_lm(policy_path(config, cfg.policy))

@@ -25,13 +25,20 @@ from constitutional_ai.stages.runner import StageResult
 EVAL = "eval"
 
 
+def _rl_iterations(layout: RunLayout) -> list[int]:
+    return [k for k in layout.iterations() if layout.at(k).rl_model.is_dir()]
+
+
 def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
-    """``(name, path)`` of each checkpoint to compare; ``run:`` names this run's stages."""
-    layout = RunLayout(config.output_dir)
+    """``(name, path)`` of each checkpoint to compare; ``run:`` names this run's stages, and
+    ``run:rl`` in a run that iterated RL-CAI is every iteration's policy (``rl@1``, ``rl@2``...)."""
+    layout = RunLayout.of(config)
     found = []
     for spec in config.eval.models:
         if spec == "run:initial":
             found.append(("initial", config.policy.model_name_or_path))
+        elif spec == "run:rl" and len(iterated := _rl_iterations(layout)) > 1:
+            found += [(f"rl@{k}", str(layout.at(k).rl_model)) for k in iterated]  # every iteration's policy
         elif (run_model := layout.run_model(spec)) is not None:
             if run_model.is_dir():  # else this run has not made that checkpoint
                 found.append((spec.removeprefix("run:"), str(run_model)))
@@ -74,7 +81,7 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
         prompts[name] = items
     identity = {"stage": EVAL, "config": config.fingerprint(("seed", "eval")),
                 "checkpoints": [path for _, path in checkpoints], **inputs_identity(EVAL, config)}
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     directory = layout.eval
     store = RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
                         fields=config.fingerprint_fields(("seed", "eval")))
@@ -97,7 +104,8 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
         judged = feedback_judgments(records, names, config) if by_feedback else None
         summary = summarise(records, names, config.eval.bootstrap, config.seed, layout.elo_plot, judged)
         summary["judge"] = "feedback model" if by_feedback else "preference model"
-        summary.update(extra_figures(records, judge, config.eval.limit, layout.critique_records, layout.rl_records,
+        rl_records = {k: layout.at(k).rl_records for k in layout.iterations() if layout.at(k).rl_records.is_file()}
+        summary.update(extra_figures(records, judge, config.eval.limit, layout.critique_records, rl_records,
                                      layout.revisions_plot, layout.rl_reward_plot))
         write_atomic(layout.elo, json.dumps(summary, indent=2))
         store.close(complete=True)
@@ -109,8 +117,16 @@ def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
                        extra={s: summary[s]["elo"] for s in SETS if s in summary})
 
 
+def judge_for_reward(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """With direct RLAIF there is no PM to judge by: the feedback model judges, as it rewarded."""
+    if config.rl.reward == "feedback" and not config.eval.judge:
+        return config.model_copy(update={"eval": config.eval.model_copy(update={"judge": "feedback"})})
+    return config
+
+
 register(Stage(
     name=EVAL, command="eval", run=run_eval, sections=("seed", "eval"), options=("policy", "feedback"),
+    wire=judge_for_reward,
     help="Elo of checkpoints (initial, SL-CAI, RL-CAI...) on red-team and helpfulness prompts, judged by the PM.",
     inputs=("eval.harmless_prompts.path", "eval.helpful_prompts.path"),
     consumes=("sft_model", "rl_model", "pm_model"), produces=("eval", "eval_records", "elo"),

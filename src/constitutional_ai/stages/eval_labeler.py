@@ -33,7 +33,7 @@ def run_eval_labeler(config: RunConfig, backend: LanguageModel | None = None) ->
     identity = {"stage": STAGE, "config": config.fingerprint(SECTIONS), "constitution": constitution.hash,
                 "data": data if data.startswith(EMBEDDED) else str(Path(data).resolve()),
                 **inputs_identity(STAGE, config)}
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     directory = layout.eval_labeler
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
                      fields=config.fingerprint_fields(SECTIONS)) as store:

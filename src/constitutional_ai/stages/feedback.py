@@ -66,7 +66,7 @@ def run_sample_pairs(config: RunConfig, backend: LanguageModel | None = None) ->
     start = time.perf_counter()
     items, report = load_prompts(config.prompts)
     identity = {"stage": PAIRS, "config": config.fingerprint(PAIRS_SECTIONS), **inputs_identity(PAIRS, config)}
-    directory = RunLayout(config.output_dir).pairs
+    directory = RunLayout.of(config).pairs
     with RecordStore(directory, identity, resume=config.resume, overwrite=config.overwrite,
                      fields=config.fingerprint_fields(PAIRS_SECTIONS)) as store:
         config.to_yaml(directory / STAGE_CONFIG)
@@ -114,7 +114,7 @@ def run_label(config: RunConfig, backend: LanguageModel | None = None,
     start = time.perf_counter()
     constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
                                            config.feedback.few_shot, "--feedback.few_shot")
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     comparisons = comparisons if comparisons is not None else comparisons_from_pairs(layout.pairs_records)
     identity = {"stage": LABELS, "config": config.fingerprint(LABEL_SECTIONS), "constitution": constitution.hash}
     directory = layout.labels
@@ -165,7 +165,7 @@ def labels_to_preferences(records_path: Path, output_path: Path) -> int:
 
 def export_preferences(config: RunConfig) -> dict[str, Any]:
     """Rewrite this run's preference file from its labels (``cai label`` already writes it)."""
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     return {"output": str(layout.preferences), "pairs": labels_to_preferences(layout.labels_records,
                                                                               layout.preferences)}
 
@@ -173,10 +173,28 @@ def export_preferences(config: RunConfig) -> dict[str, Any]:
 def sft_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
     """In the pipeline, response pairs are sampled (and, with no feedback model set, labelled) by the
     SL-CAI model, as in the paper."""
-    if not layout.sft_model.is_dir():
+    return _policy_from(config, layout.sft_model)
+
+
+def _policy_from(config: RunConfig, model: Path) -> RunConfig:
+    if not model.is_dir():
         return config
-    policy = config.policy.model_copy(update={"model_name_or_path": str(layout.sft_model)})
+    policy = config.policy.model_copy(update={"model_name_or_path": str(model)})
     return config.model_copy(update={"policy": policy})
+
+
+def current_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """Pairs come from the policy being trained: the SL-CAI model in iteration 1, the RL policy the
+    previous iteration left from iteration 2 (iterated online RL-CAI: the PM learns the
+    distribution the policy has moved to)."""
+    if config.iteration == 1:
+        return sft_policy(config, layout)
+    return _policy_from(config, layout.at(config.iteration - 1).rl_model)
+
+
+def pm_loop(config: RunConfig) -> bool:
+    """Pairs, labels and the PM exist to reward RL; direct RLAIF (``rl.reward: feedback``) needs none."""
+    return config.rl.reward == "pm"
 
 
 register(Stage(
@@ -184,7 +202,7 @@ register(Stage(
     options=("policy", "ray"),
     help="RL-CAI: sample K responses per prompt from the policy and pair them, resumable.",
     inputs=("prompts.path",), consumes=("sft_model",), produces=("pairs", "pairs_records"),
-    wire=sft_policy,
+    wire=current_policy, iterated=True, from_previous=("rl_model",), when=pm_loop,
     report=ReportSpec(store="pairs", unit="prompts"), produced=lambda r: f"{r.total} prompts",
 ))
 register(Stage(
@@ -192,7 +210,7 @@ register(Stage(
     options=("policy", "prompts", "pairs", "ray"),
     help="RL-CAI: soft preference labels from the feedback model under the constitution, resumable.",
     consumes=("pairs_records",), produces=("labels", "labels_records", "preferences"),
-    wire=sft_policy,
+    wire=sft_policy, iterated=True, when=pm_loop,
     report=ReportSpec(store="labels", unit="comparisons"), produced=lambda r: f"{r.total} comparisons",
 ))
 register(Stage(

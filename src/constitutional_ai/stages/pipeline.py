@@ -1,6 +1,7 @@
 """``cai run``: the registry's pipeline stages end to end, each skipped when complete and unchanged.
 
-The order follows from what each stage consumes and produces (``registry.pipeline_order``). A
+The order follows from what each stage consumes and produces (``registry.run_order``: the RL loop
+repeated ``rl.iterations`` times, its stages from iteration 2 named ``pairs@2``, ``pm@2``...). A
 stage's identity is the hash of the config sections it declares and of the identities of the
 stages whose outputs it consumes, kept in the layout's ``pipeline.json``: a rerun skips stages
 whose identity is unchanged and complete, re-runs from scratch those whose inputs changed (and,
@@ -48,6 +49,9 @@ def stage_identities(config: RunConfig, layout: RunLayout, order: list[registry.
         digests = registry.input_digests(stage.name, wired)
         if digests:  # the user's own files, by content: one edited in place re-runs the stage
             parts.append(digests)
+        extra = stage.extra_identity(wired) if stage.extra_identity is not None else {}
+        if extra:
+            parts.append(extra)
         blob = json.dumps(parts)
         identities[stage.name] = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
     return identities
@@ -67,7 +71,7 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     layout.root.mkdir(parents=True, exist_ok=True)
     config.to_yaml(layout.config)
     state: dict[str, Any] = json.loads(layout.pipeline.read_text()) if layout.pipeline.is_file() else {}
-    order = registry.pipeline_order()
+    order = registry.run_order(config)
     identities = stage_identities(config, layout, order)
     stages: dict[str, Any] = {}
     with RunDisplay(len(order), enabled=config.progress) as display:

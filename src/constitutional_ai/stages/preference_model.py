@@ -8,15 +8,18 @@ out, ``eval_results.json`` and its reliability diagram beside it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RunConfig
-from constitutional_ai.layout import PM_EVAL_RESULTS, PM_INFO, RunLayout
-from constitutional_ai.preference_model.data import mix_sources, split_heldout
+from constitutional_ai.data.store import write_atomic
+from constitutional_ai.layout import PM_EVAL_NEWEST, PM_EVAL_RESULTS, PM_INFO, RunLayout
+from constitutional_ai.preference_model.data import iteration_mix, mix_sources, split_heldout
 from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.feedback import pm_loop
 from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.training import TrainingRun
@@ -30,7 +33,7 @@ PM = "pm"
 
 def pm_model_dir(config: RunConfig, explicit: str, flag: str) -> Path:
     """The PM a stage uses: the one named, else this run's trained PM; a one-line error when absent."""
-    directory = Path(explicit) if explicit else RunLayout(config.output_dir).pm_model
+    directory = Path(explicit) if explicit else RunLayout.of(config).pm_model
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no preference model; run `cai train-pm` first or pass {flag} DIR")
     return directory
@@ -55,13 +58,10 @@ def run_train_pm(config: RunConfig) -> StageResult:
     from constitutional_ai.preference_model.training import encode_pairs, pm_training_arguments
 
     cfg = config.pm
-    layout = RunLayout(config.output_dir)
-    train_pairs, reports = mix_sources(cfg.sources, config.seed, layout.root)
-    if cfg.eval_sources:
-        eval_pairs, eval_reports = mix_sources(cfg.eval_sources, config.seed, layout.root)
-    else:
-        train_pairs, eval_pairs = split_heldout(train_pairs, cfg.eval_fraction)
-        eval_reports = []
+    layout = RunLayout.of(config)
+    mix = iteration_mix(cfg.sources, cfg.eval_sources, cfg.eval_fraction, config.seed, layout.root,
+                        config.iteration, cfg.new_data_weight)
+    train_pairs, eval_pairs, reports, eval_reports = mix.train, mix.heldout, mix.reports, mix.eval_reports
     with TrainingRun(config, PM, layout.pm) as run:
         model, tokenizer = load_sequence_classifier(cfg.model_name_or_path, cfg.revision, cfg.trust_remote_code)
         encoder = PairEncoder(tokenizer, cfg.max_length)
@@ -98,9 +98,43 @@ def run_train_pm(config: RunConfig) -> StageResult:
                                  cfg.max_length, cfg.batch_size, str(layout.pm_model))
             summary = evaluate_pm(scorer, eval_pairs, layout.pm_model, n_bins=10, title="held-out pairs")
             extra.update({"eval_accuracy": summary["accuracy"], "eval_ece": summary["ece"]})
+            if config.iteration > 1 and mix.newest:
+                extra.update(evaluate_newest(config, scorer, mix.newest, layout))
         run.complete(**{k: v for k, v in extra.items() if k != "model"})
     return StageResult(PM, layout.pm_model, written=len(train_pairs), total=len(train_pairs), seconds=run.seconds,
                        prompt_report={"sources": info["sources"]}, extra=extra)
+
+
+def evaluate_newest(config: RunConfig, scorer: RewardModel, pairs: list[Any], layout: RunLayout) -> dict[str, Any]:
+    """Iteration k's PM, and the PM it started from, on the newest policy's pairs (held-out
+    prompts): how stale the previous PM had grown, and how much continuing on new data won back."""
+    from constitutional_ai.evaluation.pm import evaluate_pm
+    from constitutional_ai.preference_model.reward_model import RewardModel
+
+    summary = evaluate_pm(scorer, pairs, layout.pm_model, n_bins=10, title="the newest policy's pairs",
+                          name=PM_EVAL_NEWEST)
+    previous = layout.at(config.iteration - 1).pm_model
+    if previous.is_dir():
+        old = RewardModel.from_pretrained(str(previous), device=str(scorer.device),
+                                          batch_size=config.pm.batch_size)
+        margins = [w - lo for w, lo in zip(old.score_responses([p.prompt for p in pairs], [p.chosen for p in pairs]),
+                                           old.score_responses([p.prompt for p in pairs], [p.rejected for p in pairs]),
+                                           strict=True)]
+        summary["previous_pm"] = {"model": str(previous), "pairs": len(margins),
+                                  "accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+                                  / len(margins)}
+        write_atomic(layout.pm_eval_newest, json.dumps(summary, indent=2))
+    return {"newest_accuracy": summary["accuracy"], "newest_pairs": summary["pairs"],
+            **({"previous_pm_newest_accuracy": summary["previous_pm"]["accuracy"]} if "previous_pm" in summary else {})}
+
+
+def previous_pm(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """From iteration 2 the PM continues from the one the iteration before trained (on the
+    accumulated mix, see ``iteration_mix``) instead of starting again from its base model."""
+    if config.iteration == 1 or not layout.at(config.iteration - 1).pm_model.is_dir():
+        return config
+    pm = config.pm.model_copy(update={"model_name_or_path": str(layout.at(config.iteration - 1).pm_model)})
+    return config.model_copy(update={"pm": pm})
 
 
 def run_eval_pm(config: RunConfig) -> StageResult:
@@ -141,6 +175,7 @@ register(Stage(
     help="Train a preference model (Bradley-Terry, soft labels) on mixed preference sources.",
     inputs=("pm.sources", "pm.eval_sources"), consumes=("preferences",),
     produces=("pm", "pm_model"), summary=lambda result: result.extra,
+    iterated=True, from_previous=("pm_model",), wire=previous_pm, when=pm_loop,
     produced=lambda r: f"{r.extra['global_step']} steps on {r.written} pairs",
     report=ReportSpec(store="pm", unit="log entries", plots=(
         Plot("pm_plot", "Preference model calibration on held-out pairs"),)),

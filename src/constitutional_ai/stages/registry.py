@@ -56,16 +56,33 @@ class Stage:
     #: What the run function's result says the stage made, in named units (``"52 prompts"``,
     #: ``"26 steps on 208 conversations"``): the line `cai run` prints and keeps in summary.json.
     produced: Callable[[Any], str] | None = None
+    #: Part of the RL loop that iterated online RL-CAI repeats (``rl.iterations``): `cai run` runs it
+    #: once per iteration, as ``name@K`` from iteration 2, reading and writing its iteration's entries.
+    iterated: bool = False
+    #: Per-iteration entries an iterated stage reads from the iteration before (iteration 2's pairs
+    #: come from iteration 1's RL policy).
+    from_previous: tuple[str, ...] = ()
+    #: What else decides its output under a config, beyond its sections (RL rewarded by the
+    #: feedback model: the feedback section and the constitution): part of its identity when not empty.
+    extra_identity: Callable[[RunConfig], dict[str, Any]] | None = None
+    #: Whether `cai run` runs it under a config (the PM loop is not run when RL rewards come from
+    #: the feedback model itself); unset: always.
+    when: Callable[[RunConfig], bool] | None = None
 
     @property
     def flag_sections(self) -> tuple[str, ...]:
-        """The config sections its command offers as flags: what it reads."""
+        """The config sections its command offers as flags: what it reads, and ``hub`` when it makes an
+        exportable dataset or model (its ``--push-to-hub``)."""
+        from constitutional_ai.artifacts import exportable
+
         read = (s for s in (*self.sections, *self.options) if s not in self.unread)
-        return tuple(dict.fromkeys((*COMMON_FIELDS, *read)))
+        hub = ("hub",) if exportable(self.produces) else ()
+        iteration = ("iteration",) if self.iterated else ()  # `cai ppo --iteration 2`: one iteration by hand
+        return tuple(dict.fromkeys((*COMMON_FIELDS, *iteration, *read, *hub)))
 
     def __post_init__(self) -> None:
         for entry in (*self.consumes, *self.produces):
-            if entry not in RunLayout.ENTRIES:
+            if not RunLayout.known(entry):
                 raise ValueError(f"stage {self.name!r}: {entry!r} is not a RunLayout entry")
 
 
@@ -130,12 +147,59 @@ def pipeline_order(candidates: list[Stage] | None = None) -> list[Stage]:
     return order
 
 
+def at_iteration(stage: Stage, k: int) -> Stage:
+    """An iterated stage at iteration ``k``: named ``name@k`` from iteration 2, consuming and
+    producing that iteration's entries (and ``from_previous`` ones of iteration ``k - 1``), and run
+    with ``iteration: k`` before its own wiring."""
+    from dataclasses import replace
+
+    own = tuple(RunLayout.at_iteration(e, k) for e in stage.consumes)
+    previous = tuple(RunLayout.at_iteration(e, k - 1) for e in stage.from_previous) if k > 1 else ()
+
+    def wire(config: RunConfig, layout: RunLayout) -> RunConfig:
+        config = config.model_copy(update={"iteration": k})
+        return stage.wire(config, layout.at(k)) if stage.wire is not None else config
+
+    return replace(stage, name=stage.name if k == 1 else f"{stage.name}@{k}", consumes=own + previous,
+                   produces=tuple(RunLayout.at_iteration(e, k) for e in stage.produces), wire=wire)
+
+
+def after_loop(stage: Stage, last: int) -> Stage:
+    """A stage outside the RL loop that reads its outputs reads the last iteration's (the eval
+    compares every iteration's policy, judged by the last PM), with ``iteration: last``."""
+    from dataclasses import replace
+
+    if not any(RunLayout.split_name(e)[0] in RunLayout.PER_ITERATION for e in stage.consumes):
+        return stage
+
+    def wire(config: RunConfig, layout: RunLayout) -> RunConfig:
+        config = config.model_copy(update={"iteration": last})
+        return stage.wire(config, layout.at(last)) if stage.wire is not None else config
+
+    return replace(stage, consumes=tuple(RunLayout.at_iteration(e, last) for e in stage.consumes), wire=wire)
+
+
+def run_order(config: RunConfig) -> list[Stage]:
+    """The stages `cai run` runs under ``config``, in order: the pipeline's (less those its
+    ``when`` leaves out), with the RL loop repeated ``rl.iterations`` times."""
+    base = [s for s in pipeline_order() if s.when is None or s.when(config)]
+    iterations = config.rl.iterations
+    loop = [s for s in base if s.iterated]
+    if not loop:
+        return base
+    end = max(base.index(s) for s in loop) + 1
+    candidates = [at_iteration(s, 1) if s.iterated else after_loop(s, iterations) for s in base[:end]]
+    candidates += [at_iteration(s, k) for k in range(2, iterations + 1) for s in loop]
+    candidates += [after_loop(s, iterations) for s in base[end:]]
+    return pipeline_order(candidates)
+
+
 def input_digests(name: str, config: RunConfig) -> dict[str, str]:
     """Content hashes of the input files the stage ``name`` declares (see ``Stage.inputs``)."""
     from constitutional_ai.data.readers import local_input_digests
 
     values: dict[str, Any] = {}
-    for dotted in get(name).inputs:
+    for dotted in get(name.partition("@")[0]).inputs:
         node: Any = config
         for part in dotted.split("."):
             node = getattr(node, part, None) if node is not None else None
@@ -146,7 +210,7 @@ def input_digests(name: str, config: RunConfig) -> dict[str, str]:
 def inputs_identity(name: str, config: RunConfig) -> dict[str, Any]:
     """``{"inputs": digests}`` for a record store's identity, or nothing when the stage reads no file
     of the user's (so stores made before input hashing keep their identity)."""
-    digests = input_digests(name, config) if name in _REGISTRY else {}
+    digests = input_digests(name, config) if name.partition("@")[0] in _REGISTRY else {}
     return {"inputs": digests} if digests else {}
 
 
@@ -154,7 +218,8 @@ def pipeline_flags() -> tuple[set[str], set[str]]:
     """``(sections, wired fields)`` of `cai run`: what its stages read, less what it sets itself."""
     order = pipeline_order()
     sections = {s for stage in order for s in stage.flag_sections}
-    return sections, {path for stage in order for path in stage.wired}
+    wired = {path for stage in order for path in stage.wired}
+    return sections, wired | ({"iteration"} if any(s.iterated for s in order) else set())  # run_order sets it
 
 
 def report_sections() -> list[tuple[str, ReportSpec]]:

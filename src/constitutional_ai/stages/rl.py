@@ -20,6 +20,7 @@ from constitutional_ai.data.prompts import load_prompts
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.models import model_path
 from constitutional_ai.report.spec import Plot, ReportSpec
+from constitutional_ai.stages.feedback import sft_policy
 from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.sft import policy_path
@@ -41,16 +42,71 @@ def pm_reward(config: RunConfig) -> RewardFn:
     return trained_pm(config, config.rl.reward_model, "--reward-model", device).score_responses
 
 
+def feedback_reward(config: RunConfig) -> RewardFn:
+    """Direct RLAIF (Lee et al. 2023): the feedback model scores each response under a sampled
+    comparison principle, from one ``score_choices`` pass, with no PM in between. ``pairwise``
+    compares it with the starting policy's greedy answer to the same prompt."""
+    from constitutional_ai.backends import load_backend
+    from constitutional_ai.feedback.direct_reward import FeedbackReward
+    from constitutional_ai.stages.runner import load_stage_constitution
+
+    constitution = load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                           config.feedback.few_shot, "--feedback.few_shot")
+    backend = load_backend(config.feedback.model or config.policy)
+    reference = reference_responses(config) if config.rl.feedback_reward == "pairwise" else None
+    return FeedbackReward(backend, constitution, config.feedback, mode=config.rl.feedback_reward, seed=config.seed,
+                          reference=reference, center=True)
+
+
+def reference_responses(config: RunConfig) -> Callable[[list[Conversation]], list[str]]:
+    """The starting policy's greedy answer to every RL prompt, made once before training (so the
+    reference does not move with the policy) and kept beside the RL records for the audit trail."""
+    import json
+
+    from constitutional_ai.backends.transformers_backend import TransformersBackend
+    from constitutional_ai.common.text import clean_completion
+    from constitutional_ai.config import GenerationParams
+    from constitutional_ai.data.prompts import conversation_key
+    from constitutional_ai.data.store import write_atomic
+
+    path = RunLayout.of(config).rl_references
+    prompts = rl_prompts(config)
+    keys = [conversation_key(p) for p in prompts]
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not set(keys) <= set(saved):
+        backend = TransformersBackend(config.policy.model_copy(update={
+            "model_name_or_path": policy_path(config, config.rl.policy)}))
+        params = GenerationParams(max_new_tokens=config.rl.max_new_tokens, temperature=0.0)
+        saved = {k: clean_completion(g.text, backend.style)
+                 for k, g in zip(keys, backend.generate(prompts, params), strict=True)}
+        backend.close()
+        write_atomic(path, json.dumps(saved, ensure_ascii=False, indent=1))
+    return lambda convs: [saved[conversation_key(c)] for c in convs]
+
+
 def rl_prompts(config: RunConfig) -> list[Conversation]:
     items, _ = load_prompts(config.prompts)
     return [list(item.messages) for item in items]
 
 
 def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
-    reward_fn = reward_fn or pm_reward(config)
+    if reward_fn is None:
+        reward_fn = feedback_reward(config) if config.rl.reward == "feedback" else pm_reward(config)
     if config.rl.algo == "ppo":
         return run_ppo(config, reward_fn)
     return run_trl_online(config, reward_fn)
+
+
+def continue_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
+    """RL starts from the SL-CAI model in iteration 1 and, from iteration 2, continues from the
+    policy the iteration before left (its KL reference is then that policy: each iteration is a
+    trust region around where it started). The feedback model, unless set, is the SL-CAI model, as
+    for labels."""
+    config = sft_policy(config, layout)
+    previous = layout.at(config.iteration - 1).rl_model if config.iteration > 1 else None
+    if previous is not None and previous.is_dir() and not config.rl.policy:
+        config = config.model_copy(update={"rl": config.rl.model_copy(update={"policy": str(previous)})})
+    return config
 
 
 def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
@@ -60,8 +116,8 @@ def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     from constitutional_ai.rl.ppo import PPOTrainer
 
     cfg = config.rl
-    layout = RunLayout(config.output_dir)
-    with TrainingRun(config, RL, layout.rl) as run:
+    layout = RunLayout.of(config)
+    with TrainingRun(config, RL, layout.rl, **reward_identity(config)) as run:
         path = policy_path(config, cfg.policy)
         tokenizer = AutoTokenizer.from_pretrained(path)
         policy = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
@@ -97,13 +153,32 @@ def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
                        prompt_report={}, extra={"model": str(layout.rl_model), **summary})
 
 
-def trl_reward(reward_fn: RewardFn, chat: bool) -> Callable[..., list[float]]:
-    """Our reward function in TRL's ``reward_funcs`` signature (``prompts, completions, **kwargs``)."""
+def reward_identity(config: RunConfig) -> dict[str, Any]:
+    """What else decides the rewards: with ``reward: feedback``, the feedback settings and the
+    constitution judged under (a PM's reward is decided by the PM stage's identity instead)."""
+    if config.rl.reward != "feedback":
+        return {}
+    from constitutional_ai.stages.runner import load_stage_constitution
+
+    return {"feedback": config.fingerprint(("feedback",)),
+            "constitution": load_stage_constitution(config.constitution, "comparison", "feedback_examples",
+                                                    config.feedback.few_shot, "--feedback.few_shot").hash}
+
+
+def trl_reward(reward_fn: RewardFn, chat: bool, log: Callable[[list[dict[str, Any]]], None] | None = None,
+               ) -> Callable[..., list[float]]:
+    """Our reward function in TRL's ``reward_funcs`` signature (``prompts, completions, **kwargs``);
+    a reward that keeps each response's details (``last``: the feedback model's principle) hands
+    them to ``log``."""
 
     def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         convs = [list(p) if chat else parse_raw(p) for p in prompts]
         texts = [c[-1]["content"] if chat else c for c in completions]
-        return reward_fn(convs, texts)
+        rewards = reward_fn(convs, texts)
+        details = getattr(reward_fn, "last", None)
+        if log is not None and details:
+            log(details)
+        return rewards
 
     reward.__name__ = "preference_model"
     return reward
@@ -121,7 +196,7 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     else:
         from trl import RLOOConfig as ArgsCls
         from trl import RLOOTrainer as TrainerCls
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     path = policy_path(config, cfg.policy)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -130,12 +205,22 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     prompts = rl_prompts(config)
     dataset = Dataset.from_list([{"prompt": p if chat else render_raw(p, add_generation_prompt=True)}
                                  for p in prompts])
-    with TrainingRun(config, RL, layout.rl) as run:
+    with TrainingRun(config, RL, layout.rl, **reward_identity(config)) as run:
         args = training_arguments(cfg, ArgsCls, run.checkpoints, config.seed, config.progress,
                                   per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
                                   max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
                                   beta=cfg.kl_coef, max_steps=cfg.total_steps, logging_steps=1)
-        trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat), args=args,
+        calls = iter(range(1 << 62))
+        audit = layout.rl_rewards
+
+        def log(details: list[dict[str, Any]]) -> None:  # an audit trail: a resumed run appends after it
+            import json
+
+            call = next(calls)
+            with audit.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"call": call, **d}, ensure_ascii=False) + "\n" for d in details)
+
+        trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat, log), args=args,
                              train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg, "CAUSAL_LM"), callbacks=run.callbacks())
         output = run.fit(trainer)
@@ -150,10 +235,12 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
 
 
 register(Stage(
-    name=RL, command="ppo", run=run_rl, sections=("seed", "prompts", "rl"),
-    help="RL-CAI: train the policy against the preference model (--algo ppo: ours; rloo, grpo: TRL).",
+    name=RL, command="ppo", run=run_rl, sections=("seed", "prompts", "rl"), options=("policy", "feedback"),
+    extra_identity=reward_identity,
+    help="RL-CAI: train the policy against the preference model, or the feedback model itself (--reward "
+         "feedback); --algo ppo: ours; rloo, grpo: TRL.",
     inputs=("prompts.path",), consumes=("sft_model", "pm_model"),
-    produces=("rl", "rl_records", "rl_model"),
+    produces=("rl", "rl_records", "rl_model"), iterated=True, from_previous=("rl_model",), wire=continue_policy,
     summary=lambda result: result.extra,
     produced=lambda r: f"{r.extra['steps']} steps",
     report=ReportSpec(store="rl", unit="log entries", plots=(

@@ -26,7 +26,7 @@ def policy_path(config: RunConfig, explicit: str) -> str:
     configured policy model (the initial helpful model)."""
     if explicit:
         return model_path(explicit)
-    sft_model = RunLayout(config.output_dir).sft_model
+    sft_model = RunLayout.of(config).sft_model
     if sft_model.is_dir():
         return str(sft_model)
     return model_path(config.policy.model_name_or_path)
@@ -34,7 +34,7 @@ def policy_path(config: RunConfig, explicit: str) -> str:
 
 def _conversations(config: RunConfig) -> list[list[dict[str, str]]]:
     out = []
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     for spec in config.sft.data:
         path = layout.run_data(spec) or Path(spec)
         if not path.is_file():
@@ -53,7 +53,7 @@ def run_sft(config: RunConfig) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     cfg = config.sft
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     conversations = _conversations(config)
     with TrainingRun(config, SFT, layout.sft_trainer) as run:
         model, tokenizer = load_causal_lm(model_path(cfg.model_name_or_path))
@@ -76,7 +76,7 @@ def run_sft(config: RunConfig) -> StageResult:
 def run_export_sft(config: RunConfig) -> Any:
     from constitutional_ai.data.export import critique_to_sft
 
-    layout = RunLayout(config.output_dir)
+    layout = RunLayout.of(config)
     return critique_to_sft(layout.critique_records, layout.sft_data, config.sft_export, seed=config.seed)
 
 
