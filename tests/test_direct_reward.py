@@ -357,6 +357,24 @@ def test_cai_ppo_with_reward_feedback_builds_the_judge_from_the_config_and_recor
     references = Path(config.output_dir) / "rl" / "references.json"
     assert references.is_file() == (mode == "pairwise")
     if mode == "pairwise":
-        saved = json.loads(references.read_text())
+        saved = json.loads(references.read_text())["responses"]
         assert len(saved) == 6 and all(d["reference"] in saved.values() for m in metrics for d in m["reward_details"])
     assert not (Path(config.output_dir) / "pm").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_trainers_take_the_feedback_reward_and_keep_each_principle_in_the_reward_log(tmp_path, tiny_model_dir,
+                                                                                         algo):
+    from constitutional_ai.stages.rl import run_rl
+
+    judge = Judge(lambda prompt, choice: -abs(_rating(choice) - 7))  # rates everything near 7
+    config = _rl_config(tmp_path, tiny_model_dir, algo=algo, total_steps=2, batch_size=4, num_generations=2,
+                        max_new_tokens=8)
+    reward = FeedbackReward(judge, Constitution.default(), config.feedback, mode="rating", center=True)
+    run_rl(config, reward_fn=reward)
+    logged = [json.loads(line) for line in (Path(config.output_dir) / "rl" / "rewards.jsonl").read_text().splitlines()]
+    assert len(judge.scored) == len({d["call"] for d in logged}) >= 2  # one scoring pass per reward call
+    ids = {p.id for p in Constitution.default().comparison}
+    assert all(d["principle"] in ids and -4.5 <= d["reward"] <= 4.5 for d in logged)
+    assert (Path(config.output_dir) / "rl" / "model" / "model.safetensors").is_file()

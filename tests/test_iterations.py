@@ -50,7 +50,8 @@ def test_raising_iterations_extends_a_run_without_changing_what_it_already_made(
     assert three["eval"] != one["eval"]  # it now compares every iteration's policy
     weighted = RunConfig().with_overrides({"rl.iterations": 3, "pm.new_data_weight": 4.0})
     changed = stage_identities(weighted, layout, registry.run_order(weighted))
-    assert changed["pm"] != three["pm"] and changed["pm@2"] != three["pm@2"] and changed["rl@3"] != three["rl@3"]
+    assert changed["pm@2"] != three["pm@2"] and changed["rl@3"] != three["rl@3"]
+    assert changed["pm"] == three["pm"]  # iteration 1 does not read the weight
     assert changed["pairs"] == three["pairs"] and changed["labels"] == three["labels"]
 
 
@@ -167,4 +168,63 @@ def test_an_embedded_run_with_two_iterations_reports_both_and_resumes_a_kill_in_
     assert "<h2>Iterations</h2>" in report and "pm@2" in report and "rl@2" in report
     assert "iteration 2: PM" in done.stdout
     pm_info = json.loads((out / "iterations" / "2" / "pm" / "model" / "pm_info.json").read_text())
-    assert pm_info["base_model"] == str(out / "pm" / "model")  # continued from iteration 1's PM
+    assert pm_info["base_model"] == "run:pm@1"  # continued from iteration 1's PM, named within the run
+
+    again = subprocess.run(_cai("run", *small), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(s["skipped"] for s in json.loads((out / "summary.json").read_text())["stages"].values())
+
+
+def test_an_iterations_identity_does_not_depend_on_what_exists_yet_or_on_rl_policy(tmp_path):
+    """Iteration 2 names what it continues by run: name, so its identity taken before iteration 1 has
+    made its models is the one taken after (a rerun skips it), and it always continues iteration 1."""
+    config = RunConfig().with_overrides({"rl.iterations": 2, "output_dir": str(tmp_path)})
+    layout = RunLayout(tmp_path)
+    before = stage_identities(config, layout, registry.run_order(config))
+    for path in (layout.pm_model, layout.rl_model, layout.sft_model):
+        path.mkdir(parents=True)
+    assert stage_identities(config, layout, registry.run_order(config)) == before
+    by = {s.name: s for s in registry.run_order(config)}
+    explicit = config.with_overrides({"rl.policy": "some/start"})
+    assert by["rl"].wire(explicit, layout).rl.policy == "some/start"  # where iteration 1 starts
+    assert by["rl@2"].wire(explicit, layout).rl.policy == "run:rl@1"  # iteration 2 continues it regardless
+    assert by["pm@2"].wire(config, layout).pm.model_name_or_path == "run:pm@1"
+    assert layout.at(2).resolve_model("run:pm@1") == str(layout.pm_model)
+    with pytest.raises(Exception, match="does not exist yet"):
+        layout.resolve_model("run:rl@2")
+
+
+def test_a_loop_command_run_by_hand_at_an_iteration_is_wired_as_cai_run_wires_it(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from constitutional_ai.cli import app
+
+    seen = {}
+    original = registry.get("rl")
+    registry.register(replace(original, run=lambda config: seen.update(config=config)), replace=True)
+    try:
+        result = CliRunner().invoke(app, ["ppo", "--iteration", "3", "-o", str(tmp_path)])
+    finally:
+        registry.register(original, replace=True)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].iteration == 3 and seen["config"].rl.policy == "run:rl@2"
+    assert RunLayout.of(seen["config"]).rl == tmp_path / "iterations" / "3" / "rl"
+
+
+def test_nothing_held_out_means_no_newest_set_and_nothing_withheld(tmp_path):
+    layout = RunLayout(tmp_path)
+    for k in (1, 2):
+        _preferences(layout.at(k).preferences, 20, f"it{k}")
+    mix = iteration_mix([PreferenceSourceConfig(path="run:preferences")], [], 0.0, 0, tmp_path, 2, 2.0)
+    assert not mix.heldout and not mix.newest and len(mix.train) == 20 + 40
+
+
+def test_folders_of_iterations_beyond_the_runs_last_setting_are_not_part_of_it(tmp_path):
+    layout = RunLayout(tmp_path)
+    for k in (2, 3):
+        (tmp_path / "iterations" / str(k)).mkdir(parents=True)
+    assert layout.iterations() == [1, 2, 3]
+    RunConfig().with_overrides({"rl.iterations": 2}).to_yaml(layout.config)
+    assert layout.iterations() == [1, 2]

@@ -342,6 +342,11 @@ def _stage_command(name: str, help_text: str) -> Callable[[RunConfig], None]:
         from constitutional_ai.stages import registry
 
         stage = registry.get(name)
+        if stage.iterated and config.iteration > 1:  # `cai ppo --iteration 2`: wired as `cai run` wires rl@2
+            from constitutional_ai.layout import RunLayout
+
+            stage = registry.at_iteration(stage, config.iteration)
+            config = stage.wire(config, RunLayout(config.output_dir)) if stage.wire is not None else config
         if config.hub.push_to_hub:  # a bad repo id or a missing token is refused before the work, not after
             from constitutional_ai.stages.export import check_stage_push
 

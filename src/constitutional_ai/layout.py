@@ -133,9 +133,23 @@ class RunLayout:
         return RunLayout(self.root, iteration)
 
     def iterations(self) -> list[int]:
-        """The iterations this run has started: 1, then every ``iterations/k`` folder, in order."""
+        """The iterations this run has started: 1, then every ``iterations/k`` folder, in order, up to
+        the ``rl.iterations`` its last ``cai run`` asked for (a folder left by an earlier run with more
+        iterations is not part of this one: not evaluated, reported or exported)."""
         found = [int(p.name) for p in (self.root / ITERATIONS).glob("*") if p.is_dir() and p.name.isdigit()]
-        return [1, *sorted(k for k in found if k >= 2)]
+        limit = self._configured_iterations()
+        return [1, *sorted(k for k in found if k >= 2 and (limit is None or k <= limit))]
+
+    def _configured_iterations(self) -> int | None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        value = data.get("rl", {}).get("iterations") if isinstance(data, dict) and isinstance(data.get("rl"), dict) \
+            else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
     @staticmethod
     def split_name(entry: str) -> tuple[str, int | None]:
@@ -164,11 +178,12 @@ class RunLayout:
             return False
 
     @classmethod
-    def add_entry(cls, name: str, relative: str, doc: str) -> None:
-        """Declare a new entry (a plug-in stage's output); the layout stays the one place paths live."""
+    def add_entry(cls, name: str, relative: str, doc: str, per_iteration: bool = False) -> None:
+        """Declare a new entry (a plug-in stage's output; ``per_iteration`` for a stage of the RL
+        loop); the layout stays the one place paths live."""
         if name in cls.ENTRIES and cls.ENTRIES[name] != relative:
             raise ValueError(f"run-layout entry {name!r} already means {cls.ENTRIES[name]!r}")
-        entry = _Entry(relative, doc)
+        entry = _Entry(relative, doc, per_iteration)
         setattr(cls, name, entry)
         entry.__set_name__(cls, name)
 
@@ -185,7 +200,8 @@ class RunLayout:
     #: ``run:`` data names a config may use in place of a file, and the entry each one means.
     RUN_DATA: ClassVar[dict[str, str]] = {"run:sft": "sft_data", "run:preferences": "preferences"}
     #: ``run:`` checkpoint names (``eval.models``); ``run:initial`` is the configured policy model itself.
-    RUN_MODELS: ClassVar[dict[str, str]] = {"run:sft": "sft_model", "run:rl": "rl_model", "run:dpo": "dpo_model"}
+    RUN_MODELS: ClassVar[dict[str, str]] = {"run:sft": "sft_model", "run:rl": "rl_model", "run:dpo": "dpo_model",
+                                            "run:pm": "pm_model"}
 
     def _run_name(self, spec: str, table: dict[str, str]) -> Path | None:
         base, sep, k = spec.partition("@")
@@ -203,6 +219,20 @@ class RunLayout:
         """The checkpoint a ``run:`` model name stands for in this run (``run:rl@2``: iteration 2's),
         or None when ``spec`` is not one."""
         return self._run_name(spec, self.RUN_MODELS)
+
+    def resolve_model(self, name: str) -> str:
+        """``name`` as a loadable location: a ``run:`` model name (``run:rl@1``: iteration 1's RL policy)
+        becomes its folder in this run, which must exist; anything else is returned as is. Iterations
+        name the model they continue by ``run:`` name, so their identity does not depend on where the
+        run directory is, or on whether that model was already there when the identity was taken."""
+        path = self.run_model(name)
+        if path is None:
+            return name
+        if not path.is_dir():
+            from constitutional_ai.common.errors import ConfigError
+
+            raise ConfigError(f"{name}: {path} does not exist yet; run the stage that makes it first (cai run)")
+        return str(path)
 
     @staticmethod
     def checkpoints(directory: Path) -> Path:

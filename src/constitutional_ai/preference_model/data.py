@@ -213,7 +213,9 @@ def iteration_mix(sources: list[PreferenceSourceConfig], eval_sources: list[Pref
     (``run:preferences@j``), the newest weighted ``new_weight`` and the older ones 1, so the PM
     follows the policy without forgetting where it started. The held-out set is iteration 1's and
     stays fixed; the newest policy's pairs on its prompts are a second, moving, held-out set. No
-    prompt is both trained and evaluated on."""
+    prompt is both trained and evaluated on, except where the held-out set comes from
+    ``eval_sources``: then the newest set is a share of the newest pairs, whose prompts iteration 1
+    trained on (with other responses); with nothing held out at all there is no newest set either."""
     train, reports = mix_sources(sources, seed, run_dir)
     if eval_sources:
         heldout, eval_reports = mix_sources(eval_sources, seed, run_dir)
@@ -226,7 +228,7 @@ def iteration_mix(sources: list[PreferenceSourceConfig], eval_sources: list[Pref
     newest_source = PreferenceSourceConfig(path=f"{RUN_PREFERENCES}@{iteration}")
     newest_all, _ = read_source(newest_source, run_dir)
     newest = [p for p in newest_all if conversation_key(p.prompt) in held]
-    if not newest:  # held-out prompts from elsewhere (eval_sources): hold out part of the newest pairs
+    if not newest and eval_sources:  # held-out prompts from elsewhere: hold out part of the newest pairs
         _, newest = split_heldout(newest_all, eval_fraction or 0.1)
         held |= {conversation_key(p.prompt) for p in newest}
     later = [PreferenceSourceConfig(path=f"{RUN_PREFERENCES}@{j}", weight=new_weight if j == iteration else 1.0)

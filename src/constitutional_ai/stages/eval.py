@@ -59,13 +59,14 @@ def resolve_checkpoints(config: RunConfig) -> list[tuple[str, str]]:
 def _judge(config: RunConfig) -> RewardFn:
     from constitutional_ai.stages.preference_model import trained_pm
 
-    return trained_pm(config, config.eval.judge, "--judge").score_responses
+    return trained_pm(config, config.eval.judge, "--judge", final=True).score_responses
 
 
 def run_eval(config: RunConfig, judge: RewardFn | None = None) -> StageResult:
     from constitutional_ai.backends.transformers_backend import TransformersBackend
 
     start = time.perf_counter()
+    config = judge_for_reward(config, RunLayout.of(config))  # on its own too, not only as cai run wires it
     checkpoints = resolve_checkpoints(config)
     by_feedback = judge is None and config.eval.judge == "feedback"
     if by_feedback:  # the feedback model judges; this run's PM (if any) still draws the curves

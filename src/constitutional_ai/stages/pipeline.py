@@ -33,7 +33,7 @@ def check_models(config: RunConfig) -> None:
              config.rl.reward_model, config.eval.judge, config.feedback.model.model_name_or_path
              if config.feedback.model else ""]
     names = [n for n in names if n not in served]
-    for name in dict.fromkeys(n for n in names if n and n != EMBEDDED_MODEL):
+    for name in dict.fromkeys(n for n in names if n and n != EMBEDDED_MODEL and not n.startswith("run:")):
         if not Path(name).expanduser().exists():
             check_hub_model(name, None)
 

@@ -31,19 +31,28 @@ if TYPE_CHECKING:
 PM = "pm"
 
 
-def pm_model_dir(config: RunConfig, explicit: str, flag: str) -> Path:
-    """The PM a stage uses: the one named, else this run's trained PM; a one-line error when absent."""
-    directory = Path(explicit) if explicit else RunLayout.of(config).pm_model
+def pm_model_dir(config: RunConfig, explicit: str, flag: str, final: bool = False) -> Path:
+    """The PM a stage uses: the one named, else this run's trained PM (its iteration's, or with
+    ``final`` the last one the run trained: what eval, eval-pm and serve-pm mean by "this run's
+    PM"); a one-line error when absent."""
+    layout = RunLayout.of(config)
+    if explicit:
+        directory = Path(explicit)
+    elif final:
+        directory = next((layout.at(k).pm_model for k in reversed(layout.iterations())
+                          if layout.at(k).pm_model.is_dir()), layout.pm_model)
+    else:
+        directory = layout.pm_model
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no preference model; run `cai train-pm` first or pass {flag} DIR")
     return directory
 
 
-def trained_pm(config: RunConfig, explicit: str, flag: str, device: str = "auto") -> RewardModel:
+def trained_pm(config: RunConfig, explicit: str, flag: str, device: str = "auto", final: bool = False) -> RewardModel:
     """:func:`pm_model_dir`, loaded for scoring."""
     from constitutional_ai.preference_model.reward_model import RewardModel
 
-    return RewardModel.from_pretrained(str(pm_model_dir(config, explicit, flag)), device=device,
+    return RewardModel.from_pretrained(str(pm_model_dir(config, explicit, flag, final)), device=device,
                                        batch_size=config.pm.batch_size)
 
 
@@ -63,7 +72,8 @@ def run_train_pm(config: RunConfig) -> StageResult:
                         config.iteration, cfg.new_data_weight)
     train_pairs, eval_pairs, reports, eval_reports = mix.train, mix.heldout, mix.reports, mix.eval_reports
     with TrainingRun(config, PM, layout.pm) as run:
-        model, tokenizer = load_sequence_classifier(cfg.model_name_or_path, cfg.revision, cfg.trust_remote_code)
+        model, tokenizer = load_sequence_classifier(layout.resolve_model(cfg.model_name_or_path), cfg.revision,
+                                                    cfg.trust_remote_code)
         encoder = PairEncoder(tokenizer, cfg.max_length)
         train_set, truncated = encode_pairs(train_pairs, encoder)
         args = pm_training_arguments(cfg, run.checkpoints, config.seed, config.progress)
@@ -129,19 +139,21 @@ def evaluate_newest(config: RunConfig, scorer: RewardModel, pairs: list[Any], la
 
 
 def previous_pm(config: RunConfig, layout: RunLayout) -> RunConfig:
-    """From iteration 2 the PM continues from the one the iteration before trained (on the
-    accumulated mix, see ``iteration_mix``) instead of starting again from its base model."""
-    if config.iteration == 1 or not layout.at(config.iteration - 1).pm_model.is_dir():
-        return config
-    pm = config.pm.model_copy(update={"model_name_or_path": str(layout.at(config.iteration - 1).pm_model)})
-    return config.model_copy(update={"pm": pm})
+    """From iteration 2 the PM continues from the one the iteration before trained (``run:pm@K-1``,
+    on the accumulated mix, see ``iteration_mix``) instead of starting again from its base model.
+    In iteration 1 ``pm.new_data_weight`` is unused, so it is left out of that PM's identity."""
+    if config.iteration == 1:
+        default = type(config.pm).model_fields["new_data_weight"].default
+        return config.model_copy(update={"pm": config.pm.model_copy(update={"new_data_weight": default})})
+    previous = f"run:pm@{config.iteration - 1}"  # with its iteration: a bare run:pm would be this one's
+    return config.model_copy(update={"pm": config.pm.model_copy(update={"model_name_or_path": previous})})
 
 
 def run_eval_pm(config: RunConfig) -> StageResult:
     """``cai eval-pm``: a PM (this run's, or ``--pm``) on held-out pairs, results next to the model."""
     from constitutional_ai.evaluation.pm import evaluate_pm
 
-    model_dir = pm_model_dir(config, config.eval_pm.model, "--pm")
+    model_dir = pm_model_dir(config, config.eval_pm.model, "--pm", final=True)
     sources = config.eval_pm.data or config.pm.eval_sources
     run_dir = Path(config.output_dir)
     if sources:
@@ -149,7 +161,7 @@ def run_eval_pm(config: RunConfig) -> StageResult:
     else:
         mixed, _ = mix_sources(config.pm.sources, config.seed, run_dir)
         pairs = split_heldout(mixed, config.pm.eval_fraction)[1]
-    scorer = trained_pm(config, config.eval_pm.model, "--pm", config.pm.device)
+    scorer = trained_pm(config, config.eval_pm.model, "--pm", config.pm.device, final=True)
     start = time.perf_counter()
     summary = evaluate_pm(scorer, pairs, model_dir, n_bins=config.eval_pm.n_bins)
     seconds = time.perf_counter() - start
@@ -164,7 +176,7 @@ def serve_pm(config: RunConfig) -> None:
     from constitutional_ai.preference_model.server import RewardServer, bearer_token
 
     bearer_token(config.serve_pm)  # a refusal costs nothing: checked before the PM loads
-    scorer = trained_pm(config, config.serve_pm.model, "--pm", config.pm.device)
+    scorer = trained_pm(config, config.serve_pm.model, "--pm", config.pm.device, final=True)
     server = RewardServer(scorer, config.serve_pm)
     console.print(f"serving {scorer.name} at {server.url} (OpenRLHF: --remote_rm_url {server.url})", highlight=False)
     server.serve_forever()

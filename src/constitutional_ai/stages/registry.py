@@ -84,6 +84,9 @@ class Stage:
         for entry in (*self.consumes, *self.produces):
             if not RunLayout.known(entry):
                 raise ValueError(f"stage {self.name!r}: {entry!r} is not a RunLayout entry")
+        if self.iterated and not all(RunLayout.split_name(e)[0] in RunLayout.PER_ITERATION for e in self.produces):
+            raise ValueError(f"stage {self.name!r} is iterated: every entry it produces must be per_iteration, or "
+                             "each iteration would overwrite the one before")
 
 
 _REGISTRY: dict[str, Stage] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from constitutional_ai.common.chat_format import parse_raw, render_raw
@@ -25,7 +26,7 @@ from constitutional_ai.stages.registry import Stage, register
 from constitutional_ai.stages.runner import StageResult
 from constitutional_ai.stages.sft import policy_path
 from constitutional_ai.stages.training import TrainingRun
-from constitutional_ai.training.common import peft_config, training_arguments
+from constitutional_ai.training.common import last_checkpoint, peft_config, training_arguments
 
 RL = "rl"
 
@@ -72,16 +73,21 @@ def reference_responses(config: RunConfig) -> Callable[[list[Conversation]], lis
     path = RunLayout.of(config).rl_references
     prompts = rl_prompts(config)
     keys = [conversation_key(p) for p in prompts]
+    policy = policy_path(config, config.rl.policy)
+    params = GenerationParams(max_new_tokens=config.rl.max_new_tokens, temperature=0.0)
+    # the answers belong to one policy (its weights as they are now) and one way of generating: a
+    # retrained SFT model or a longer max_new_tokens makes new ones, never reuses stale ones
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(policy).glob("*.safetensors"))
+    made_by = {"policy": policy, "weights": weights, "generation": params.model_dump(mode="json")}
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if not set(keys) <= set(saved):
-        backend = TransformersBackend(config.policy.model_copy(update={
-            "model_name_or_path": policy_path(config, config.rl.policy)}))
-        params = GenerationParams(max_new_tokens=config.rl.max_new_tokens, temperature=0.0)
-        saved = {k: clean_completion(g.text, backend.style)
-                 for k, g in zip(keys, backend.generate(prompts, params), strict=True)}
+    responses = saved.get("responses", {}) if saved.get("made_by") == json.loads(json.dumps(made_by)) else {}
+    if not set(keys) <= set(responses):
+        backend = TransformersBackend(config.policy.model_copy(update={"model_name_or_path": policy}))
+        responses = {k: clean_completion(g.text, backend.style)
+                     for k, g in zip(keys, backend.generate(prompts, params), strict=True)}
         backend.close()
-        write_atomic(path, json.dumps(saved, ensure_ascii=False, indent=1))
-    return lambda convs: [saved[conversation_key(c)] for c in convs]
+        write_atomic(path, json.dumps({"made_by": made_by, "responses": responses}, ensure_ascii=False, indent=1))
+    return lambda convs: [responses[conversation_key(c)] for c in convs]
 
 
 def rl_prompts(config: RunConfig) -> list[Conversation]:
@@ -98,15 +104,18 @@ def run_rl(config: RunConfig, reward_fn: RewardFn | None = None) -> StageResult:
 
 
 def continue_policy(config: RunConfig, layout: RunLayout) -> RunConfig:
-    """RL starts from the SL-CAI model in iteration 1 and, from iteration 2, continues from the
-    policy the iteration before left (its KL reference is then that policy: each iteration is a
-    trust region around where it started). The feedback model, unless set, is the SL-CAI model, as
-    for labels."""
+    """RL starts from the SL-CAI model (or ``rl.policy``) in iteration 1 and, from iteration 2,
+    continues from the policy the iteration before left, ``run:rl@K-1`` (its KL reference is then
+    that policy: each iteration is a trust region around where it started). The feedback model,
+    unless set, is the SL-CAI model, as for labels. A knob the reward in use does not read is left
+    out of the identity."""
     config = sft_policy(config, layout)
-    previous = layout.at(config.iteration - 1).rl_model if config.iteration > 1 else None
-    if previous is not None and previous.is_dir() and not config.rl.policy:
-        config = config.model_copy(update={"rl": config.rl.model_copy(update={"policy": str(previous)})})
-    return config
+    update: dict[str, Any] = {}
+    if config.iteration > 1:
+        update["policy"] = f"run:rl@{config.iteration - 1}"  # with its iteration: a bare run:rl is this one's
+    if config.rl.reward == "pm":
+        update["feedback_reward"] = type(config.rl).model_fields["feedback_reward"].default
+    return config.model_copy(update={"rl": config.rl.model_copy(update=update)}) if update else config
 
 
 def run_ppo(config: RunConfig, reward_fn: RewardFn) -> StageResult:
@@ -184,6 +193,21 @@ def trl_reward(reward_fn: RewardFn, chat: bool, log: Callable[[list[dict[str, An
     return reward
 
 
+def keep_rewards_up_to(audit: Path, checkpoint: str | None) -> None:
+    """The reward log as the trainer will continue it: empty on a fresh start, and after a resume only
+    the rewards of the updates the checkpoint holds (the later ones are computed again)."""
+    import json
+
+    from constitutional_ai.data.store import write_atomic
+
+    if not audit.is_file():
+        return
+    done = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+    kept = [line for line in audit.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= done]
+    write_atomic(audit, "".join(line + "\n" for line in kept))
+
+
 def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
     """RLOO or GRPO through TRL, with our reward."""
     from datasets import Dataset
@@ -210,15 +234,17 @@ def run_trl_online(config: RunConfig, reward_fn: RewardFn) -> StageResult:
                                   per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
                                   max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
                                   beta=cfg.kl_coef, max_steps=cfg.total_steps, logging_steps=1)
-        calls = iter(range(1 << 62))
         audit = layout.rl_rewards
+        keep_rewards_up_to(audit, last_checkpoint(run.checkpoints, config.resume))
+        calls = iter(range(1 << 62))
 
-        def log(details: list[dict[str, Any]]) -> None:  # an audit trail: a resumed run appends after it
+        def log(details: list[dict[str, Any]]) -> None:
             import json
 
-            call = next(calls)
+            step, call = trainer.state.global_step + 1, next(calls)  # the update these rewards are for
             with audit.open("a", encoding="utf-8") as f:
-                f.writelines(json.dumps({"call": call, **d}, ensure_ascii=False) + "\n" for d in details)
+                f.writelines(json.dumps({"step": step, "call": call, **d}, ensure_ascii=False) + "\n"
+                             for d in details)
 
         trainer = TrainerCls(model=path, reward_funcs=trl_reward(reward_fn, chat, log), args=args,
                              train_dataset=dataset, processing_class=tokenizer,

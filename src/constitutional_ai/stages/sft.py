@@ -25,7 +25,7 @@ def policy_path(config: RunConfig, explicit: str) -> str:
     """The policy an RL stage starts from: the one named, else this run's SFT model, else the
     configured policy model (the initial helpful model)."""
     if explicit:
-        return model_path(explicit)
+        return model_path(RunLayout.of(config).resolve_model(explicit))
     sft_model = RunLayout.of(config).sft_model
     if sft_model.is_dir():
         return str(sft_model)
