@@ -123,14 +123,15 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
                     "same prompt. " + _AI_LABELS),
     Artifact(
         name="rl_model", kind="model", title="RL-CAI policy", made_by="ppo",
-        description="The SL-CAI policy trained with reinforcement learning against the preference model "
-                    "(RL from AI feedback, RL-CAI).",
+        description="The SL-CAI policy trained with reinforcement learning from AI feedback: against the "
+                    "preference model (RL-CAI), or, where the config below says `reward: feedback`, against the "
+                    "feedback model's own judgement (direct RLAIF).",
         sections=("seed", "prompts", "rl"), constitution_from=("labels", "critique"), store="rl",
         metrics=("elo", "rl"), elo_name="rl", task="text-generation",
         intended_use="Research on Constitutional AI and RLAIF: comparing harmlessness and helpfulness against "
                      "the SFT and base policies.",
-        limitations="Optimised against a learnt reward: it may exploit the preference model rather than follow "
-                    "the constitution, and it is not safety-tested."),
+        limitations="Optimised against an AI judge's reward: it may exploit the preference model (or the "
+                    "feedback model) rather than follow the constitution, and it is not safety-tested."),
 )}
 
 if set(ARTIFACTS) != set(typing.get_args(ExportArtifact)):  # the config's choices and this table are one list
