@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from constitutional_ai.backends.base import Generation
-from constitutional_ai.config import GenerationParams
+from constitutional_ai.config import GenerationParams, RunConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: steady on a shared CPU
@@ -90,3 +90,33 @@ class ScriptedBackend:
 
     def close(self) -> None:
         pass
+
+
+# -- RL on a tiny policy with a planted reward (tests/test_rl.py, tests/test_direct_reward.py) ------------
+def planted_word(model_dir: Path) -> str:
+    """A token the tiny random policy samples often enough to learn from (never end-of-sequence)."""
+    import collections
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constitutional_ai.common.chat_format import render_raw
+    from constitutional_ai.stages.rl import rl_prompts
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    prompts = [render_raw(p) for p in rl_prompts(RunConfig())[:32]]  # what the policy will be asked
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=True, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
+    counts = collections.Counter(out[:, enc["input_ids"].shape[1]:].flatten().tolist())
+    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return next(tokenizer.decode([t]) for t, _ in counts.most_common()
+                if t not in special and tokenizer.decode([t]).strip())
+
+
+def rl_config(tmp_path: Path, model_dir: Path, **rl) -> RunConfig:
+    return RunConfig().with_overrides({
+        "output_dir": str(tmp_path / "run"), "progress": False, "rl.policy": str(model_dir), "rl.device": "cpu",
+        "rl.value_model": "head", "rl.batch_size": 16, "rl.num_mini_batches": 2, "rl.ppo_epochs": 4,
+        "rl.max_new_tokens": 16, "rl.learning_rate": 1e-3, "rl.total_steps": 24, "rl.save_steps": 100,
+        **{f"rl.{k}": v for k, v in rl.items()}})

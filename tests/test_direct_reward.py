@@ -1,7 +1,6 @@
 """Direct RLAIF: the feedback model's judgement as the reward (ratings and pairwise), checked
 against hand computations on a real tiny model, scripted judges and PPO with a planted preference."""
 
-import collections
 import json
 import math
 import re
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ScriptedBackend
+from conftest import ScriptedBackend, planted_word, rl_config
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, RunConfig
 from constitutional_ai.constitution import Constitution
@@ -247,31 +246,6 @@ def test_long_conversations_lose_their_oldest_turns_and_an_unreadable_response_g
 
 
 # -- 3. a planted preference in the feedback model moves the PPO policy -------------------------------
-def _planted_word(model_dir: Path) -> str:
-    """A token the tiny random policy samples often enough to learn from (never end-of-sequence)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from constitutional_ai.common.chat_format import render_raw
-    from constitutional_ai.stages.rl import rl_prompts
-
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    prompts = [render_raw(p) for p in rl_prompts(RunConfig())[:32]]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**enc, do_sample=True, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
-    counts = collections.Counter(out[:, enc["input_ids"].shape[1]:].flatten().tolist())
-    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
-    return next(tokenizer.decode([t]) for t, _ in counts.most_common()
-                if t not in special and tokenizer.decode([t]).strip())
-
-
-def _rl_config(tmp_path: Path, model_dir: Path, **rl) -> RunConfig:
-    return RunConfig().with_overrides({
-        "output_dir": str(tmp_path / "run"), "progress": False, "rl.policy": str(model_dir), "rl.device": "cpu",
-        "rl.value_model": "head", "rl.batch_size": 16, "rl.num_mini_batches": 2, "rl.ppo_epochs": 4,
-        "rl.max_new_tokens": 16, "rl.learning_rate": 1e-3, "rl.total_steps": 24, "rl.save_steps": 100,
-        **{f"rl.{k}": v for k, v in rl.items()}})
 
 
 def _metrics(config: RunConfig) -> list[dict]:
@@ -282,7 +256,7 @@ def _metrics(config: RunConfig) -> list[dict]:
 def test_ppo_on_a_feedback_model_with_a_planted_preference_moves_toward_it(tmp_path, tiny_model_dir):
     from constitutional_ai.stages.rl import run_rl
 
-    word = _planted_word(tiny_model_dir)
+    word = planted_word(tiny_model_dir)
 
     def likes_the_word(prompt, choice):
         """High ratings are likely in proportion to how often the judged response says the word."""
@@ -294,7 +268,7 @@ def test_ppo_on_a_feedback_model_with_a_planted_preference_moves_toward_it(tmp_p
     # ratings live on 1..10 and most responses sit within a point of each other: centred (as the RL
     # stage asks) and normalised by their running spread (--normalize-reward), the policy learns from the
     # differences; without normalising it barely moves in a short run (the word 0.1 -> 0.3, not -> 2.9)
-    config = _rl_config(tmp_path, tiny_model_dir, kl_coef=0.01, normalize_reward=True)
+    config = rl_config(tmp_path, tiny_model_dir, kl_coef=0.01, normalize_reward=True)
     reward = FeedbackReward(judge, Constitution.default(), config.feedback, mode="rating", center=True)
     run_rl(config, reward_fn=reward)
     metrics = _metrics(config)
@@ -317,14 +291,14 @@ def test_ppo_on_a_feedback_model_with_a_planted_preference_moves_toward_it(tmp_p
 def test_ppo_runs_on_pairwise_feedback_rewards_against_a_reference(tmp_path, tiny_model_dir):
     from constitutional_ai.stages.rl import run_rl
 
-    word = _planted_word(tiny_model_dir).strip()
+    word = planted_word(tiny_model_dir).strip()
 
     def prefers_the_word(prompt, choice):
         a, b = _judged(prompt)
         return 2.0 * (a.count(word) - b.count(word)) if "(A)" in choice else 0.0
 
     judge = Judge(prefers_the_word)
-    config = _rl_config(tmp_path, tiny_model_dir, kl_coef=0.01, total_steps=3)
+    config = rl_config(tmp_path, tiny_model_dir, kl_coef=0.01, total_steps=3)
     references = []
     reward = FeedbackReward(judge, Constitution.default(), config.feedback.model_copy(update={"both_orders": True}),
                             mode="pairwise", reference=lambda ps: references.append(len(ps)) or [REF] * len(ps))
@@ -343,7 +317,7 @@ def test_cai_ppo_with_reward_feedback_builds_the_judge_from_the_config_and_recor
     recorded per reward, and in pairwise mode the starting policy's greedy answers saved once."""
     from constitutional_ai.stages.rl import run_rl
 
-    config = _rl_config(tmp_path, tiny_model_dir, total_steps=2, batch_size=4, max_new_tokens=8, reward="feedback",
+    config = rl_config(tmp_path, tiny_model_dir, total_steps=2, batch_size=4, max_new_tokens=8, reward="feedback",
                         feedback_reward=mode).with_overrides({
                             "policy.model_name_or_path": str(tiny_model_dir), "policy.device": "cpu",
                             "prompts.limit": 6})
@@ -369,7 +343,7 @@ def test_trl_trainers_take_the_feedback_reward_and_keep_each_principle_in_the_re
     from constitutional_ai.stages.rl import run_rl
 
     judge = Judge(lambda prompt, choice: -abs(_rating(choice) - 7))  # rates everything near 7
-    config = _rl_config(tmp_path, tiny_model_dir, algo=algo, total_steps=2, batch_size=4, num_generations=2,
+    config = rl_config(tmp_path, tiny_model_dir, algo=algo, total_steps=2, batch_size=4, num_generations=2,
                         max_new_tokens=8)
     reward = FeedbackReward(judge, Constitution.default(), config.feedback, mode="rating", center=True)
     run_rl(config, reward_fn=reward)

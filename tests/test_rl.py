@@ -1,4 +1,3 @@
-import collections
 import json
 import math
 from pathlib import Path
@@ -6,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_sft_data
+from conftest import planted_word, rl_config, write_sft_data
 from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.config import RLConfig, RunConfig
 from constitutional_ai.rl.core import KLController, explained_variance, gae, policy_loss, value_loss, whiten
@@ -68,44 +67,19 @@ def test_whitening_and_explained_variance_and_the_adaptive_kl_controller():
 
 
 # -- PPO on a tiny policy with a planted reward -------------------------------------------------------
-def _planted_word(model_dir: Path) -> str:
-    """A token the tiny random policy samples often enough to learn from (never end-of-sequence)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from constitutional_ai.common.chat_format import render_raw
-    from constitutional_ai.stages.rl import rl_prompts
-
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    prompts = [render_raw(p) for p in rl_prompts(RunConfig())[:32]]  # what the policy will be asked
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**enc, do_sample=True, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
-    counts = collections.Counter(out[:, enc["input_ids"].shape[1]:].flatten().tolist())
-    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
-    return next(tokenizer.decode([t]) for t, _ in counts.most_common()
-                if t not in special and tokenizer.decode([t]).strip())
-
-
-def _rl_config(tmp_path: Path, model_dir: Path, **rl) -> RunConfig:
-    return RunConfig().with_overrides({
-        "output_dir": str(tmp_path / "run"), "progress": False, "rl.policy": str(model_dir), "rl.device": "cpu",
-        "rl.value_model": "head", "rl.batch_size": 16, "rl.num_mini_batches": 2, "rl.ppo_epochs": 4,
-        "rl.max_new_tokens": 16, "rl.learning_rate": 1e-3, "rl.total_steps": 24, "rl.save_steps": 100,
-        **{f"rl.{k}": v for k, v in rl.items()}})
 
 
 def _train(tmp_path, model_dir, word, **rl):
     from constitutional_ai.stages.rl import run_rl
 
-    config = _rl_config(tmp_path, model_dir, **rl)
+    config = rl_config(tmp_path, model_dir, **rl)
     run_rl(config, reward_fn=lambda prompts, responses: [float(r.count(word)) for r in responses])
     return [json.loads(line) for line in (Path(config.output_dir) / "rl" / "records.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_ppo_raises_a_planted_reward_and_the_kl_coefficient_holds_the_policy_back(tmp_path, tiny_model_dir):
-    word = _planted_word(tiny_model_dir)
+    word = planted_word(tiny_model_dir)
     free = _train(tmp_path / "free", tiny_model_dir, word, kl_coef=0.01)
     held = _train(tmp_path / "held", tiny_model_dir, word, kl_coef=20.0)
     start = sum(m["reward"] for m in free[:3]) / 3
@@ -135,7 +109,7 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_
     from constitutional_ai.rl import ppo as ppo_module
     from constitutional_ai.stages.rl import run_rl
 
-    config = _rl_config(tmp_path, tiny_model_dir, total_steps=6, save_steps=2)
+    config = rl_config(tmp_path, tiny_model_dir, total_steps=6, save_steps=2)
     reward = lambda prompts, responses: [float(len(r)) / 10 for r in responses]  # noqa: E731
     original = ppo_module.PPOTrainer.step
 
@@ -158,7 +132,7 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_
 
 @pytest.mark.slow
 def test_grpo_through_trl_raises_the_planted_reward_unless_the_kl_term_holds_it(tmp_path, tiny_model_dir):
-    word = _planted_word(tiny_model_dir)
+    word = planted_word(tiny_model_dir)
     settings = {"algo": "grpo", "total_steps": 40, "learning_rate": 1e-2, "batch_size": 16, "num_generations": 4}
     free = _train(tmp_path / "free", tiny_model_dir, word, kl_coef=0.0, **settings)
     held = _train(tmp_path / "held", tiny_model_dir, word, kl_coef=50.0, **settings)

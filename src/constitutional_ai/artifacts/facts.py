@@ -7,7 +7,6 @@ and the card says it was not recorded), never recomputed: a card describes the r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from constitutional_ai.common.errors import CAIError, ConfigError
 from constitutional_ai.common.yaml_safe import load_yaml
 from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.data.store import MANIFEST, RECORDS, read_records
+from constitutional_ai.data.store import MANIFEST, RECORDS, read_json, read_records
 from constitutional_ai.layout import PM_EVAL_RESULTS, STAGE_CONFIG, STAGE_CONSTITUTION, RunLayout
 
 
@@ -59,13 +58,6 @@ class Facts:
 _NOT_FIGURES = frozenset({"identity", "fields", "status", "created", "updated", "records", "resumed"})
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when the file is missing or torn: one bad file never stops an export."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def gather(run_dir: Path, artifact: Artifact, given: RunConfig | None = None) -> Facts:

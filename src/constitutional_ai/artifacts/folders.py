@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.artifacts.cards import DATA_FILE, DatasetStats, ModelStats, dataset_card, model_card
-from constitutional_ai.artifacts.facts import Facts, gather, read_json, store_status
+from constitutional_ai.artifacts.facts import Facts, gather, store_status
 from constitutional_ai.artifacts.table import ARTIFACTS, EXPORT_ENTRY, Artifact, artifact_layout, artifact_path, made
 from constitutional_ai.common.errors import ConfigError, DataError
 from constitutional_ai.config import RunConfig
+from constitutional_ai.data.store import read_json
 from constitutional_ai.layout import RunLayout
 
 CARD = "README.md"

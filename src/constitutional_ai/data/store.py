@@ -244,3 +244,13 @@ class RecordStore:
 
     def records(self) -> Iterator[dict[str, Any]]:
         return read_records(self.path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is missing, torn or not an object: readers of a run's
+    summaries (the report, the export cards) show what they can rather than fail on one file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.config import EMBEDDED_MODEL
-from constitutional_ai.data.store import MANIFEST, write_atomic
+from constitutional_ai.data.store import MANIFEST, read_json, write_atomic
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.report.headline import format_headline, headline
 from constitutional_ai.report.render import (
@@ -30,7 +30,7 @@ from constitutional_ai.report.render import (
     signed,
     table,
 )
-from constitutional_ai.report.sources import read_json, records, run_config, run_constitution
+from constitutional_ai.report.sources import records, run_config, run_constitution
 from constitutional_ai.report.spec import ReportSpec
 
 #: Plots shown inside the section about the figure they illustrate; any other declared plot

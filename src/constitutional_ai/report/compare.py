@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from constitutional_ai.constitution import Constitution
-from constitutional_ai.data.store import write_atomic
+from constitutional_ai.data.store import read_json, write_atomic
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.report.diff import (
     PRINCIPLE_FIELDS,
@@ -29,7 +29,6 @@ from constitutional_ai.report.sources import (
     RecordedConstitution,
     check_run_dir,
     config_values,
-    read_json,
     run_constitution,
 )
 from constitutional_ai.report.spec import ReportSpec

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from constitutional_ai.data.store import RECORDS
+from constitutional_ai.data.store import RECORDS, read_json
 from constitutional_ai.evaluation.calibration import wilson_interval
 from constitutional_ai.evaluation.curves import rl_metric_curves
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.report.render import count, plain, signed
-from constitutional_ai.report.sources import read_json, records
+from constitutional_ai.report.sources import records
 
 SETS = ("harmless", "helpful")
 

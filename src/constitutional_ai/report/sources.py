@@ -7,7 +7,6 @@ happened. Only when no snapshot exists is the config's path loaded, and the page
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,6 @@ from constitutional_ai.config import RunConfig
 from constitutional_ai.constitution import Constitution
 from constitutional_ai.data.store import MANIFEST, read_records
 from constitutional_ai.layout import STAGE_CONSTITUTION, RunLayout
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when the file is missing or torn: a report never fails on one file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def records(path: Path) -> list[dict[str, Any]]:
