@@ -73,16 +73,23 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, chat: bool = 
 def build_tiny_causal_lm(path: str | Path, *, corpus: Iterable[str] | None = None, vocab_size: int = 1024,
                          hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                          intermediate_size: int | None = None, max_positions: int = 2048, chat: bool = False,
-                         seed: int = 0, initializer_range: float = 0.02) -> Path:
-    """Save a randomly initialised Llama-architecture model and its tokenizer to ``path``."""
+                         seed: int = 0, initializer_range: float = 0.02, num_kv_heads: int | None = None,
+                         model_vocab_size: int | None = None) -> Path:
+    """Save a randomly initialised Llama-architecture model and its tokenizer to ``path``.
+
+    ``num_kv_heads`` below ``num_heads`` gives grouped-query attention (Qwen2.5, Llama 3);
+    ``model_vocab_size`` pads the tokenizer with inert added tokens up to that many, so the
+    embedding and LM head have a real model's width even though a small corpus trains fewer merges."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer(corpus if corpus is not None else bundled_corpus(), vocab_size, chat)
+    if model_vocab_size and len(tokenizer) < model_vocab_size:
+        tokenizer.add_tokens([f"<unused_{i}>" for i in range(model_vocab_size - len(tokenizer))])
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         initializer_range=initializer_range,
