@@ -9,8 +9,15 @@ last release shipping a ``PPOTrainer``); this script must not import ``constitut
 
 It prints exactly one JSON line on stdout (everything TRL/transformers print goes to stderr)::
 
-    {"seconds_per_step", "peak_rss_mb", "steps", "trl_version", "transformers_version",
-     "torch_version", "config", "warmup_seconds", "step_seconds"}
+    {"seconds_per_step", "peak_rss_mb", "start_rss_mb", "flops_per_update", "steps", "trl_version",
+     "transformers_version", "torch_version", "config", "warmup_seconds", "step_seconds"}
+
+``flops_per_update``: the FLOPs of the warm-up update (untimed), counted by torch's
+``FlopCounterMode`` (:func:`flop_counter`), entered at ``on_train_begin`` and left at the first
+``on_step_end``: every matrix product and attention kernel that update ran -- generation, the
+reference, value and reward passes, and the ``E*M`` forward and backward passes. The same counter
+counts our PPO's warm-up update (``bench_ppo.py`` imports :func:`flop_counter` from here, since this
+file cannot import the benchmarks' ``_common``), so both systems' FLOPs are counted alike.
 
 Models (nothing is downloaded; everything loads from the given folders, offline):
 
@@ -44,9 +51,11 @@ How our knobs map onto ``PPOConfig``:
 Timing: a ``TrainerCallback`` stamps ``time.perf_counter()`` at ``on_train_begin`` and at each
 ``on_step_end`` (one PPO update = rollout + reward/value scoring + GAE + E*M optimiser steps +
 TRL's own logging). Training runs ``1 + steps`` updates (``total_episodes = (1 + steps) * B``);
-the first (warm-up) update is dropped and ``seconds_per_step`` is the mean of the rest.
+the first (warm-up) update, which also counts the FLOPs (the counter's dispatch overhead makes it
+slower), is dropped and ``seconds_per_step`` is the mean of the rest.
 ``peak_rss_mb`` is ``ru_maxrss / 1024`` of this process (Linux: KiB -> MiB), so it includes
-model loading and the warm-up.
+model loading and the warm-up; ``start_rss_mb`` is the resident memory after the imports
+(:func:`import_libraries` included, as in our worker) and before any model.
 
 Nothing is reported or saved: ``report_to="none"``, ``save_strategy="no"``, ``eval_strategy="no"``,
 ``num_sample_generations=0``, ``output_dir`` is a temporary folder removed afterwards.
@@ -85,6 +94,40 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def import_libraries() -> None:
+    """Import what training will import lazily (accelerate, transformers' generation and Llama
+    modules), so that the resident memory read next ("libraries") is the same set of modules in
+    our worker and in this one: ``import trl`` pulls these in, our trainer only on first use, and
+    without this ~130 MB of modules would count as our training memory."""
+    import accelerate  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification  # noqa: F401
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` (no display) that also counts CPU attention.
+
+    torch's registry has formulas for the CUDA attention kernels only; on CPU ``scaled_dot_product_
+    attention`` runs ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it
+    would count as 0 FLOPs. Those two get torch's own SDPA formulas here (full ``L x S`` score
+    matrix, causal or not, grouped-query heads as the query's). Enter it around the counted work and
+    read ``get_total_flops()``."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in fc.flop_registry:
+        fc.register_flop_formula(forward)(
+            lambda query, key, value, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(query, key, value))
+    if backward is not None and backward not in fc.flop_registry:
+        fc.register_flop_formula(backward)(
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            fc.sdpa_backward_flop_count(grad_out, query, key, value))
+    return fc.FlopCounterMode(display=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
         import datasets
         datasets.disable_progress_bars()
     PPOConfig, PPOTrainer, where = import_ppo()
+    import_libraries()
 
     start_rss_mb = current_rss_mb()  # libraries imported, no model loaded yet
     torch.manual_seed(args.seed)
@@ -250,12 +294,18 @@ def run(args: argparse.Namespace) -> dict:
 
     updates = 1 + args.steps
     stamps: list[float] = []
+    counter = flop_counter()
+    counted: list[int] = []
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
+            counter.__enter__()  # the warm-up update is counted (and untimed)
 
         def on_step_end(self, a, state, control, **kw):
+            if not counted:
+                counter.__exit__(None, None, None)
+                counted.append(int(counter.get_total_flops()))
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="trl-ppo-") as out:
@@ -301,6 +351,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds_per_step": sum(timed) / len(timed),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "start_rss_mb": start_rss_mb,
+        "flops_per_update": counted[0],
         "steps": len(timed),
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,

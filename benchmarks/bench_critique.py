@@ -1,8 +1,8 @@
 """Critique-revision throughput: our batched engine against one-prompt-at-a-time baselines.
 
-One tiny random-weight Llama model (a few million parameters, built locally, nothing downloaded),
-32 red-team prompts, 2 critique-revision rounds, greedy decoding, the same ``max_new_tokens`` and
-the same stop strings everywhere. Every prompt costs 1 + 2 * rounds generations in each system:
+One random-weight Llama model built locally (nothing downloaded), red-team prompts, critique-revision
+rounds, greedy decoding, the same ``max_new_tokens`` and the same stop strings everywhere. Every
+prompt costs 1 + 2 * rounds generations in each system:
 
 * ``ours``: :class:`CritiqueRevisionEngine` over :class:`TransformersBackend` (the whole batch
   advances step by step, one batched ``generate`` per step);
@@ -13,12 +13,36 @@ the same stop strings everywhere. Every prompt costs 1 + 2 * rounds generations 
   given our principles and prompt templates that render the same text as ours. Skipped with a
   note when the ``bench`` extra is not installed.
 
-Throughput is prompts completed per second (a prompt is its whole chain); each system is timed
+**Shape.** By default (``--shape qwen0.5b``) the model has Qwen2.5-0.5B's layer shape (hidden 896,
+14 query heads sharing 2 key-value heads, intermediate 4864, a 32,768-token vocabulary) with one
+layer (``--layers``): per-token costs are a real small model's (a 32k-wide LM head on every decoded
+token, batch-1 decoding bound by reading the weights, grouped-query KV), so ratios carry over to
+one, while one layer keeps the run to about 10 minutes on 2 cores. The baselines decode one
+sequence at a time, so the default workload at this shape is 16 prompts x 2 rounds x 16 new tokens
+(80 generations per system); ``--shape tiny`` is the 5.25M-parameter model earlier figures were
+measured on, with their workload (32 prompts x 2 rounds x 48 tokens). The tokenizer is trained on
+the package's own text and padded with inert ``<unused_N>`` tokens to the model's vocabulary, so
+the random model mostly generates those: stop strings then never match and every generation uses
+its whole budget, the same in every system (the table's ``full`` column and token counts show it).
+
+**Throughput** is prompts completed per second (a prompt is its whole chain); each system is timed
 ``--repeats`` times, interleaved, and its best run is reported. Every ``generate`` call is counted
 (calls, sequences, generated tokens) so one can check that the systems did the same work.
 
+**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate now
+(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count),
+then runs each system once more, untimed, on exactly the timed work (same prompts; greedy, so the
+same tokens) under torch's ``FlopCounterMode``: its FLOPs are what that run computed (the matrix
+products, and the attention kernels torch has a formula for), padding and finished rows in a batch
+included. A system's achieved rate is those FLOPs over its best time, and its fraction of peak that
+rate over the measured matmul rate: how close it runs to what the machine's matrix unit can do (a
+batch-1 decoding loop is far from it, being bound by memory and per-call overhead).
+
 Run: ``PYTHONPATH=src python benchmarks/bench_critique.py``. The last line printed is one JSON
-object; its ``ratio`` is our throughput over the strongest (fastest) baseline that ran.
+object: ``ratio`` is our throughput over the strongest (fastest) baseline that ran, named by
+``baseline``; ``shape`` the model's shape; ``peak_flop_per_s`` the measured matmul rate; and
+``systems`` per system its throughput, times, work counts, ``flops``, ``flop_per_s`` and
+``fraction_of_peak`` (the older top-level fields are kept).
 """
 
 from __future__ import annotations
@@ -36,7 +60,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, setup, time_interleaved
+from _common import add_model_args, count_flops, efficiency, matmul_peak, setup, shape_of, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.common.chat_format import RAW_STOP, render_raw
 from constitutional_ai.common.text import clean_completion
@@ -194,17 +218,32 @@ def time_run(system: Any, items: list[PromptItem]) -> tuple[float, dict[str, int
     return seconds, system.counter.snapshot()
 
 
+#: The default workload at each shape (any flag given overrides it). The baselines generate one
+#: sequence at a time, so at the realistic shape (a 32k-vocabulary LM head per decoded token) the
+#: workload is cut to what keeps the whole run, LangChain included, to about 10 minutes on 2 cores;
+#: the tiny shape keeps the workload earlier figures were measured on.
+DEFAULTS: dict[str, dict[str, int]] = {
+    "qwen0.5b": {"prompts": 16, "rounds": 2, "max_new_tokens": 16},
+    "tiny": {"prompts": 32, "rounds": 2, "max_new_tokens": 48},
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=None, help="red-team prompts (default: 16 at qwen0.5b, 32 at tiny)")
+    ap.add_argument("--rounds", type=int, default=None, help="critique-revision rounds (default: 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens per generation (default: 16 at qwen0.5b, 48 at tiny)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per system; the best is reported")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
     ap.add_argument("--skip-langchain", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
-    add_model_args(ap)
-    return ap.parse_args(argv)
+    add_model_args(ap, layers=1)
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -237,8 +276,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for note in notes:
         print(f"note: {note}")
 
-    print(f"model: Llama, {params / 1e6:.2f}M params (vocab {len(ours.backend.tokenizer)}, hidden "
-          f"{args.hidden_size}, {args.layers} layers), random weights, float32, CPU")
+    shape = shape_of(args)
+    print(f"model: Llama, {params / 1e6:.2f}M params at the {shape['name']} shape (vocab "
+          f"{len(ours.backend.tokenizer)}, hidden {shape['hidden_size']}, {shape['heads']} heads / "
+          f"{shape['kv_heads']} KV heads, intermediate {shape['intermediate_size']}, {shape['layers']} layers), "
+          "random weights, float32, CPU")
     print(f"work: {len(items)} prompts x {args.rounds} rounds = {1 + 2 * args.rounds} generations per prompt, "
           f"max_new_tokens={args.max_new_tokens}, greedy, {len(stops)} stop strings")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (cpu_count {os.cpu_count()}), "
@@ -249,6 +291,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         system.run(warm)
 
     times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, items))
+
+    # The distance to the machine's limit: its dense matmul rate now, and each system's FLOPs
+    # counted on one more, untimed run of exactly the timed work (greedy: the same tokens again).
+    peak = matmul_peak()
+    flops: dict[str, int] = {}
+    count_s: dict[str, float] = {}
+    for system in systems:
+        system.counter.reset()
+        start = time.perf_counter()
+        flops[system.name], _ = count_flops(lambda system=system: system.run(items))
+        count_s[system.name] = time.perf_counter() - start
+        if system.counter.snapshot() != counts[system.name]:
+            print(f"  warning: {system.name}'s counted run did other work than its timed runs: "
+                  f"{system.counter.snapshot()} vs {counts[system.name]}")
+    eff = efficiency(flops, best, peak)
 
     expected = len(items) * (1 + 2 * args.rounds)
     rate = {name: len(items) / t for name, t in best.items()}
@@ -268,10 +325,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  warning: {name} generated {c['sequences']} sequences, expected {expected}")
     print("(gen/s: generations per second; tok/s: generated tokens per second; prompt tok: unpadded "
           "prompt tokens fed in; full: sequences that used the whole token budget)")
+    print()
+    print(f"fp32 matmul peak now: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    for system in systems:
+        e = eff[system.name]
+        print(f"{system.name:<12}{e['flops'] / 1e9:>10.1f} GFLOP counted, {e['flop_per_s'] / 1e9:>7.1f} GFLOP/s, "
+              f"{e['fraction_of_peak']:>6.1%} of peak (counted in {count_s[system.name]:.1f} s)")
 
     baselines = {name: r for name, r in rate.items() if name != "ours"}
     ratio_key = {"naive_loop": "ratio_vs_naive", "langchain": "ratio_vs_langchain"}
     ratios = {ratio_key[name]: round(rate["ours"] / r, 3) for name, r in baselines.items()}
+    strongest = max(baselines, key=baselines.__getitem__) if baselines else None
     result: dict[str, Any] = {
         "benchmark": "critique",
         "prompts": len(items),
@@ -285,8 +349,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "prompt_tokens": {name: c["prompt_tokens"] for name, c in counts.items()},
         "generated_tokens": {name: c["generated_tokens"] for name, c in counts.items()},
-        "ratio": round(rate["ours"] / max(baselines.values()), 3) if baselines else None,
+        "ratio": round(rate["ours"] / baselines[strongest], 3) if strongest else None,
+        "baseline": strongest,
         "baselines": sorted(baselines),
+        "shape": shape,
+        "peak_flop_per_s": round(peak),
+        "systems": {system.name: {
+            "prompts_per_s": round(rate[system.name], 3), "best_s": round(best[system.name], 3),
+            "runs_s": [round(t, 3) for t in times[system.name]], **counts[system.name], **eff[system.name],
+            "count_run_s": round(count_s[system.name], 3)}
+            for system in systems},
         "wall_s": round(time.perf_counter() - wall_start, 1),
     }
     if notes:

@@ -1,12 +1,12 @@
 """Feedback-label throughput: our scored labeler against generate-and-parse judges.
 
-One tiny random-weight Llama model (a few million parameters, built locally, nothing downloaded),
-256 comparisons built from the package's embedded red-team prompts and helpful answers (1-4
-sentence responses), one sampled comparison principle each, and by default the paper's set-up of
-few-shot feedback examples before each question (the default constitution's 3, each with its own
-sampled principle and option order; ``--few-shot 0`` for none). Every system asks the model the
-same question text (our :class:`FeedbackPromptBuilder` output, with the principle and few-shot
-block our labeler uses for that comparison):
+One random-weight Llama model built locally (nothing downloaded), comparisons built from the
+package's embedded red-team prompts and helpful answers (1-4 sentence responses), one sampled
+comparison principle each, and by default the paper's set-up of few-shot feedback examples before
+each question (the default constitution's 3, each with its own sampled principle and option order;
+``--few-shot 0`` for none). Every system asks the model the same question text (our
+:class:`FeedbackPromptBuilder` output, with the principle and few-shot block our labeler uses for
+that comparison):
 
 * ``ours``: :class:`FeedbackLabeler` over :class:`TransformersBackend`, called as ``cai label``
   calls it (64 comparisons at a time); the question ends in ``Assistant: The answer is:`` and the
@@ -19,6 +19,18 @@ block our labeler uses for that comparison):
 * ``generate_batched``: the same judge batched (left padding, ``--judge-batch-size`` questions per
   ``generate``, questions sorted by length so batches carry little padding).
 
+**Shape.** By default (``--shape qwen0.5b``) the model has Qwen2.5-0.5B's layer shape (hidden 896,
+14 query heads sharing 2 key-value heads, intermediate 4864, a 32,768-token vocabulary) with one
+layer (``--layers``): the balance a real judge has between the layers' matrix products and
+attention over a ~1,100-token question (at hidden 256 attention costs half as much as the matrix
+products, at 896 about an eighth), so ratios carry over to one. Every judge prefills every
+question in full, so at this shape the default workload is 128 comparisons (two labeler calls of
+64, each of the 8 few-shot blocks shared by about 16 questions), best of 2, to keep the run to
+about 10 minutes on 2 cores; ``--shape tiny`` is the 5.25M-parameter model earlier figures were
+measured on, with their workload (256 comparisons, best of 3). The tokenizer is trained on the
+package's own text and padded with inert ``<unused_N>`` tokens to the model's vocabulary, so the
+judges' random answers are mostly those tokens.
+
 The random model rarely writes a letter, so most generated answers do not parse; a parse failure
 still counts as a processed label (it costs the same model work) and its rate is reported.
 Throughput is comparisons labelled per second; each system is timed ``--repeats`` times,
@@ -26,8 +38,21 @@ interleaved, and its best run is reported. Every forward pass is counted (calls,
 positions computed, padding included) and every ``generate`` call (calls, sequences, unpadded
 prompt tokens, generated tokens), and all systems are checked to have asked the same questions.
 
+**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate now
+(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count),
+then runs each system once more, untimed, on exactly the timed work (ours from an empty prefix
+cache again; the judges greedy, so the same tokens) under torch's ``FlopCounterMode``: its FLOPs
+are what that run computed (the matrix products, and the attention kernels torch has a formula
+for), padding included; a stem shared in place is computed once and counted once. A system's
+achieved rate is those FLOPs over its best time, and its fraction of peak that rate over the
+measured matmul rate: how close it runs to what the machine's matrix unit can do. Less work at the
+same fraction of peak is a faster labeler; the ratio is the time ratio, not the FLOP ratio.
+
 Run: ``PYTHONPATH=src python benchmarks/bench_label.py``. The last line printed is one JSON
-object; its ``ratio`` is our throughput over the strongest (fastest) baseline.
+object: ``ratio`` is our throughput over the strongest (fastest) baseline, named by ``baseline``;
+``shape`` the model's shape; ``peak_flop_per_s`` the measured matmul rate; and ``systems`` per
+system its throughput, times, work counts, ``flops``, ``flop_per_s`` and ``fraction_of_peak`` (the
+older top-level fields are kept).
 """
 
 from __future__ import annotations
@@ -45,7 +70,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, setup, time_interleaved
+from _common import add_model_args, count_flops, efficiency, matmul_peak, setup, shape_of, time_interleaved
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution
@@ -220,9 +245,19 @@ def time_run(system: Any, comparisons: list[Comparison]) -> tuple[float, dict[st
     return seconds, {**system.counter.snapshot(), "parse_failures": system.parse_failures}
 
 
+#: The default workload at each shape (any flag given overrides it). Every judge prefills each
+#: question's ~1,100 tokens at the realistic shape, so the comparisons are cut to what keeps the
+#: whole run to about 10 minutes on 2 cores (two labeler calls of 64, each few-shot block still
+#: shared by about 16 questions); the tiny shape keeps the workload earlier figures were measured on.
+DEFAULTS: dict[str, dict[str, int]] = {
+    "qwen0.5b": {"comparisons": 128, "repeats": 2},
+    "tiny": {"comparisons": 256, "repeats": 3},
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comparisons", type=int, default=256)
+    ap.add_argument("--comparisons", type=int, default=None, help="default: 128 at qwen0.5b, 256 at tiny")
     ap.add_argument("--feedback-batch-size", type=int, default=64,
                     help="comparisons per labeler call, as cai label's feedback.batch_size")
     ap.add_argument("--both-orders", action="store_true", help="score each comparison in both option orders")
@@ -231,14 +266,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--constitution", default=None,
                     help="constitution spec as in the config (default: ours; e.g. ../shared/data/cai-paper)")
     ap.add_argument("--few-shot-blocks", type=int, default=8, help="feedback.few_shot_blocks (0: one per question)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is reported")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per system; the best is reported (default: 2 at qwen0.5b, 3 at tiny)")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
     ap.add_argument("--judge-batch-size", type=int, default=8, help="questions per generate in generate_batched")
     ap.add_argument("--judge-max-new-tokens", type=int, default=3)
     ap.add_argument("--skip-loop", action="store_true", help="leave out the batch-size-1 generate loop")
     ap.add_argument("--skip-batched", action="store_true", help="leave out the batched generate judge")
-    add_model_args(ap)
-    return ap.parse_args(argv)
+    add_model_args(ap, layers=1)
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -264,8 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      args.judge_max_new_tokens, per_comparison))
 
     question_tokens = ours.backend.count_tokens(questions)
-    print(f"model: Llama, {params / 1e6:.2f}M params (vocab {len(ours.backend.tokenizer)}, hidden "
-          f"{args.hidden_size}, {args.layers} layers), random weights, float32, CPU")
+    shape = shape_of(args)
+    print(f"model: Llama, {params / 1e6:.2f}M params at the {shape['name']} shape (vocab "
+          f"{len(ours.backend.tokenizer)}, hidden {shape['hidden_size']}, {shape['heads']} heads / "
+          f"{shape['kv_heads']} KV heads, intermediate {shape['intermediate_size']}, {shape['layers']} layers), "
+          "random weights, float32, CPU")
     print(f"work: {len(comparisons)} comparisons x {per_comparison} question(s) (principles=sample, "
           f"both_orders={args.both_orders}, few_shot={args.few_shot}, few_shot_blocks={args.few_shot_blocks}, "
           f"labelled {args.feedback_batch_size} comparisons per call); question tokens mean "
@@ -282,6 +325,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         system.run(comparisons[:2])
 
     times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, comparisons))
+
+    # The distance to the machine's limit: its dense matmul rate now, and each system's FLOPs
+    # counted on one more, untimed run of exactly the timed work (ours from an empty prefix cache
+    # again; the judges greedy, so the same tokens again).
+    peak = matmul_peak()
+    flops: dict[str, int] = {}
+    count_s: dict[str, float] = {}
+    for system in systems:
+        system.counter.reset()
+        start = time.perf_counter()
+        flops[system.name], _ = count_flops(lambda system=system: system.run(comparisons))
+        count_s[system.name] = time.perf_counter() - start
+        counted = {**system.counter.snapshot(), "parse_failures": system.parse_failures}
+        if counted != counts[system.name]:
+            print(f"  warning: {system.name}'s counted run did other work than its timed runs: "
+                  f"{counted} vs {counts[system.name]}")
+    eff = efficiency(flops, best, peak)
 
     rate = {name: len(comparisons) / t for name, t in best.items()}
     print()
@@ -304,8 +364,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("(fwd: model forward passes; rows: sequences in them; positions: token positions computed, padding "
           "included; prompt tok: unpadded question tokens; unparsed: generated answers with no A/B in them, "
           "still counted as labelled)")
+    print()
+    print(f"fp32 matmul peak now: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    for system in systems:
+        e = eff[system.name]
+        print(f"{system.name:<18}{e['flops'] / 1e9:>10.1f} GFLOP counted, {e['flop_per_s'] / 1e9:>7.1f} GFLOP/s, "
+              f"{e['fraction_of_peak']:>6.1%} of peak (counted in {count_s[system.name]:.1f} s)")
 
     baselines = {name: r for name, r in rate.items() if name != "ours"}
+    strongest = max(baselines, key=baselines.__getitem__) if baselines else None
     result: dict[str, Any] = {
         "benchmark": "label",
         "comparisons": len(comparisons),
@@ -325,8 +392,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{f"ratio_vs_{name}": round(rate["ours"] / r, 3) for name, r in baselines.items()},
         "parse_failure_rate": {name: round(counts[name]["parse_failures"] / len(questions), 3) for name in baselines},
         "positions": {name: c["positions"] for name, c in counts.items()},
-        "ratio": round(rate["ours"] / max(baselines.values()), 3) if baselines else None,
+        "ratio": round(rate["ours"] / baselines[strongest], 3) if strongest else None,
+        "baseline": strongest,
         "baselines": sorted(baselines),
+        "shape": shape,
+        "peak_flop_per_s": round(peak),
+        "systems": {system.name: {
+            "labels_per_s": round(rate[system.name], 3), "best_s": round(best[system.name], 3),
+            "runs_s": [round(t, 3) for t in times[system.name]], **counts[system.name], **eff[system.name],
+            "count_run_s": round(count_s[system.name], 3)}
+            for system in systems},
         "wall_s": round(time.perf_counter() - wall_start, 1),
     }
     tmp.cleanup()
