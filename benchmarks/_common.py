@@ -95,9 +95,26 @@ def count_flops(run: Callable[[], Any]) -> tuple[int, Any]:
     never count: the counter's dispatch overhead would slow them."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         result = run()
     return int(counter.get_total_flops()), result
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch 2.13 has no FLOP formula for the CPU flash-attention kernel sdpa runs on CPU (it would
+    count 0): give it the standard one, once (registering twice raises)."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flash_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                   **kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def efficiency(flops: dict[str, int], best: dict[str, float], peak: float) -> dict[str, dict[str, float]]:
