@@ -46,19 +46,24 @@ def shape_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"name": args.shape, **shape}
 
 
-def setup(args: argparse.Namespace, name: str) -> tuple[tempfile.TemporaryDirectory, Path]:
-    """Quiet logs, pin threads, seed, and build the random-weight model of ``--shape`` in a
-    temporary folder."""
+def quiet(args: argparse.Namespace) -> None:
+    """Quiet logs and warnings, pin ``--threads``, seed: what every benchmark does before its model."""
     import torch
     from transformers.utils import logging as hf_logging
-
-    from constitutional_ai.models.tiny import build_tiny_causal_lm
 
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+
+
+def setup(args: argparse.Namespace, name: str) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """Quiet logs, pin threads, seed, and build the random-weight model of ``--shape`` in a
+    temporary folder."""
+    from constitutional_ai.models.tiny import build_tiny_causal_lm
+
+    quiet(args)
     shape = shape_of(args)
     tmp = tempfile.TemporaryDirectory(prefix=f"bench-{name}-")
     model_dir = build_tiny_causal_lm(Path(tmp.name) / "model", vocab_size=shape["vocab_size"],
@@ -140,3 +145,57 @@ def time_interleaved(systems: list[Any], repeats: int, measure: Callable[[Any], 
             times[system.name].append(seconds)
             counts[system.name] = count
     return times, counts, {name: min(ts) for name, ts in times.items()}
+
+
+def measure_efficiency(systems: list[Any], run: Callable[[Any], Any], counts: dict[str, dict[str, Any]],
+                       best: dict[str, float], snapshot: Callable[[Any], dict[str, Any]],
+                       ) -> tuple[float, dict[str, dict[str, float]], dict[str, float]]:
+    """The distance to the machine's limit: its matmul peak now, and each system's FLOPs counted on
+    one more, untimed ``run(system)`` of exactly the timed work, warning when that run's work counts
+    (``snapshot(system)`` after ``system.counter.reset()``) differ from the timed ones. Returns
+    ``(peak, efficiency, seconds each counted run took)``."""
+    import time
+
+    peak = matmul_peak()
+    flops: dict[str, int] = {}
+    count_s: dict[str, float] = {}
+    for system in systems:
+        system.counter.reset()
+        start = time.perf_counter()
+        flops[system.name], _ = count_flops(lambda system=system: run(system))
+        count_s[system.name] = time.perf_counter() - start
+        counted = snapshot(system)
+        if counted != counts[system.name]:
+            print(f"  warning: {system.name}'s counted run did other work than its timed runs: "
+                  f"{counted} vs {counts[system.name]}")
+    return peak, efficiency(flops, best, peak), count_s
+
+
+def print_efficiency(peak: float, eff: dict[str, dict[str, float]], count_s: dict[str, float], width: int) -> None:
+    """The peak, then one line per system: FLOPs counted, achieved FLOP/s, fraction of peak."""
+    import torch
+
+    print(f"fp32 matmul peak now: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    for name, e in eff.items():
+        print(f"{name:<{width}}{e['flops'] / 1e9:>10.1f} GFLOP counted, {e['flop_per_s'] / 1e9:>7.1f} GFLOP/s, "
+              f"{e['fraction_of_peak']:>6.1%} of peak (counted in {count_s[name]:.1f} s)")
+
+
+def comparison_fields(unit: str, rate: dict[str, float], best: dict[str, float], times: dict[str, list[float]],
+                      counts: dict[str, dict[str, Any]], eff: dict[str, dict[str, float]], count_s: dict[str, float],
+                      peak: float, shape: dict[str, Any]) -> dict[str, Any]:
+    """The fields every benchmark's JSON line ends with: ``ratio`` (ours over the strongest baseline
+    that ran), that ``baseline``, the ``shape``, the peak, and each system's rate (``unit``, e.g.
+    ``prompts_per_s``), times, work counts, FLOP/s and fraction of peak."""
+    baselines = {name: r for name, r in rate.items() if name != "ours"}
+    strongest = max(baselines, key=baselines.__getitem__) if baselines else None
+    return {
+        "ratio": round(rate["ours"] / baselines[strongest], 3) if strongest else None,
+        "baseline": strongest,
+        "baselines": sorted(baselines),
+        "shape": shape,
+        "peak_flop_per_s": round(peak),
+        "systems": {name: {unit: round(rate[name], 3), "best_s": round(best[name], 3),
+                           "runs_s": [round(t, 3) for t in times[name]], **counts[name], **eff[name],
+                           "count_run_s": round(count_s[name], 3)} for name in rate},
+    }

@@ -60,7 +60,15 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, count_flops, efficiency, matmul_peak, setup, shape_of, time_interleaved
+from _common import (
+    add_model_args,
+    comparison_fields,
+    measure_efficiency,
+    print_efficiency,
+    setup,
+    shape_of,
+    time_interleaved,
+)
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.common.chat_format import RAW_STOP, render_raw
 from constitutional_ai.common.text import clean_completion
@@ -292,20 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, items))
 
-    # The distance to the machine's limit: its dense matmul rate now, and each system's FLOPs
-    # counted on one more, untimed run of exactly the timed work (greedy: the same tokens again).
-    peak = matmul_peak()
-    flops: dict[str, int] = {}
-    count_s: dict[str, float] = {}
-    for system in systems:
-        system.counter.reset()
-        start = time.perf_counter()
-        flops[system.name], _ = count_flops(lambda system=system: system.run(items))
-        count_s[system.name] = time.perf_counter() - start
-        if system.counter.snapshot() != counts[system.name]:
-            print(f"  warning: {system.name}'s counted run did other work than its timed runs: "
-                  f"{system.counter.snapshot()} vs {counts[system.name]}")
-    eff = efficiency(flops, best, peak)
+    # the distance to the machine's limit (greedy: the counted run makes the same tokens again)
+    peak, eff, count_s = measure_efficiency(systems, lambda system: system.run(items), counts, best,
+                                            lambda system: system.counter.snapshot())
 
     expected = len(items) * (1 + 2 * args.rounds)
     rate = {name: len(items) / t for name, t in best.items()}
@@ -326,16 +323,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("(gen/s: generations per second; tok/s: generated tokens per second; prompt tok: unpadded "
           "prompt tokens fed in; full: sequences that used the whole token budget)")
     print()
-    print(f"fp32 matmul peak now: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    for system in systems:
-        e = eff[system.name]
-        print(f"{system.name:<12}{e['flops'] / 1e9:>10.1f} GFLOP counted, {e['flop_per_s'] / 1e9:>7.1f} GFLOP/s, "
-              f"{e['fraction_of_peak']:>6.1%} of peak (counted in {count_s[system.name]:.1f} s)")
+    print_efficiency(peak, eff, count_s, 12)
 
     baselines = {name: r for name, r in rate.items() if name != "ours"}
     ratio_key = {"naive_loop": "ratio_vs_naive", "langchain": "ratio_vs_langchain"}
     ratios = {ratio_key[name]: round(rate["ours"] / r, 3) for name, r in baselines.items()}
-    strongest = max(baselines, key=baselines.__getitem__) if baselines else None
     result: dict[str, Any] = {
         "benchmark": "critique",
         "prompts": len(items),
@@ -349,16 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "prompt_tokens": {name: c["prompt_tokens"] for name, c in counts.items()},
         "generated_tokens": {name: c["generated_tokens"] for name, c in counts.items()},
-        "ratio": round(rate["ours"] / baselines[strongest], 3) if strongest else None,
-        "baseline": strongest,
-        "baselines": sorted(baselines),
-        "shape": shape,
-        "peak_flop_per_s": round(peak),
-        "systems": {system.name: {
-            "prompts_per_s": round(rate[system.name], 3), "best_s": round(best[system.name], 3),
-            "runs_s": [round(t, 3) for t in times[system.name]], **counts[system.name], **eff[system.name],
-            "count_run_s": round(count_s[system.name], 3)}
-            for system in systems},
+        **comparison_fields("prompts_per_s", rate, best, times, counts, eff, count_s, peak, shape),
         "wall_s": round(time.perf_counter() - wall_start, 1),
     }
     if notes:

@@ -50,7 +50,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from _common import add_model_args, setup, shape_of
+from _common import add_model_args, quiet, setup, shape_of
 
 #: Warm-up sizes: enough to touch every kernel path (prefill, decode, scoring) once.
 WARM_PROMPTS = 4
@@ -96,41 +96,13 @@ def build_prompts(n: int) -> list[Any]:
 
 
 def build_comparisons(n: int) -> list[Any]:
-    """``n`` comparisons: red-team prompts (cycled, each copy keyed apart) with two helpful answers,
-    as ``bench_label.py`` builds them."""
-    from constitutional_ai.config import PromptSourceConfig
-    from constitutional_ai.data.export import load_conversations
-    from constitutional_ai.data.prompts import load_prompts
-    from constitutional_ai.feedback.labeler import Comparison
+    """``bench_label.py``'s comparisons (imported on use: that module loads torch at import)."""
+    from bench_label import build_comparisons as label_comparisons
 
-    items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team"))
-    conversations, _ = load_conversations(PromptSourceConfig(path="embedded:helpful"))
-    answers = [c[-1]["content"] for c in conversations]
-    out = []
-    for k in range(n):
-        item = items[k % len(items)]
-        a = answers[k % len(answers)]
-        b = answers[(7 * k + 3) % len(answers)]
-        if b == a:
-            b = answers[(k + 1) % len(answers)]
-        out.append(Comparison(key=f"{item.key}:{k}", prompt=item.messages, response_a=a, response_b=b))
-    return out
+    return label_comparisons(n)
 
 
 # -- the model -------------------------------------------------------------------------------------
-def quiet(args: argparse.Namespace) -> None:
-    """What ``_common.setup`` does besides building a model: quiet logs, threads, seed."""
-    import warnings
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
 
 def locate(spec: str) -> str:
     """A local model directory, or a hub id's snapshot in the local Hugging Face cache (never

@@ -70,7 +70,15 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from _common import add_model_args, count_flops, efficiency, matmul_peak, setup, shape_of, time_interleaved
+from _common import (
+    add_model_args,
+    comparison_fields,
+    measure_efficiency,
+    print_efficiency,
+    setup,
+    shape_of,
+    time_interleaved,
+)
 from constitutional_ai.backends.transformers_backend import TransformersBackend
 from constitutional_ai.config import FeedbackConfig, ModelConfig, PromptSourceConfig
 from constitutional_ai.constitution.model import Constitution
@@ -326,22 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     times, counts, best = time_interleaved(systems, args.repeats, lambda system: time_run(system, comparisons))
 
-    # The distance to the machine's limit: its dense matmul rate now, and each system's FLOPs
-    # counted on one more, untimed run of exactly the timed work (ours from an empty prefix cache
-    # again; the judges greedy, so the same tokens again).
-    peak = matmul_peak()
-    flops: dict[str, int] = {}
-    count_s: dict[str, float] = {}
-    for system in systems:
-        system.counter.reset()
-        start = time.perf_counter()
-        flops[system.name], _ = count_flops(lambda system=system: system.run(comparisons))
-        count_s[system.name] = time.perf_counter() - start
-        counted = {**system.counter.snapshot(), "parse_failures": system.parse_failures}
-        if counted != counts[system.name]:
-            print(f"  warning: {system.name}'s counted run did other work than its timed runs: "
-                  f"{counted} vs {counts[system.name]}")
-    eff = efficiency(flops, best, peak)
+    # the distance to the machine's limit (ours from an empty prefix cache again; the judges greedy,
+    # so the same tokens again)
+    peak, eff, count_s = measure_efficiency(
+        systems, lambda system: system.run(comparisons), counts, best,
+        lambda system: {**system.counter.snapshot(), "parse_failures": system.parse_failures})
 
     rate = {name: len(comparisons) / t for name, t in best.items()}
     print()
@@ -365,14 +362,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "included; prompt tok: unpadded question tokens; unparsed: generated answers with no A/B in them, "
           "still counted as labelled)")
     print()
-    print(f"fp32 matmul peak now: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    for system in systems:
-        e = eff[system.name]
-        print(f"{system.name:<18}{e['flops'] / 1e9:>10.1f} GFLOP counted, {e['flop_per_s'] / 1e9:>7.1f} GFLOP/s, "
-              f"{e['fraction_of_peak']:>6.1%} of peak (counted in {count_s[system.name]:.1f} s)")
+    print_efficiency(peak, eff, count_s, 18)
 
     baselines = {name: r for name, r in rate.items() if name != "ours"}
-    strongest = max(baselines, key=baselines.__getitem__) if baselines else None
     result: dict[str, Any] = {
         "benchmark": "label",
         "comparisons": len(comparisons),
@@ -392,16 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{f"ratio_vs_{name}": round(rate["ours"] / r, 3) for name, r in baselines.items()},
         "parse_failure_rate": {name: round(counts[name]["parse_failures"] / len(questions), 3) for name in baselines},
         "positions": {name: c["positions"] for name, c in counts.items()},
-        "ratio": round(rate["ours"] / baselines[strongest], 3) if strongest else None,
-        "baseline": strongest,
-        "baselines": sorted(baselines),
-        "shape": shape,
-        "peak_flop_per_s": round(peak),
-        "systems": {system.name: {
-            "labels_per_s": round(rate[system.name], 3), "best_s": round(best[system.name], 3),
-            "runs_s": [round(t, 3) for t in times[system.name]], **counts[system.name], **eff[system.name],
-            "count_run_s": round(count_s[system.name], 3)}
-            for system in systems},
+        **comparison_fields("labels_per_s", rate, best, times, counts, eff, count_s, peak, shape),
         "wall_s": round(time.perf_counter() - wall_start, 1),
     }
     tmp.cleanup()
