@@ -151,6 +151,14 @@ class RunLayout:
             else None
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
+    def latest(self, entry: str) -> RunLayout:
+        """The layout at the last iteration that has made ``entry`` (a file or a folder), or this one
+        when none has (or ``entry`` is not part of the RL loop): where "this run's PM" or "its RL curves"
+        are once the loop has iterated."""
+        if self.split_name(entry)[0] not in self.PER_ITERATION:
+            return self
+        return next((self.at(k) for k in reversed(self.iterations()) if self.at(k).path(entry).exists()), self)
+
     @staticmethod
     def split_name(entry: str) -> tuple[str, int | None]:
         """``"pm_model@2"`` -> ``("pm_model", 2)``; a name without ``@`` has no iteration of its own."""

@@ -149,12 +149,7 @@ def artifact_layout(run_dir: str | Path, name: str) -> RunLayout:
     """The run's layout at the iteration the artifact ``name`` comes from: the last iteration of the RL
     loop (``rl.iterations``) that made it, iteration 1 for anything outside the loop. Everything read
     about an artifact (its stage's store, constitution snapshot, metrics) is read through it."""
-    layout = RunLayout(run_dir)
-    if name in RunLayout.PER_ITERATION:
-        for k in reversed(layout.iterations()):
-            if _present(layout.at(k).path(name), ARTIFACTS[name].kind):
-                return layout.at(k)
-    return layout
+    return RunLayout(run_dir).latest(name)
 
 
 def artifact_path(run_dir: str | Path, name: str) -> Path:

@@ -38,19 +38,14 @@ def headline(run_dir: Path) -> dict[str, Any]:
     iterations = layout.iterations()
     out: dict[str, Any] = {}
     elo = _elo(read_json(layout.elo))
-    for key, value in (("elo", elo), ("pm", _pm(read_json(_latest(layout, "pm_eval", iterations)))),
+    for key, value in (("elo", elo), ("pm", _pm(read_json(layout.latest("pm_eval").pm_eval))),
                        ("labeler", _labeler(read_json(layout.labeler_results), layout.eval_labeler / RECORDS)),
-                       ("rl", _rl(_latest(layout, "rl_records", iterations)))):
+                       ("rl", _rl(layout.latest("rl_records").rl_records))):
         if value:
             out[key] = value
     if len(iterations) > 1:
         out["iterations"] = [_iteration(layout.at(k), elo) for k in iterations]
     return out
-
-
-def _latest(layout: RunLayout, entry: str, iterations: list[int]) -> Path:
-    """The entry of the last iteration that has made it (iteration 1's when none has)."""
-    return next((p for k in reversed(iterations) if (p := layout.at(k).path(entry)).is_file()), layout.path(entry))
 
 
 def _iteration(layout: RunLayout, elo: dict[str, Any]) -> dict[str, Any]:

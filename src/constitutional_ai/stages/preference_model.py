@@ -39,8 +39,7 @@ def pm_model_dir(config: RunConfig, explicit: str, flag: str, final: bool = Fals
     if explicit:
         directory = Path(explicit)
     elif final:
-        directory = next((layout.at(k).pm_model for k in reversed(layout.iterations())
-                          if layout.at(k).pm_model.is_dir()), layout.pm_model)
+        directory = layout.latest("pm_model").pm_model
     else:
         directory = layout.pm_model
     if not directory.is_dir():
