@@ -5,7 +5,11 @@ rounds, greedy decoding, the same ``max_new_tokens`` and the same stop strings e
 prompt costs 1 + 2 * rounds generations in each system:
 
 * ``ours``: :class:`CritiqueRevisionEngine` over :class:`TransformersBackend` (the whole batch
-  advances step by step, one batched ``generate`` per step);
+  advances step by step, one batched ``generate`` per step; each prompt's stored start, its
+  conversation's KV from the step before, is reused and only its new tokens are prefilled
+  (:mod:`~constitutional_ai.backends.kv_reuse`); decoding's few-row products take the CPU's faster
+  orientation (:mod:`~constitutional_ai.models.cpu_linear`); the KV store is emptied at the start
+  of every timed run, so no run reads what an earlier one computed);
 * ``naive_loop``: the same prompts (rendered with our :class:`CritiquePromptBuilder`) through
   ``model.generate`` one prompt and one step at a time, batch size 1;
 * ``langchain``: LangChain's own ``ConstitutionalChain`` (``langchain-classic``) with an
@@ -13,17 +17,21 @@ prompt costs 1 + 2 * rounds generations in each system:
   given our principles and prompt templates that render the same text as ours. Skipped with a
   note when the ``bench`` extra is not installed.
 
+The final responses of every baseline are compared with ours (greedy everywhere, so they should be
+identical up to float rounding) and the count of identical ones is printed and reported.
+
 **Shape.** By default (``--shape qwen0.5b``) the model has Qwen2.5-0.5B's layer shape (hidden 896,
 14 query heads sharing 2 key-value heads, intermediate 4864, a 32,768-token vocabulary) with one
 layer (``--layers``): per-token costs are a real small model's (a 32k-wide LM head on every decoded
 token, batch-1 decoding bound by reading the weights, grouped-query KV), so ratios carry over to
 one, while one layer keeps the run to about 10 minutes on 2 cores. The baselines decode one
-sequence at a time, so the default workload at this shape is 16 prompts x 2 rounds x 16 new tokens
-(80 generations per system); ``--shape tiny`` is the 5.25M-parameter model earlier figures were
-measured on, with their workload (32 prompts x 2 rounds x 48 tokens). The tokenizer is trained on
-the package's own text and padded with inert ``<unused_N>`` tokens to the model's vocabulary, so
-the random model mostly generates those: stop strings then never match and every generation uses
-its whole budget, the same in every system (the table's ``full`` column and token counts show it).
+sequence at a time, so the default workload at this shape is 32 prompts (half the batch ``cai
+critique`` advances together by default) x 2 rounds x 16 new tokens (160 generations per system);
+``--shape tiny`` is the 5.25M-parameter model earlier figures were measured on, with their workload
+(32 prompts x 2 rounds x 48 tokens). The tokenizer is trained on the package's own text and padded
+with inert ``<unused_N>`` tokens to the model's vocabulary, so the random model mostly generates
+those: stop strings then never match and every generation uses its whole budget, the same in every
+system (the table's ``full`` column and token counts show it).
 
 **Throughput** is prompts completed per second (a prompt is its whole chain); each system is timed
 ``--repeats`` times, interleaved, and its best run is reported. Every ``generate`` call is counted
@@ -124,6 +132,8 @@ class Ours:
                                        critique.generation.max_new_tokens)
 
     def run(self, items: list[PromptItem]) -> list[str]:
+        if self.backend.kv_store is not None:  # every run starts cold: nothing read in an earlier run
+            self.backend.kv_store.clear()
         return [r["final_response"] for r in self.engine.run(items)]
 
 
@@ -133,13 +143,13 @@ class NaiveLoop:
     name = "naive_loop"
 
     def __init__(self, model_dir: Path, principles: dict[str, list[CritiqueRevisionPrinciple]],
-                 max_new_tokens: int, stops: list[str]):
+                 max_new_tokens: int, stops: list[str], builder: CritiquePromptBuilder):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.principles = principles
-        self.builder = CritiquePromptBuilder("raw")
+        self.builder = builder  # ours: the same few-shot examples, so the same prompt text
         self.gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "stop_strings": stops,
                            "tokenizer": self.tokenizer, "pad_token_id": self.tokenizer.pad_token_id,
                            "eos_token_id": self.tokenizer.eos_token_id}
@@ -172,14 +182,15 @@ class LangChainConstitutional:
     """LangChain's ``ConstitutionalChain``, one ``invoke`` per prompt (as the chain is used)."""
 
     name = "langchain"
-    # The same text our raw-format builder renders (no few-shot examples, as in our config), so
-    # both systems feed the model prompts of the same length.
+    # The same text our raw-format builder renders after its few-shot block (``prefix``), so both
+    # systems feed the model the same prompts.
     CRITIQUE = "{input_prompt} {output_from_model}\n\nCritiqueRequest: {critique_request}\n\nCritique:"
     REVISION = ("{input_prompt} {output_from_model}\n\nCritiqueRequest: {critique_request}\n\nCritique: {critique}"
                 "\n\nRevisionRequest: {revision_request}\n\nRevision:")
 
     def __init__(self, model_dir: Path, items: list[PromptItem],
-                 principles: dict[str, list[CritiqueRevisionPrinciple]], max_new_tokens: int, stops: list[str]):
+                 principles: dict[str, list[CritiqueRevisionPrinciple]], max_new_tokens: int, stops: list[str],
+                 prefix: str):
         from langchain_classic.chains import LLMChain
         from langchain_classic.chains.constitutional_ai.base import ConstitutionalChain
         from langchain_classic.chains.constitutional_ai.models import ConstitutionalPrinciple
@@ -197,8 +208,9 @@ class LangChainConstitutional:
         llm = HuggingFacePipeline(pipeline=pipe)
         self.counter = GenerateCounter(model, tokenizer.pad_token_id, max_new_tokens)
         qa = LLMChain(llm=llm, prompt=PromptTemplate.from_template("{dialogue}"))
-        critique_prompt = PromptTemplate.from_template(self.CRITIQUE)
-        revision_prompt = PromptTemplate.from_template(self.REVISION)
+        block = prefix.replace("{", "{{").replace("}", "}}")  # literal text in a template
+        critique_prompt = PromptTemplate.from_template(block + self.CRITIQUE)
+        revision_prompt = PromptTemplate.from_template(block + self.REVISION)
         # Our engine draws principles per prompt; give each prompt's chain the same draw.
         self.chains = {
             item.key: ConstitutionalChain.from_llm(
@@ -223,6 +235,7 @@ def time_run(system: Any, items: list[PromptItem]) -> tuple[float, dict[str, int
     outputs = system.run(items)
     seconds = time.perf_counter() - start
     assert len(outputs) == len(items), f"{system.name} returned {len(outputs)} outputs for {len(items)} prompts"
+    system.outputs = outputs
     return seconds, system.counter.snapshot()
 
 
@@ -231,17 +244,21 @@ def time_run(system: Any, items: list[PromptItem]) -> tuple[float, dict[str, int
 #: workload is cut to what keeps the whole run, LangChain included, to about 10 minutes on 2 cores;
 #: the tiny shape keeps the workload earlier figures were measured on.
 DEFAULTS: dict[str, dict[str, int]] = {
-    "qwen0.5b": {"prompts": 16, "rounds": 2, "max_new_tokens": 16},
+    "qwen0.5b": {"prompts": 32, "rounds": 2, "max_new_tokens": 16},
     "tiny": {"prompts": 32, "rounds": 2, "max_new_tokens": 48},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=None, help="red-team prompts (default: 16 at qwen0.5b, 32 at tiny)")
+    ap.add_argument("--prompts", type=int, default=None, help="red-team prompts (default: 32)")
     ap.add_argument("--rounds", type=int, default=None, help="critique-revision rounds (default: 2)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="tokens per generation (default: 16 at qwen0.5b, 48 at tiny)")
+    ap.add_argument("--few-shot", type=int, default=3,
+                    help="the constitution's worked critique/revision examples before every request (default 3, all "
+                         "of the default constitution's, the paper's set-up and ConstitutionalChain's own default "
+                         "prompts'; 0: none, `cai critique`'s default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per system; the best is reported")
     ap.add_argument("--batch-size", type=int, default=32, help="our backend's sequences per forward pass")
     ap.add_argument("--skip-langchain", action="store_true")
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.perf_counter()
     constitution = Constitution.default()
     items, _ = load_prompts(PromptSourceConfig(path="embedded:red_team", limit=args.prompts))
-    critique = CritiqueConfig(n_rounds=args.rounds, batch_size=max(len(items), 1),
+    critique = CritiqueConfig(n_rounds=args.rounds, batch_size=max(len(items), 1), few_shot=args.few_shot,
                               generation=GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0))
 
     ours = Ours(model_dir, constitution, critique, args.batch_size)
@@ -273,10 +290,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     systems: list[Any] = [ours]
     notes: list[str] = []
     if not args.skip_naive:
-        systems.append(NaiveLoop(model_dir, principles, args.max_new_tokens, stops))
+        systems.append(NaiveLoop(model_dir, principles, args.max_new_tokens, stops, ours.engine.builder))
     if not args.skip_langchain:
         try:
-            systems.append(LangChainConstitutional(model_dir, items, principles, args.max_new_tokens, stops))
+            systems.append(LangChainConstitutional(model_dir, items, principles, args.max_new_tokens, stops,
+                                                   ours.engine.builder.raw_prefix))
         except ImportError as exc:
             missing = (exc.name or str(exc)).split(".")[0]
             notes.append(f"langchain baseline skipped ({missing} not installed; "
@@ -290,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{shape['kv_heads']} KV heads, intermediate {shape['intermediate_size']}, {shape['layers']} layers), "
           "random weights, float32, CPU")
     print(f"work: {len(items)} prompts x {args.rounds} rounds = {1 + 2 * args.rounds} generations per prompt, "
-          f"max_new_tokens={args.max_new_tokens}, greedy, {len(stops)} stop strings")
+          f"max_new_tokens={args.max_new_tokens}, greedy, {len(stops)} stop strings, "
+          f"{args.few_shot} few-shot examples before every critique and revision request")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (cpu_count {os.cpu_count()}), "
           f"python {platform.python_version()}, best of {args.repeats}")
 
@@ -322,6 +341,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  warning: {name} generated {c['sequences']} sequences, expected {expected}")
     print("(gen/s: generations per second; tok/s: generated tokens per second; prompt tok: unpadded "
           "prompt tokens fed in; full: sequences that used the whole token budget)")
+    # greedy everywhere: every system should write the same final responses (float rounding aside)
+    same = {s.name: sum(a == b for a, b in zip(s.outputs, ours.outputs, strict=True)) for s in systems[1:]}
+    for name, k in same.items():
+        print(f"{name}: {k}/{len(items)} final responses identical to ours")
     print()
     print_efficiency(peak, eff, count_s, 12)
 
@@ -332,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "critique",
         "prompts": len(items),
         "rounds": args.rounds,
+        "few_shot": args.few_shot,
         "max_new_tokens": args.max_new_tokens,
         "params": params,
         "threads": torch.get_num_threads(),
@@ -341,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "prompt_tokens": {name: c["prompt_tokens"] for name, c in counts.items()},
         "generated_tokens": {name: c["generated_tokens"] for name, c in counts.items()},
+        "same_final_responses": same,
         **comparison_fields("prompts_per_s", rate, best, times, counts, eff, count_s, peak, shape),
         "wall_s": round(time.perf_counter() - wall_start, 1),
     }

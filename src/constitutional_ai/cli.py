@@ -51,6 +51,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "-m": ("policy.model_name_or_path",), "--model-revision": ("policy.revision",), "--device": ("policy.device",),
     "--dtype": ("policy.dtype",), "--model-batch-size": ("policy.batch_size",),
     "--prefix-cache-tokens": ("policy.prefix_cache_tokens",), "--max-context": ("policy.max_context",),
+    "--generation-cache-tokens": ("policy.generation_cache_tokens",),
     "--chat-format": ("policy.chat_format",), "--trust-remote-code": ("policy.trust_remote_code",),
     "--backend": ("policy.backend",), "--base-url": ("policy.base_url",), "--api-key-env": ("policy.api_key_env",),
     "--max-concurrency": ("policy.max_concurrency",), "--max-retries": ("policy.max_retries",),

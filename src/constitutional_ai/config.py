@@ -124,6 +124,11 @@ class ModelConfig(_Base):
         16384, ge=0, description="Scoring keeps the KV cache of recent shared prompt starts (few-shot blocks) up to "
                                 "this many tokens, so later batches reuse them; 0 turns it off.",
         json_schema_extra=RUNTIME)
+    generation_cache_tokens: int = Field(
+        32768, ge=0, description="Generation keeps the KV cache of recent prompts and completions up to this many "
+                                "tokens, so a prompt that extends one (a revision after its critique, every critique "
+                                "after the same few-shot block) prefills only its new tokens; 0 turns it off.",
+        json_schema_extra=RUNTIME)
     max_context: int | None = Field(None, ge=16, description="Override the context length read from the model.")
     chat_format: Literal["auto", "chat_template", "raw"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the paper's raw format."

@@ -8,6 +8,8 @@ stops on its own at end-of-sequence or a stop string. Scoring is the prefix-tree
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -15,12 +17,14 @@ import torch
 from transformers import LogitsProcessorList
 
 from constitutional_ai.backends.base import Generation, cut_at_stop
+from constitutional_ai.backends.kv_reuse import MIN_REUSE, Entry, KVStore, shared_starts
 from constitutional_ai.backends.prefix_scorer import Pair, PrefixTreeScorer, common_length
 from constitutional_ai.backends.sampling import SeededSampler
 from constitutional_ai.common.chat_format import render_raw
 from constitutional_ai.common.errors import CAIError, DataError, ModelLoadError, first_line
 from constitutional_ai.common.types import Prompt
 from constitutional_ai.config import GenerationParams, ModelConfig
+from constitutional_ai.models import cpu_linear
 from constitutional_ai.models.loading import (
     config_context_length,
     control_strings,
@@ -73,6 +77,12 @@ class TransformersBackend:
             max_batch_tokens=config.max_batch_tokens, prefix_cache_tokens=config.prefix_cache_tokens,
             install_stem_attention=model is None)
         self._rust_ids_agree: bool | None = None
+        if model is None and self.device.type == "cpu":
+            cpu_linear.install(self.model)  # decoding's few-row products, the faster way round
+        #: KV of recent prompts and completions, so a prompt extending one prefills only its new tokens.
+        #: Only on a model loaded here: one handed in may be a policy whose weights an optimiser moves.
+        self.kv_store: KVStore | None = (KVStore(config.generation_cache_tokens)
+                                         if config.generation_cache_tokens and model is None else None)
         # The model's own generation_config.json may carry sampling defaults (min_p, a repetition
         # penalty, top-k...) that transformers would silently apply to every knob we leave unset;
         # our GenerationParams are the whole truth, so start from a config with token ids only.
@@ -155,21 +165,36 @@ class TransformersBackend:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError("generate needs one seed per prompt")
         encoded = [self._encode(p) for p in prompts]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        store = self._usable_store()
+        if store is not None:
+            for start in shared_starts(encoded, store):
+                self._store_start(store, start)
+        # (entry, tokens) of each prompt's longest stored start; every prompt keeps one token of its own
+        matches = [store.match(ids, len(ids) - 1) if store is not None else (None, 0) for ids in encoded]
+        # longest remainder first, so each micro-batch carries little padding
+        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i]) - matches[i][1]))
         gen_config = self._gen_config(params)
+        if store is not None:
+            gen_config.return_dict_in_generate = True  # for the cache, to store what was computed
+        reuse_config = copy.copy(gen_config)  # the cache is handed in: transformers must not make its own
+        reuse_config.cache_implementation = None
         out: list[Generation | None] = [None] * len(prompts)
         bs = self.config.batch_size
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
             processors = None
             if not params.greedy:
                 row_seeds = [seeds[i] if seeds is not None else int(torch.randint(0, 2**62, ())) for i in idx]
                 processors = LogitsProcessorList([SeededSampler(params, row_seeds)])
-            sequences = self.model.generate(**batch, generation_config=gen_config, logits_processor=processors,
-                                            tokenizer=self.tokenizer if params.stop else None)
-            new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
+            inputs, cache, columns = self._batch_inputs([encoded[i] for i in idx], [matches[i] for i in idx],
+                                                        params.max_new_tokens)
+            result = self.model.generate(**inputs, generation_config=gen_config if cache is None else reuse_config,
+                                         logits_processor=processors,
+                                         tokenizer=self.tokenizer if params.stop else None,
+                                         **({} if cache is None else {self._cache_arg: cache}))
+            sequences = result.sequences if store is not None else result
+            width = inputs["input_ids"].shape[1]
+            new_tokens = sequences[:, width:].tolist()
             for row, i in enumerate(idx):
                 tokens = new_tokens[row]
                 n, hit_eos = len(tokens), False
@@ -184,7 +209,114 @@ class TransformersBackend:
                 text, hit_stop = cut_at_stop(text, params.stop)
                 out[i] = Generation(text=text, finish_reason="stop" if hit_eos or hit_stop else "length",
                                     prompt_tokens=len(encoded[i]), completion_tokens=n)
+            if store is not None:
+                self._store_rows(store, getattr(result, "cache", None) or result.past_key_values, width, columns,
+                                 [(encoded[i], *matches[i], new_tokens[row]) for row, i in enumerate(idx)])
         return [g for g in out if g is not None]
+
+    # -- KV reuse across generations ---------------------------------------------------------------
+    @property
+    def _cache_arg(self) -> str:
+        # transformers 5.x renamed past_key_values to cache in generate and forward; older ones lack it
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _usable_store(self) -> KVStore | None:
+        if self.kv_store is None:
+            return None
+        self.kv_store.check_weights(self.model)
+        return self.kv_store
+
+    def _store_start(self, store: KVStore, ids: list[int]) -> None:
+        """Compute a start several prompts share (a few-shot block) once, into the store."""
+        entry, m = store.match(ids, len(ids) - 1)
+        inputs, cache, _ = self._batch_inputs([ids], [(entry, m)], 0)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        ids_t, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cache.get_seq_length():]
+        out = self.model(input_ids=ids_t[:, cache.get_seq_length():], attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        fresh = getattr(out, "cache", None) or out.past_key_values
+        layers = getattr(fresh, "layers", None)
+        if not layers or any(not hasattr(layer, "keys") for layer in layers):
+            self.kv_store = None  # not plain per-token K/V (sliding windows...): no reuse with this model
+            return
+        store.put(ids, entry, m, [(layer.keys[:, :, m:len(ids)].clone(), layer.values[:, :, m:len(ids)].clone())
+                                  for layer in layers])
+
+    def _batch_inputs(self, encoded: list[list[int]], matches: list[tuple[Entry | None, int]],
+                      max_new_tokens: int) -> tuple[dict[str, torch.Tensor], Any, list[list[int]]]:
+        """Model inputs for one micro-batch, the KV cache holding each row's stored start (``None``
+        when no row has one), and per row the columns of its own tokens (stored start, then prompt).
+
+        Layout: stored starts right-aligned in the first ``M`` columns, each row's remaining prompt
+        tokens right-aligned in the next ``S``, masked holes between; positions follow the mask, so
+        each token sits at the position it has in its own sequence.
+        """
+        pad = self.tokenizer.pad_token_id
+        reused = [m for _, m in matches]
+        cached = max(reused)
+        rest = max(len(ids) - m for ids, m in zip(encoded, reused, strict=True))
+        width = cached + rest
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        columns = []
+        for r, (seq, m) in enumerate(zip(encoded, reused, strict=True)):
+            own = len(seq) - m
+            ids[r, cached - m:cached] = torch.tensor(seq[:m], dtype=torch.long)
+            ids[r, width - own:] = torch.tensor(seq[m:], dtype=torch.long)
+            mask[r, cached - m:cached] = 1
+            mask[r, width - own:] = 1
+            columns.append([*range(cached - m, cached), *range(width - own, width)])
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.kv_store is not None:
+            self.kv_store.reused += sum(reused)
+            self.kv_store.computed += sum(len(s) for s in encoded) - sum(reused)
+        if cached < MIN_REUSE:
+            return inputs, None, columns
+        first = next(entry for entry, _ in matches if entry is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(first.own):
+            keys = k0.new_zeros((len(encoded), k0.shape[1], cached, k0.shape[3]))
+            values = v0.new_zeros((len(encoded), v0.shape[1], cached, v0.shape[3]))
+            for r, (entry, m) in enumerate(matches):
+                col = cached - m
+                for kv, a, b in entry.pieces(m) if entry is not None else ():
+                    keys[r, :, col:col + b - a] = kv[layer][0][0, :, a:b]
+                    values[r, :, col:col + b - a] = kv[layer][1][0, :, a:b]
+                    col += b - a
+            layers.append((keys, values))
+        return inputs, self._cache_of(layers, cached + rest + max_new_tokens), columns
+
+    def _cache_of(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> Any:
+        """A cache holding ``layers``: preallocated on CPU (as :meth:`_gen_config` asks), else dynamic."""
+        from transformers import DynamicCache, StaticCache
+
+        if self.device.type != "cpu":
+            return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        for layer, (keys, values) in enumerate(layers):
+            cache.update(keys, values, layer)
+        return cache
+
+    def _store_rows(self, store: KVStore, cache: Any, width: int, columns: list[list[int]],
+                    rows: list[tuple[list[int], Entry | None, int, list[int]]]) -> None:
+        """Keep each row's prompt and completion (their KV, without padding) for later prompts."""
+        layers = getattr(cache, "layers", None)
+        if not layers or any(not hasattr(layer, "keys") for layer in layers):
+            self.kv_store = None
+            return
+        for r, ((ids, entry, m, new), cols) in enumerate(zip(rows, columns, strict=True)):
+            fed = new[:-1]  # the last generated token was never fed back
+            n = len(fed)
+            while n and (fed[n - 1] == self.tokenizer.pad_token_id or fed[n - 1] in self.eos_token_ids):
+                n -= 1
+            index = torch.tensor(cols[m:] + list(range(width, width + n)), device=self.device)
+            own = [(layer.keys[r:r + 1].index_select(2, index), layer.values[r:r + 1].index_select(2, index))
+                   for layer in layers]
+            store.put(ids + fed[:n], entry, m, own)
 
     # -- scoring ---------------------------------------------------------------------------------
     def _batch_ids(self, strings: list[str], flags: list[bool]) -> list[list[int]]:

@@ -47,6 +47,11 @@ class CritiquePromptBuilder:
         self._raw_prefix = "".join(self.raw_example(e) for e in self.examples)
         self._chat_prefix: Conversation = [m for e in self.examples for m in self._chat_example(e)]
 
+    @property
+    def raw_prefix(self) -> str:
+        """The few-shot block every raw-format request starts with (after any system prompt)."""
+        return self._raw_prefix
+
     # -- few-shot -------------------------------------------------------------------------------
     @staticmethod
     def raw_example(e: CritiqueExample) -> str:

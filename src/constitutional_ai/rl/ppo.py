@@ -30,6 +30,7 @@ from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RLConfig
 from constitutional_ai.layout import RunLayout
+from constitutional_ai.models import cpu_linear
 from constitutional_ai.rl.core import (
     KLController,
     entropy_from_logits,
@@ -142,6 +143,8 @@ class PPOTrainer:
             ref_policy = copy.deepcopy(policy)
         self.ref_policy = ref_policy.eval().requires_grad_(False) if ref_policy is not None else None
         self.head = value_model is None
+        if self.accelerator.device.type == "cpu":
+            cpu_linear.install(policy)  # the rollout's decoding, the faster way round (training passes untouched)
         model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
@@ -283,7 +286,7 @@ class PPOTrainer:
                 vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
                                           self.config.cliprange_value)
                 loss = pg + self.config.vf_coef * vf
-                self.optimizer.zero_grad(set_to_none=False)
+                self.optimizer.zero_grad(set_to_none=True)  # no zero-fill of every gradient (7% of an update)
                 self.accelerator.backward(loss)
                 if self.config.max_grad_norm:
                     self.accelerator.clip_grad_norm_(
