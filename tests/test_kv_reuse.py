@@ -65,8 +65,8 @@ def test_a_prompt_extending_a_generation_prefills_only_its_new_tokens(tiny_model
     monkeypatch.setattr(backend.model, "forward", forward)
     got = backend.generate([follow], params)[0]
     n_first, n_follow = (len(backend._encode(p)) for p in (first, follow))
-    # the prefill reads the follow-up's own tokens, not the prompt and completion before them
-    assert fed[0] <= n_follow - n_first
+    # the prefill reads the follow-up's own tokens (at least MIN_OWN), not the prompt and completion before them
+    assert fed[0] <= max(n_follow - n_first, kv_reuse.MIN_OWN) < n_follow
     monkeypatch.setattr(backend.model, "forward", original)
     assert got == _backend(tiny_model_dir, budget=0).generate([follow], params)[0]
 
@@ -135,3 +135,43 @@ def test_small_batch_linear_equals_linear_and_leaves_training_alone():
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()  # with autograd on it is plain linear, gradients and all
     assert layer.weight.grad is not None and x.grad is not None
+
+
+def test_a_shared_start_is_evicted_after_the_rows_on_it_and_stays_findable():
+    def kv(n):
+        return [(torch.randn(1, 1, n, 2), torch.randn(1, 1, n, 2))]
+
+    store = KVStore(64 + 3 * 20)
+    block = store.put(list(range(64)), None, 0, kv(64))
+    rows = [store.put([*range(64), *[100 + r] * 20], block, 64, kv(20)) for r in range(3)]
+    store.match(list(range(70)))  # the block is used again: the rows on it are now older than it
+    store.put([*range(64), *[200] * 20], block, 64, kv(20))  # over budget: a row goes, not the block
+    assert store.tokens <= store.budget
+    assert store.match([*range(64), 5])[1] == 64  # the block's own keys still find it
+    assert sum(store.match([*range(64), *[100 + r] * 20])[1] == 84 for r in range(3)) == 2
+    assert rows[0].parent is block
+
+
+def test_an_entry_whose_start_was_evicted_holds_and_counts_all_its_tokens():
+    def kv(n, fill):
+        return [(torch.full((1, 1, n, 2), fill), torch.full((1, 1, n, 2), fill))]
+
+    store = KVStore(100)
+    block = store.put(list(range(40)), None, 0, kv(40, 1.0))
+    store.put([500] * 70, None, 0, kv(70, 2.0))  # evicts the block, which has no rows on it yet
+    assert store.match(list(range(40)))[0] is None
+    row = store.put([*range(40), *[7] * 20], block, 40, kv(20, 3.0))
+    assert row is not None and row.parent is None and row.base == 0 and store.tokens <= 100
+    keys = row.own[0][0][0, 0, :, 0]
+    assert keys[:40].eq(1.0).all() and keys[40:].eq(3.0).all()
+
+
+def test_sliding_window_models_get_no_store(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from constitutional_ai.backends.kv_reuse import full_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert full_attention(model)
+    model.config.sliding_window = 8
+    assert not full_attention(model)

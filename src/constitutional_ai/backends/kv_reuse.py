@@ -39,6 +39,10 @@ import torch
 BLOCK = 16
 #: Reuse is worth its gather only from this many matched tokens on.
 MIN_REUSE = 16
+#: A prompt keeps at least this many tokens of its own after a stored start: transformers' stop
+#: strings are matched over the last tokens of the whole sequence, so those must be the prompt's
+#: real ones, not the masked holes of the reuse layout.
+MIN_OWN = 16
 #: A start shared by several prompts of one call is computed once, ahead of them, when it is at
 #: least this long and longer than what the store already holds for it.
 MIN_SHARED = 64
@@ -56,6 +60,7 @@ class Entry:
     parent: Entry | None
     own: list[LayerKV]
     keys: list[int] = field(default_factory=list)
+    children: int = 0  # stored entries built on this one: it stays stored while they are
 
     def pieces(self, n: int) -> list[tuple[list[LayerKV], int, int]]:
         """``(per-layer KV, start, stop)`` slices that together hold this sequence's first ``n`` tokens."""
@@ -72,6 +77,23 @@ def block_keys(ids: Sequence[int]) -> list[int]:
         h = hash((h, tuple(ids[start:start + BLOCK])))
         keys.append(h)
     return keys
+
+
+def full_attention(model: Any) -> bool:
+    """Whether every layer attends to every earlier token: a sliding-window cache keeps only the last
+    tokens, so its columns are not a sequence's positions and cannot be stored or laid out here."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "sliding_window", None) or getattr(config, "sub_configs", None):
+        return False
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
+def plain_layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when each holds one K/V column per position (dynamic or static), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ not in ("DynamicLayer", "StaticLayer") for layer in layers):
+        return None
+    return list(layers)
 
 
 def weights_version(model: Any) -> tuple[int, int]:
@@ -134,7 +156,10 @@ class KVStore:
         n = min(n, limit if limit is not None else n)
         if n < MIN_REUSE:
             return None, 0
-        self._entries.move_to_end(id(found))
+        entry: Entry | None = found
+        while entry is not None and id(entry) in self._entries:  # used: it and what it is built on
+            self._entries.move_to_end(id(entry))
+            entry = entry.parent
         return found, n
 
     def put(self, ids: Sequence[int], parent: Entry | None, base: int, own: list[LayerKV]) -> Entry | None:
@@ -142,19 +167,42 @@ class KVStore:
         size = len(ids) - base
         if size <= 0 or size > self.budget or len(ids) < MIN_REUSE:
             return None
+        if parent is not None and id(parent) not in self._entries:
+            # its parent was evicted meanwhile: hold the whole sequence itself, so what is held is counted
+            own = [(torch.cat([*(kv[layer][0][:, :, a:b] for kv, a, b in parent.pieces(base)), k], 2),
+                    torch.cat([*(kv[layer][1][:, :, a:b] for kv, a, b in parent.pieces(base)), v], 2))
+                   for layer, (k, v) in enumerate(own)]
+            parent, base, size = None, 0, len(ids)
+            if size > self.budget:
+                return None
         entry = Entry(tuple(ids), base if parent is not None else 0, parent, own)
         entry.keys = block_keys(entry.ids)
         for key in entry.keys:
             self._index[key] = entry
         self._entries[id(entry)] = entry
+        if parent is not None and id(parent) in self._entries:
+            parent.children += 1
         self._tokens += size
         while self._tokens > self.budget and self._entries:
-            _, old = self._entries.popitem(last=False)
-            self._tokens -= len(old.ids) - old.base
-            for key in old.keys:
-                if self._index.get(key) is old:
-                    del self._index[key]
+            self._evict()
         return entry if id(entry) in self._entries else None
+
+    def _evict(self) -> None:
+        """Drop the least recently used entry that no stored entry is built on (a tree always has a
+        leaf), so a shared start is held, and counted, as long as any row on it is."""
+        victim = next(e for e in self._entries.values() if e.children == 0)
+        del self._entries[id(victim)]
+        self._tokens -= len(victim.ids) - victim.base
+        parent = victim.parent if victim.parent is not None and id(victim.parent) in self._entries else None
+        if parent is not None:
+            parent.children -= 1
+        for key in victim.keys:
+            if self._index.get(key) is victim:
+                # a block inside the parent's part is the parent's too: it stays findable
+                if parent is not None and key in parent.keys[:victim.base // BLOCK]:
+                    self._index[key] = parent
+                else:
+                    del self._index[key]
 
 
 def shared_starts(encoded: Sequence[Sequence[int]], store: KVStore) -> list[list[int]]:

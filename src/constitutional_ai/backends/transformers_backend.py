@@ -17,7 +17,15 @@ import torch
 from transformers import LogitsProcessorList
 
 from constitutional_ai.backends.base import Generation, cut_at_stop
-from constitutional_ai.backends.kv_reuse import MIN_REUSE, Entry, KVStore, shared_starts
+from constitutional_ai.backends.kv_reuse import (
+    MIN_OWN,
+    MIN_REUSE,
+    Entry,
+    KVStore,
+    full_attention,
+    plain_layers,
+    shared_starts,
+)
 from constitutional_ai.backends.prefix_scorer import Pair, PrefixTreeScorer, common_length
 from constitutional_ai.backends.sampling import SeededSampler
 from constitutional_ai.common.chat_format import render_raw
@@ -77,12 +85,14 @@ class TransformersBackend:
             max_batch_tokens=config.max_batch_tokens, prefix_cache_tokens=config.prefix_cache_tokens,
             install_stem_attention=model is None)
         self._rust_ids_agree: bool | None = None
+        self._generate_cache_kw = "cache"
         if model is None and self.device.type == "cpu":
             cpu_linear.install(self.model)  # decoding's few-row products, the faster way round
         #: KV of recent prompts and completions, so a prompt extending one prefills only its new tokens.
         #: Only on a model loaded here: one handed in may be a policy whose weights an optimiser moves.
         self.kv_store: KVStore | None = (KVStore(config.generation_cache_tokens)
-                                         if config.generation_cache_tokens and model is None else None)
+                                         if config.generation_cache_tokens and model is None
+                                         and full_attention(self.model) else None)
         # The model's own generation_config.json may carry sampling defaults (min_p, a repetition
         # penalty, top-k...) that transformers would silently apply to every knob we leave unset;
         # our GenerationParams are the whole truth, so start from a config with token ids only.
@@ -169,8 +179,9 @@ class TransformersBackend:
         if store is not None:
             for start in shared_starts(encoded, store):
                 self._store_start(store, start)
-        # (entry, tokens) of each prompt's longest stored start; every prompt keeps one token of its own
-        matches = [store.match(ids, len(ids) - 1) if store is not None else (None, 0) for ids in encoded]
+        # (entry, tokens) of each prompt's longest stored start; every prompt keeps MIN_OWN tokens of its
+        # own, so that stop strings looking back past the completion see the prompt's real last tokens
+        matches = [store.match(ids, len(ids) - MIN_OWN) if store is not None else (None, 0) for ids in encoded]
         # longest remainder first, so each micro-batch carries little padding
         order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i]) - matches[i][1]))
         gen_config = self._gen_config(params)
@@ -188,10 +199,8 @@ class TransformersBackend:
                 processors = LogitsProcessorList([SeededSampler(params, row_seeds)])
             inputs, cache, columns = self._batch_inputs([encoded[i] for i in idx], [matches[i] for i in idx],
                                                         params.max_new_tokens)
-            result = self.model.generate(**inputs, generation_config=gen_config if cache is None else reuse_config,
-                                         logits_processor=processors,
-                                         tokenizer=self.tokenizer if params.stop else None,
-                                         **({} if cache is None else {self._cache_arg: cache}))
+            result = self._run_generate(inputs, gen_config if cache is None else reuse_config, processors,
+                                        self.tokenizer if params.stop else None, cache)
             sequences = result.sequences if store is not None else result
             width = inputs["input_ids"].shape[1]
             new_tokens = sequences[:, width:].tolist()
@@ -215,9 +224,25 @@ class TransformersBackend:
         return [g for g in out if g is not None]
 
     # -- KV reuse across generations ---------------------------------------------------------------
+    def _run_generate(self, inputs: dict[str, torch.Tensor], gen_config: Any, processors: Any, tokenizer: Any,
+                      cache: Any) -> Any:
+        kwargs = dict(inputs, generation_config=gen_config, logits_processor=processors, tokenizer=tokenizer)
+        if cache is None:
+            return self.model.generate(**kwargs)
+        # transformers 5.x renamed generate's past_key_values to cache (the old name goes in 6.0); an
+        # earlier 5.x rejects the new name as an unused model kwarg before generating anything
+        if self._generate_cache_kw == "cache":
+            try:
+                return self.model.generate(**kwargs, cache=cache)
+            except ValueError as exc:
+                if "cache" not in str(exc):
+                    raise
+                self._generate_cache_kw = "past_key_values"
+        return self.model.generate(**kwargs, past_key_values=cache)
+
     @property
     def _cache_arg(self) -> str:
-        # transformers 5.x renamed past_key_values to cache in generate and forward; older ones lack it
+        # the forward pass's name for the cache (past_key_values in Llama's forward up to 5.x)
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _usable_store(self) -> KVStore | None:
@@ -239,9 +264,9 @@ class TransformersBackend:
         out = self.model(input_ids=ids_t[:, cache.get_seq_length():], attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         fresh = getattr(out, "cache", None) or out.past_key_values
-        layers = getattr(fresh, "layers", None)
-        if not layers or any(not hasattr(layer, "keys") for layer in layers):
-            self.kv_store = None  # not plain per-token K/V (sliding windows...): no reuse with this model
+        layers = plain_layers(fresh)
+        if layers is None:
+            self.kv_store = None  # not plain per-token K/V: no reuse with this model
             return
         store.put(ids, entry, m, [(layer.keys[:, :, m:len(ids)].clone(), layer.values[:, :, m:len(ids)].clone())
                                   for layer in layers])
@@ -304,9 +329,9 @@ class TransformersBackend:
     def _store_rows(self, store: KVStore, cache: Any, width: int, columns: list[list[int]],
                     rows: list[tuple[list[int], Entry | None, int, list[int]]]) -> None:
         """Keep each row's prompt and completion (their KV, without padding) for later prompts."""
-        layers = getattr(cache, "layers", None)
-        if not layers or any(not hasattr(layer, "keys") for layer in layers):
-            self.kv_store = None
+        layers = plain_layers(cache)
+        if layers is None:
+            self.kv_store = None  # not plain per-token K/V: no reuse with this model
             return
         for r, ((ids, entry, m, new), cols) in enumerate(zip(rows, columns, strict=True)):
             fed = new[:-1]  # the last generated token was never fed back
@@ -376,6 +401,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = None
+        self.kv_store = None
         self.scorer.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
