@@ -132,6 +132,9 @@ def test_small_batch_linear_equals_linear_and_leaves_training_alone():
         x = torch.randn(*shape)
         with torch.inference_mode():
             assert torch.allclose(layer(x), reference(x), atol=1e-5)
+    sliced = torch.randn(8, 40, 64)[:, -33:]  # the last positions an LM head keeps: not contiguous
+    with torch.no_grad():
+        assert torch.allclose(layer(sliced), reference(sliced), atol=1e-5)
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()  # with autograd on it is plain linear, gradients and all
     assert layer.weight.grad is not None and x.grad is not None

@@ -282,3 +282,21 @@ def test_a_resumed_ppo_run_continues_from_the_saved_step_optimizer_and_kl_coeffi
     assert second.resume().name == "step-3" and not marker.exists()
     with pytest.raises(ConfigError, match="not a checkpoint of this run"):  # LoRA on, or off: other weights
         _ppo_trainer(tmp_path, tiny_model_dir, not lora).resume()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy_match_log_softmax(temperature):
+    from constitutional_ai.rl.ppo import _token_logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 4).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 5))
+    logprobs, entropy = _token_logprobs(logits, tokens, temperature, entropy=True)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    assert torch.allclose(logprobs, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=1e-4)
+    assert not entropy.requires_grad  # logged only: no graph through it
+    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
+    (expected,) = torch.autograd.grad(logp.gather(-1, tokens.unsqueeze(-1)).sum(), logits)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert _token_logprobs(logits, tokens, temperature)[1] is None

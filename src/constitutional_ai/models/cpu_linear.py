@@ -11,8 +11,9 @@ layer as ``W @ x.T`` when it has few rows and many outputs, and as ``linear`` ot
 are the same products summed in another order (differences at float rounding, as between batch
 sizes).
 
-Installed only on a model the backend loaded for inference (never on a policy being trained), only
-on CPU, and only where autograd is off (``torch.inference_mode`` or ``no_grad``).
+Installed on a model the backend loaded for inference, and by PPO on the policy (for its rollouts) and
+the reference; only on CPU, and it acts only where autograd is off (``torch.inference_mode`` or
+``no_grad``): a training pass runs ``linear`` as it always did.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if (x.device.type != "cpu" or rows == 0 or rows > MAX_ROWS or weight.shape[0] < MIN_OUT
             or torch.is_grad_enabled() or x.dtype != weight.dtype):
+        if x.dim() > 2 and not x.is_contiguous() and not torch.is_grad_enabled():
+            # a sliced 3-D input (the last positions an LM head keeps) would go to a batched product
+            # with the weight expanded per row: 360 ms against 250 for 16 x 33 rows of a 32k head
+            x = x.contiguous()
         return torch.nn.functional.linear(x, weight, module.bias)
     flat = x.reshape(rows, x.shape[-1])
     out = torch.mm(weight, flat.t()).t().contiguous()

@@ -90,11 +90,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - masked_var(returns - values, mask) / var_returns)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 @dataclass
 class KLController:
     """The KL coefficient ``beta``; adaptive (Ziegler et al. 2019) when ``target`` is set: beta moves

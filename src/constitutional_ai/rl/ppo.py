@@ -33,7 +33,6 @@ from constitutional_ai.layout import RunLayout
 from constitutional_ai.models import cpu_linear
 from constitutional_ai.rl.core import (
     KLController,
-    entropy_from_logits,
     explained_variance,
     gae,
     masked_mean,
@@ -109,11 +108,26 @@ def _takes_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log softmax(logits / T)[token]`` as ``logit[token] / T - logsumexp(logits / T)``: the same
-    number without keeping a second vocabulary-sized tensor for the backward pass."""
-    scaled = logits.float() / temperature
-    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    number without keeping a second vocabulary-sized tensor for the backward pass; and, when asked,
+    the (logged, not optimised) entropy from the same logsumexp, ``lse - sum(p * logits)``. Each pass
+    over a minibatch's logits (8 x 32 x 32k floats) costs 13-22 ms on two cores: no division at
+    temperature 1, and one softmax and one batched dot product for the entropy instead of a
+    log-softmax, an exponential, a product and a sum."""
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        flat = scaled.detach().reshape(-1, scaled.shape[-1])
+        probs = torch.softmax(flat, dim=-1)
+        mean_logit = torch.bmm(probs.unsqueeze(1), flat.unsqueeze(2)).reshape(lse.shape)
+        return logprobs, lse.detach() - mean_logit
 
 
 class PPOTrainer:
@@ -143,8 +157,10 @@ class PPOTrainer:
             ref_policy = copy.deepcopy(policy)
         self.ref_policy = ref_policy.eval().requires_grad_(False) if ref_policy is not None else None
         self.head = value_model is None
-        if self.accelerator.device.type == "cpu":
-            cpu_linear.install(policy)  # the rollout's decoding, the faster way round (training passes untouched)
+        if self.accelerator.device.type == "cpu":  # the rollout's decoding and the reference pass, the faster
+            cpu_linear.install(policy)  # way round (training passes, with autograd on, untouched)
+            if self.ref_policy is not None:
+                cpu_linear.install(self.ref_policy)
         model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
@@ -226,7 +242,7 @@ class PPOTrainer:
         else:
             with policy.disable_adapter():
                 ref_logits = self._logits(policy, ids, mask, positions, keep)[:, -keep:-1]
-        ref_logprobs = _token_logprobs(ref_logits, response, self.config.temperature)
+        ref_logprobs, _ = _token_logprobs(ref_logits, response, self.config.temperature)
         kl = (logprobs - ref_logprobs) * resp_mask
         rewards = -self.kl.value * kl
         last = (lengths - 1).clamp(min=0)
@@ -245,12 +261,8 @@ class PPOTrainer:
         keep = response.shape[1] + 1
         logits, values = self.model(ids, mask, positions, keep)
         logits = logits[:, -keep:-1]
-        logprobs = _token_logprobs(logits, response, self.config.temperature)
-        values = values[:, context - 1:-1].float()
-        if not entropy:
-            return logprobs, values, None
-        with torch.no_grad():  # logged, not optimised: no graph kept for it
-            return logprobs, values, entropy_from_logits(logits / self.config.temperature)
+        logprobs, entropies = _token_logprobs(logits, response, self.config.temperature, entropy=entropy)
+        return logprobs, values[:, context - 1:-1].float(), entropies
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
         for x in scores.tolist():  # Welford's running mean and variance
