@@ -300,3 +300,26 @@ def test_token_logprobs_and_entropy_match_log_softmax(temperature):
     (expected,) = torch.autograd.grad(logp.gather(-1, tokens.unsqueeze(-1)).sum(), logits)
     assert torch.allclose(grad, expected, atol=1e-6)
     assert _token_logprobs(logits, tokens, temperature)[1] is None
+
+
+def test_tied_head_gives_linears_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from constitutional_ai.models import cpu_linear, tied_head
+
+    plain, ours = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2))
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    cpu_linear.install(ours)  # as PPO does: the small-batch forward stays the inference path
+    assert tied_head.install(ours) and tied_head.install(ours)  # idempotent
+    ids = torch.randint(0, plain.config.vocab_size, (3, 12))
+    for model in (plain, ours):  # logits_to_keep slices the hidden states: a non-contiguous input
+        logits = model(input_ids=ids, logits_to_keep=5).logits
+        (torch.log_softmax(logits, -1)[..., :7].sum() + logits.square().mean()).backward()
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+    untied = AutoModelForCausalLM.from_config(plain.config.__class__(**{**plain.config.to_dict(),
+                                                                        "tie_word_embeddings": False}))
+    assert not tied_head.install(untied)
+    assert not tied_head.install(torch.nn.Linear(2, 2))

@@ -30,7 +30,7 @@ from constitutional_ai.common.errors import ConfigError
 from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RLConfig
 from constitutional_ai.layout import RunLayout
-from constitutional_ai.models import cpu_linear
+from constitutional_ai.models import cpu_linear, tied_head
 from constitutional_ai.rl.core import (
     KLController,
     explained_variance,
@@ -161,6 +161,7 @@ class PPOTrainer:
             cpu_linear.install(policy)  # way round (training passes, with autograd on, untouched)
             if self.ref_policy is not None:
                 cpu_linear.install(self.ref_policy)
+        tied_head.install(policy)  # the tied head's gradient summed with the embedding's in place
         model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
