@@ -19,15 +19,15 @@ Python overhead, set the cost); its default workload (16 prompts, 2 rounds, 32 n
 Ray batches of 8, one per worker on 2) keeps the run to about 5 minutes on 2 idle cores.
 ``--shape tiny`` is the 5.25M model with the old workload (52 prompts, 4 rounds, 48 new tokens).
 
-Distance to the limit: this machine's dense fp32 matmul rate is measured first
-(``_common.matmul_peak``, at ``--threads``), and the workload's FLOPs are counted once, untimed, on
-the in-process backend under torch's ``FlopCounterMode`` (``_common.count_flops``: every matrix
-product it ran and the attention kernels torch has formulas for, padding included). Each CPU
-system's ``flop_per_s`` is that count over its seconds and ``fraction_of_peak`` that over the matmul
-rate: the same model work, so the fractions rank the systems as their throughputs do, and say how
-far each is from what these cores could do (Ray's workers run one thread each; llama.cpp's server
-pads nothing, so its own count would be a little lower). The GPU systems get no fraction (the peak
-is the CPU's).
+Distance to the limit: this machine's dense fp32 matmul rate is measured first and again after the
+runs, the higher kept (``_common.matmul_peak`` and ``peak_after``, at ``--threads``), and the
+workload's FLOPs are counted once, untimed, on the in-process backend under torch's
+``FlopCounterMode`` (``_common.count_flops``: every matrix product it ran and the attention kernels
+torch has formulas for, padding included). Each CPU system's ``flop_per_s`` is that count over its
+seconds and ``fraction_of_peak`` that over the matmul rate: the same model work, so the fractions
+rank the systems as their throughputs do, and say how far each is from what these cores could do
+(Ray's workers run one thread each; llama.cpp's server pads nothing, so its own count would be a
+little lower). The GPU systems get no fraction (the peak is the CPU's).
 
 The last line is JSON. ``ratio`` is the scale-out figure, Ray on 2 workers over 1 (the baseline,
 ``baseline: "ray-1"``: distributed generation against the same stage on one worker);
@@ -152,6 +152,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     tmp.cleanup()
     cpu = [name for name in figures if name in ("transformers", "openai", "ray-1", "ray-2")]
+    peak = _common.peak_after(peak, "the runs' ")
     systems = _common.efficiency({name: workload_flops for name in cpu if workload_flops},
                                  {name: seconds_of[name] for name in cpu}, peak)
     out = {"workload": f"critique, {args.prompts} prompts x {args.rounds} rounds, {args.max_new_tokens} new tokens",

@@ -37,14 +37,15 @@ system (the table's ``full`` column and token counts show it).
 ``--repeats`` times, interleaved, and its best run is reported. Every ``generate`` call is counted
 (calls, sequences, generated tokens) so one can check that the systems did the same work.
 
-**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate now
-(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count),
-then runs each system once more, untimed, on exactly the timed work (same prompts; greedy, so the
-same tokens) under torch's ``FlopCounterMode``: its FLOPs are what that run computed (the matrix
-products, and the attention kernels torch has a formula for), padding and finished rows in a batch
-included. A system's achieved rate is those FLOPs over its best time, and its fraction of peak that
-rate over the measured matmul rate: how close it runs to what the machine's matrix unit can do (a
-batch-1 decoding loop is far from it, being bound by memory and per-call overhead).
+**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate
+(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count)
+before and after the counted runs, keeping the higher, and runs each system once more, untimed, on
+exactly the timed work (same prompts; greedy, so the same tokens) under torch's
+``FlopCounterMode``: its FLOPs are what that run computed (the matrix products, and the attention
+kernels torch has a formula for), padding and finished rows in a batch included. A system's
+achieved rate is those FLOPs over its best time, and its fraction of peak that rate over the
+measured matmul rate: how close it runs to what the machine's matrix unit can do (a batch-1
+decoding loop is far from it, being bound by memory and per-call overhead).
 
 Run: ``PYTHONPATH=src python benchmarks/bench_critique.py``. The last line printed is one JSON
 object: ``ratio`` is our throughput over the strongest (fastest) baseline that ran, named by

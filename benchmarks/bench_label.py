@@ -38,15 +38,16 @@ interleaved, and its best run is reported. Every forward pass is counted (calls,
 positions computed, padding included) and every ``generate`` call (calls, sequences, unpadded
 prompt tokens, generated tokens), and all systems are checked to have asked the same questions.
 
-**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate now
-(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count),
-then runs each system once more, untimed, on exactly the timed work (ours from an empty prefix
-cache again; the judges greedy, so the same tokens) under torch's ``FlopCounterMode``: its FLOPs
-are what that run computed (the matrix products, and the attention kernels torch has a formula
-for), padding included; a stem shared in place is computed once and counted once. A system's
-achieved rate is those FLOPs over its best time, and its fraction of peak that rate over the
-measured matmul rate: how close it runs to what the machine's matrix unit can do. Less work at the
-same fraction of peak is a faster labeler; the ratio is the time ratio, not the FLOP ratio.
+**Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate
+(:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count)
+before and after the counted runs, keeping the higher, and runs each system once more, untimed, on
+exactly the timed work (ours from an empty prefix cache again; the judges greedy, so the same
+tokens) under torch's ``FlopCounterMode``: its FLOPs are what that run computed (the matrix
+products, and the attention kernels torch has a formula for), padding included; a stem shared in
+place is computed once and counted once. A system's achieved rate is those FLOPs over its best
+time, and its fraction of peak that rate over the measured matmul rate: how close it runs to what
+the machine's matrix unit can do. Less work at the same fraction of peak is a faster labeler; the
+ratio is the time ratio, not the FLOP ratio.
 
 Run: ``PYTHONPATH=src python benchmarks/bench_label.py``. The last line printed is one JSON
 object: ``ratio`` is our throughput over the strongest (fastest) baseline, named by ``baseline``;

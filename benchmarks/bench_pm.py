@@ -29,9 +29,9 @@ trains a fresh copy of the model again, same seed and so the same batches, under
 backward, and the attention kernels torch has formulas for, padding included. A system's
 ``flop_per_s`` is those FLOPs over its timed training seconds, ``fraction_of_peak`` that over this
 machine's dense fp32 matmul rate (``_common.matmul_peak``, measured in this process at the same
-threads before the workers run). Ours can do fewer FLOPs for the same pairs, as length-grouped
-batches carry less padding; on hh-rlhf at 128 tokens most batches hold a pair cut at 128 either
-way, so the two counts are close.
+threads before and after the workers run; the higher of the two). Ours can do fewer FLOPs for the
+same pairs, as length-grouped batches carry less padding; on hh-rlhf at 128 tokens most batches
+hold a pair cut at 128 either way, so the two counts are close.
 
 The last line is JSON; ``ratio`` is our training throughput over TRL's, ``baseline`` is
 ``trl_reward_trainer``, ``shape`` the model's shape, ``peak_flop_per_s`` the matmul rate and
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if done.returncode:
             sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
         results[system] = json.loads(done.stdout.strip().splitlines()[-1])
+    peak = _common.peak_after(peak, "the runs' ")
     systems = _common.efficiency({s: r["flops"] for s, r in results.items()},
                                  {s: r["train_seconds"] for s, r in results.items()}, peak)
     print(f"\n{'system':<8}{'train s':>9}{'pairs/s':>9}{'peak MB':>9}{'accuracy':>10}{'TFLOP':>8}{'GFLOP/s':>9}"

@@ -204,11 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     results = {name: min(rs, key=lambda r: r["seconds_per_step"]) for name, rs in runs.items()}
-    # measured again after the workers: a slow spell on a shared machine during one measurement
-    # would otherwise put a fraction of peak above 100% (the best rate seen is the limit)
-    peaks = [peak, _common.matmul_peak()]
-    peak = max(peaks)
-    print(f"matmul peak before / after the runs: {peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GFLOP/s")
+    peak = _common.peak_after(peak, "the runs' ")
     for name, rs in runs.items():
         print(f"{name}: s/step per run " + ", ".join(f"{r['seconds_per_step']:.3f}" for r in rs))
     for r in results.values():
