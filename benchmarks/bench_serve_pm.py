@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
@@ -56,12 +57,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _load(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float], int, float]:
+async def _load(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float | None], int, float]:
     """Every client sends its share of the queries one request at a time; (latencies, rewards, errors, seconds)."""
     import httpx2
 
     latencies: list[float] = []
-    rewards: list[float] = [float("nan")] * len(queries)
+    rewards: list[float | None] = [None] * len(queries)  # None: no 200 reply (counted in errors)
     errors = 0
     limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
 
@@ -87,7 +88,8 @@ async def _load(url: str, queries: list[str], clients: int) -> tuple[list[float]
     return latencies, rewards, errors, seconds
 
 
-def _load_in_process(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float], int, float]:
+def _load_in_process(url: str, queries: list[str], clients: int) -> tuple[list[float], list[float | None], int,
+                                                                          float]:
     return asyncio.run(_load(url, queries, clients))
 
 
@@ -168,7 +170,7 @@ def main() -> None:
                 latencies, rewards, errors, seconds = clients.submit(_load_in_process, server.url, queries,
                                                                      args.clients).result()
                 shapes = list(forwards)
-                worst = max((abs(a - b) for a, b in zip(rewards, reference, strict=True) if a == a), default=0.0)
+                worst = _worst_diff(rewards, reference)
                 run = {"queries_per_s": n / seconds, "p50_ms": 1000 * statistics.median(latencies),
                        "p99_ms": 1000 * _percentile(latencies, 0.99), "errors": errors, "seconds": seconds,
                        "max_reward_diff": worst, "forward_passes": len(shapes)}
@@ -195,6 +197,17 @@ def main() -> None:
                       "ratio": round(ratio, 3), "shape": shape, "peak_flop_per_s": round(peak),
                       "systems": {name: {**systems[name], "queries_per_s": round(results[name]["queries_per_s"], 3)}
                                   for name in results}}))
+
+
+def _worst_diff(rewards: list[float | None], reference: list[float]) -> float:
+    """Largest |served - direct| over the answered queries. A reward that is not a finite number
+    (NaN, inf) on either side counts as infinitely wrong, so NaN rewards cannot read as exact;
+    unanswered queries (None) are already counted as errors."""
+    worst = 0.0
+    for a, b in zip(rewards, reference, strict=True):
+        if a is not None:
+            worst = max(worst, abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf)
+    return worst
 
 
 def _flops(model: object, shapes: list[tuple[int, int]]) -> int:

@@ -171,6 +171,7 @@ def test_a_tiny_pm_learns_a_planted_preference(tmp_path, tiny_model_dir):
     model_dir = Path(result.output)
     info = json.loads((model_dir / "pm_info.json").read_text())
     assert info["train_pairs"] == 192 and info["layout"] == "raw" and (model_dir / "model.safetensors").is_file()
+    assert info["padding_free"] is True  # the default, and the tiny Llama packs
     logged = [json.loads(line) for line in (tmp_path / "run" / "pm" / "records.jsonl").read_text().splitlines()]
     assert logged and all("loss" in r for r in logged if r["key"].startswith("train-"))
     # the scoring API: the marker is worth reward, whatever the prompt

@@ -85,7 +85,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "--gradient-accumulation-steps": ("pm.gradient_accumulation_steps",),
     "--lr-scheduler": ("pm.lr_scheduler_type",), "--warmup-ratio": ("pm.warmup_ratio",),
     "--weight-decay": ("pm.weight_decay",), "--center-rewards": ("pm.center_rewards_coefficient",),
-    "--group-by-length": ("pm.group_by_length",), "--bf16": ("pm.bf16",),
+    "--group-by-length": ("pm.group_by_length",), "--padding-free": ("pm.padding_free",), "--bf16": ("pm.bf16",),
     "--disable-dropout": ("pm.disable_dropout",), "--lora-r": ("pm.lora.r",), "--pm-device": ("pm.device",),
     "--logging-steps": ("pm.logging_steps",), "--save-steps": ("pm.save_steps",), "--report-to": ("pm.report_to",),
     "--score-batch-size": ("pm.batch_size",), "--pm": ("eval_pm.model", "serve_pm.model"),
@@ -124,6 +124,7 @@ OFF_ALIASES: dict[str, str] = {
     "--trust-remote-code": "--no-trust-remote-code", "--skip-critique": "--with-critique",
     "--drop-truncated": "--keep-truncated", "--both-orders": "--one-order",
     "--chain-of-thought": "--no-chain-of-thought", "--group-by-length": "--no-group-by-length",
+    "--padding-free": "--no-padding-free",
     "--bf16": "--no-bf16", "--disable-dropout": "--keep-dropout", "--normalize-reward": "--no-normalize-reward",
     "--sft-bf16": "--no-sft-bf16", "--dpo-bf16": "--no-dpo-bf16",
 }

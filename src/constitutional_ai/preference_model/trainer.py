@@ -2,13 +2,16 @@
 
 TRL's reward trainer takes hard labels (with an optional margin). Everything else it does (data
 collation, accelerate/DeepSpeed, gradient accumulation, bf16, PEFT, checkpoints, resume, ``report_to``
-logging, its reward/accuracy/margin metrics) we keep; this subclass only carries each pair's
-``p_chosen`` through the collator and replaces the loss with
-:func:`~constitutional_ai.preference_model.loss.soft_bradley_terry_loss`.
+logging, its reward/accuracy/margin metrics) we keep; this subclass carries each pair's
+``p_chosen`` through the collator, replaces the loss with
+:func:`~constitutional_ai.preference_model.loss.soft_bradley_terry_loss`, and can run each forward
+over the batch's real tokens only (:mod:`~constitutional_ai.preference_model.packing`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,9 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from constitutional_ai.preference_model.loss import soft_bradley_terry_loss
+from constitutional_ai.preference_model.packing import packed_attention_installed, packing_matches, padding_free
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,14 +36,49 @@ class SoftLabelCollator(DataCollatorForPreference):
 
 
 class SoftLabelRewardTrainer(RewardTrainer):
-    """``RewardTrainer`` whose loss is the soft-label Bradley-Terry loss (equal to TRL's at p = 1)."""
+    """``RewardTrainer`` whose loss is the soft-label Bradley-Terry loss (equal to TRL's at p = 1).
+
+    ``padding_free``: compute every forward over the batch's real tokens only. The first batch
+    checks that this model's packed forward gives its padded rewards; where it does not (an
+    architecture that ignores packed position ids), training goes on padded and says so once.
+    ``padding_free_used`` then records what ran (None before the first batch).
+    """
+
+    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.padding_free_used: bool | None = None if padding_free else False
+        #: Holds the packed attention installed from the first packed batch to the end of ``train``.
+        self._packed_attention = contextlib.ExitStack()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._packed_attention.close()
+
+    def _check_padding_free(self, model: Any, inputs: dict[str, Any]) -> bool:
+        rows = inputs["input_ids"].shape[0]
+        probe = sorted({0, 1, rows // 2, rows - 1})  # chosen and rejected rows
+        ok, why = packing_matches(model, inputs["input_ids"][probe], inputs["attention_mask"][probe])
+        if ok:
+            log.info("padding-free PM training: %s", why)
+        else:
+            log.warning("padding-free PM training is off for %s: %s; training on padded batches",
+                        type(self.accelerator.unwrap_model(model)).__name__, why)
+        return ok
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         mode = "train" if self.model.training else "eval"
         p_chosen = inputs.pop("p_chosen", None)
         inputs.pop("margin", None)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        if self.padding_free_used is None:
+            self.padding_free_used = self._check_padding_free(model, inputs)
+            if self.padding_free_used:
+                self._packed_attention.enter_context(packed_attention_installed(model))
+        with padding_free(model) if self.padding_free_used else contextlib.nullcontext():
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            use_cache=False)
         rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
         loss = soft_bradley_terry_loss(rewards_chosen, rewards_rejected, p_chosen,
                                        self.args.center_rewards_coefficient)

@@ -80,7 +80,7 @@ def run_train_pm(config: RunConfig) -> StageResult:
             model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
             data_collator=SoftLabelCollator(pad_token_id=tokenizer.pad_token_id,
                                             pad_to_multiple_of=cfg.pad_to_multiple_of),
-            peft_config=peft_config(cfg, "SEQ_CLS"), callbacks=run.callbacks())
+            peft_config=peft_config(cfg, "SEQ_CLS"), callbacks=run.callbacks(), padding_free=cfg.padding_free)
         output = run.fit(trainer)
         last = run.resumed_from
         steps_run = output.global_step - (int(Path(last).name.split("-")[-1]) if last else 0)
@@ -94,6 +94,7 @@ def run_train_pm(config: RunConfig) -> StageResult:
             "config_fingerprint": run.identity["config"], "train_seconds": round(run.seconds, 1),
             "train_pairs_per_s": round(pairs_per_s, 2), "global_step": output.global_step,
             "resumed_from": last, "train_loss": output.training_loss, "world_size": trainer.accelerator.num_processes,
+            "padding_free": trainer.padding_free_used,
         }
         final = run.save(trainer.model_wrapped, tokenizer, layout.pm_model, cfg.lora is not None,
                          trainer.accelerator, PM_INFO, info)

@@ -1,0 +1,165 @@
+"""Padding-free PM training: packed forwards equal padded ones, and the trainer only packs where they do."""
+
+import logging
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+from constitutional_ai.preference_model.packing import (
+    PackedRows,
+    packed_attention_installed,
+    packed_length,
+    packing_matches,
+    padding_free,
+)
+
+
+def _bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    return BertForSequenceClassification(config)
+
+
+def _llama() -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, pad_token_id=0, num_labels=1)
+    config._attn_implementation = "sdpa"
+    return LlamaForSequenceClassification(config)
+
+
+def _batch(lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    return torch.randint(1, 300, (len(lengths), width)) * mask, mask
+
+
+def _rewards_and_grads(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, packed: bool):
+    model.zero_grad()
+    if packed:
+        with padding_free(model):
+            rewards = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    else:
+        rewards = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
+    return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert-encoder", "llama-decoder"])
+def test_packed_rewards_and_gradients_equal_the_padded_ones(build):
+    model = build().train()
+    ids, mask = _batch([40, 7, 23, 40, 1, 31], width=48)  # full-width, one-token and ragged rows
+    padded, padded_grads = _rewards_and_grads(model, ids, mask, packed=False)
+    packed, packed_grads = _rewards_and_grads(model, ids, mask, packed=True)
+    assert torch.allclose(packed, padded, atol=1e-5), (packed, padded)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    # and each row's reward is what the row scores alone, unpadded
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[i:i + 1, :int(mask[i].sum())]).logits for i in range(len(ids))])
+    assert torch.allclose(packed, alone.squeeze(-1), atol=1e-5)
+
+
+def test_the_model_is_left_as_it_was_after_the_block():
+    model = _bert()
+    before = (model.config._attn_implementation, model.bert.forward)
+    with padding_free(model):
+        assert model.config._attn_implementation != "sdpa"
+    assert (model.config._attn_implementation, model.bert.forward) == before
+
+
+def test_a_padded_forward_keeps_its_mask_while_the_packed_attention_is_installed():
+    """Training keeps the packed attention installed (for gradient checkpointing's recomputation):
+    an unpacked forward in that time must still mask its padding. An encoder, where every token
+    attends to the padding unless masked (right-padded causal rows never see it)."""
+    model = _bert().eval()
+    ids, mask = _batch([40, 7, 23], width=48)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with packed_attention_installed(model):
+            installed = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(installed, plain, atol=1e-6)
+    garbage = ids.clone()
+    garbage[mask == 0] = 5  # what sits under the padding must not matter
+    with torch.no_grad(), packed_attention_installed(model):
+        assert torch.allclose(model(input_ids=garbage, attention_mask=mask).logits, plain, atol=1e-5)
+
+
+def test_packed_lengths_take_few_sizes_and_little_filler():
+    for tokens in (1, 63, 64, 65, 2047, 2049, 3170, 40_000):
+        length = packed_length(tokens)
+        assert length >= tokens and length % 64 == 0
+        assert length - tokens < max(64, tokens * 0.032)
+    assert len({packed_length(n) for n in range(2048, 4096)}) == 33  # 2,048 to 4,096 in steps of 64
+
+
+def test_left_padded_rows_are_refused():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        PackedRows.of(mask)
+
+
+def _ignores_positions(model: BertForSequenceClassification) -> BertForSequenceClassification:
+    """A model that drops packed position ids, as an architecture without per-row positions would."""
+    original = type(model.bert).forward
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        return original(self, *args, **kwargs)
+
+    model.bert.forward = forward.__get__(model.bert)
+    return model
+
+
+def test_a_model_that_cannot_pack_is_detected():
+    ids, mask = _batch([20, 9, 30], width=32)
+    assert packing_matches(_bert(), ids, mask)[0]
+    ok, why = packing_matches(_ignores_positions(_bert()), ids, mask)
+    assert not ok and "differ" in why
+
+
+def _train(model: torch.nn.Module, tmp_path, tokenizer_dir, padding_free_on: bool):
+    """Six steps of plain SGD (Adam's first steps turn rounding-level gradients into whole steps)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig
+
+    from constitutional_ai.preference_model.trainer import SoftLabelCollator, SoftLabelRewardTrainer
+
+    torch.manual_seed(2)
+    n = 24
+    rows = {"chosen_ids": [torch.randint(1, 300, (int(torch.randint(3, 30, ())),)).tolist() for _ in range(n)],
+            "rejected_ids": [torch.randint(1, 300, (int(torch.randint(3, 30, ())),)).tolist() for _ in range(n)],
+            "p_chosen": [0.5 + 0.5 * (i % 2) for i in range(n)]}
+    args = RewardConfig(output_dir=str(tmp_path / f"out-{padding_free_on}"), per_device_train_batch_size=8,
+                        num_train_epochs=2, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no",
+                        report_to=[], remove_unused_columns=False, seed=0, use_cpu=True, disable_dropout=True,
+                        bf16=False,  # fp32: bf16 rounding differs between any two kernels
+                        gradient_checkpointing=True)  # the backward recomputes packed layers
+    trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+                                     processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+                                     data_collator=SoftLabelCollator(pad_token_id=0, pad_to_multiple_of=8),
+                                     padding_free=padding_free_on)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
+
+
+def test_padding_free_training_follows_the_padded_trajectory(tmp_path, tiny_model_dir):
+    padded, plain = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=False)
+    packed, trainer = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=True)
+    assert plain.padding_free_used is False and trainer.padding_free_used is True
+    assert trainer.model.config._attn_implementation == "sdpa"  # put back when training ends
+    assert len(packed) == len(padded) == 6
+    assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
+
+
+def test_the_trainer_falls_back_to_padded_batches_with_a_warning(tmp_path, tiny_model_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="constitutional_ai.preference_model.trainer"):
+        losses, trainer = _train(_ignores_positions(_bert()), tmp_path, tiny_model_dir, padding_free_on=True)
+    assert trainer.padding_free_used is False
+    assert any("padding-free PM training is off" in r.getMessage() for r in caplog.records)
+    assert len(losses) == 6 and all(loss == loss for loss in losses)
