@@ -163,3 +163,40 @@ def test_the_trainer_falls_back_to_padded_batches_with_a_warning(tmp_path, tiny_
     assert trainer.padding_free_used is False
     assert any("padding-free PM training is off" in r.getMessage() for r in caplog.records)
     assert len(losses) == 6 and all(loss == loss for loss in losses)
+
+
+def test_sliding_window_models_are_not_packed():
+    """Per-row attention has no band mask: a sliding-window model must fail the check on every
+    batch (not only on one longer than its window) and train padded."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    config = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, pad_token_id=0, num_labels=1,
+                         use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    config._attn_implementation = "sdpa"
+    ids, mask = _batch([20, 9, 14], width=24)  # shorter than the window: results would still agree
+    ok, why = packing_matches(Qwen2ForSequenceClassification(config), ids, mask)
+    assert not ok and "sliding_window" in why
+
+
+def test_an_instance_forward_on_the_base_model_is_put_back():
+    model = _bert()
+    hook = model.bert.forward  # as accelerate's hooks set one on the instance
+    model.bert.forward = hook
+    with padding_free(model):
+        assert model.bert.forward is not hook
+    assert model.bert.__dict__["forward"] is hook
+
+
+def test_a_second_train_on_the_same_trainer_stays_packed_through_checkpointing(tmp_path, tiny_model_dir):
+    """A retry or a resume calls train() again: the backward's recomputation must find the packed
+    attention installed then too, or checkpointed layers would attend across rows."""
+    _, plain = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=False)
+    _, trainer = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=True)
+    plain.train()
+    trainer.train()
+    again_padded = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    again_packed = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(again_packed) == len(again_padded) == 6
+    assert again_packed == pytest.approx(again_padded, rel=1e-4, abs=1e-5)
+    assert trainer.model.config._attn_implementation == "sdpa"

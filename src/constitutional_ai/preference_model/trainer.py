@@ -41,7 +41,10 @@ class SoftLabelRewardTrainer(RewardTrainer):
     ``padding_free``: compute every forward over the batch's real tokens only. The first batch
     checks that this model's packed forward gives its padded rewards; where it does not (an
     architecture that ignores packed position ids), training goes on padded and says so once.
-    ``padding_free_used`` then records what ran (None before the first batch).
+    ``padding_free_used`` then records what ran (None before the first batch). Within
+    ``train()`` the packed attention stays installed from the first packed batch to the end:
+    gradient checkpointing recomputes layers during the backward pass, outside the forward's
+    ``padding_free`` block, and must recompute them packed.
     """
 
     def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any) -> None:
@@ -49,17 +52,26 @@ class SoftLabelRewardTrainer(RewardTrainer):
         self.padding_free_used: bool | None = None if padding_free else False
         #: Holds the packed attention installed from the first packed batch to the end of ``train``.
         self._packed_attention = contextlib.ExitStack()
+        self._training = False
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._training = True
+        if self.padding_free_used:  # a second train() (a retry, a resume) on a trainer that already packs
+            self._packed_attention.enter_context(packed_attention_installed(self.model))
         try:
             return super().train(*args, **kwargs)
         finally:
+            self._training = False
             self._packed_attention.close()
 
     def _check_padding_free(self, model: Any, inputs: dict[str, Any]) -> bool:
         rows = inputs["input_ids"].shape[0]
         probe = sorted({0, 1, rows // 2, rows - 1})  # chosen and rejected rows
         ok, why = packing_matches(model, inputs["input_ids"][probe], inputs["attention_mask"][probe])
+        if self.accelerator.num_processes > 1:  # every rank packs, or none: their forwards must match
+            everywhere = self.accelerator.gather(torch.tensor([int(ok)], device=self.accelerator.device)).min()
+            if ok and not bool(everywhere):
+                ok, why = False, "another process's first batch failed the check"
         if ok:
             log.info("padding-free PM training: %s", why)
         else:
@@ -74,7 +86,7 @@ class SoftLabelRewardTrainer(RewardTrainer):
         inputs.pop("margin", None)
         if self.padding_free_used is None:
             self.padding_free_used = self._check_padding_free(model, inputs)
-            if self.padding_free_used:
+            if self.padding_free_used and self._training:  # kept until train() ends (see the class)
                 self._packed_attention.enter_context(packed_attention_installed(model))
         with padding_free(model) if self.padding_free_used else contextlib.nullcontext():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
