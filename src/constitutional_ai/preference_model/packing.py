@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import types
 from collections.abc import Iterator
@@ -136,7 +137,9 @@ def _mask(*args: Any, **kwargs: Any) -> Any:
     return sdpa_mask(*args, **kwargs)
 
 
+@functools.cache
 def _register() -> None:
+    """Once per process: the attention and mask functions under :data:`ATTENTION`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -160,9 +163,10 @@ def packed_attention_installed(model: Any) -> Iterator[None]:
 
 
 def _transformers_model(model: Any) -> Any:
-    """The transformers model inside accelerate/DDP and PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    """The transformers model inside accelerate's (DDP, DeepSpeed, compiled) and PEFT wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -50,19 +50,17 @@ class SoftLabelRewardTrainer(RewardTrainer):
     def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.padding_free_used: bool | None = None if padding_free else False
-        #: Holds the packed attention installed from the first packed batch to the end of ``train``.
-        self._packed_attention = contextlib.ExitStack()
-        self._training = False
+        #: Open only during ``train()``: holds the packed attention from the first packed batch to its end.
+        self._during_train: contextlib.ExitStack | None = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        self._training = True
-        if self.padding_free_used:  # a second train() (a retry, a resume) on a trainer that already packs
-            self._packed_attention.enter_context(packed_attention_installed(self.model))
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self._training = False
-            self._packed_attention.close()
+        with contextlib.ExitStack() as self._during_train:
+            if self.padding_free_used:  # a second train() (a retry, a resume) on a trainer that already packs
+                self._during_train.enter_context(packed_attention_installed(self.model))
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._during_train = None
 
     def _check_padding_free(self, model: Any, inputs: dict[str, Any]) -> bool:
         rows = inputs["input_ids"].shape[0]
@@ -86,8 +84,8 @@ class SoftLabelRewardTrainer(RewardTrainer):
         inputs.pop("margin", None)
         if self.padding_free_used is None:
             self.padding_free_used = self._check_padding_free(model, inputs)
-            if self.padding_free_used and self._training:  # kept until train() ends (see the class)
-                self._packed_attention.enter_context(packed_attention_installed(model))
+            if self.padding_free_used and self._during_train is not None:  # kept until train() ends
+                self._during_train.enter_context(packed_attention_installed(model))
         with padding_free(model) if self.padding_free_used else contextlib.nullcontext():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                             use_cache=False)
