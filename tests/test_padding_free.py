@@ -67,10 +67,84 @@ def test_packed_rewards_and_gradients_equal_the_padded_ones(build):
 
 def test_the_model_is_left_as_it_was_after_the_block():
     model = _bert()
+    last = model.bert.encoder.layer[-1]
     before = (model.config._attn_implementation, model.bert.forward)
     with padding_free(model):
         assert model.config._attn_implementation != "sdpa"
+        assert "feed_forward_chunk" in last.__dict__ and "forward" in last.attention.output.__dict__
     assert (model.config._attn_implementation, model.bert.forward) == before
+    assert "feed_forward_chunk" not in last.__dict__ and "forward" not in last.attention.output.__dict__
+    assert not last.attention._forward_pre_hooks
+
+
+def _rows_seen(module: torch.nn.Module) -> list[int]:
+    """How many positions each call of ``module`` computed."""
+    seen: list[int] = []
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-2]))
+    return seen
+
+
+@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert-encoder", "llama-decoder"])
+def test_the_last_layer_computes_only_the_pooled_positions(build):
+    """Past its keys and values, the last layer runs its MLP on the positions the head can pool
+    (first, last and rightmost non-pad token of each row), and the rewards stay the padded ones."""
+    model = build().eval()
+    layers = model.bert.encoder.layer if hasattr(model, "bert") else model.model.layers
+    mlp_out = (lambda layer: layer.output.dense) if hasattr(model, "bert") else (lambda layer: layer.mlp.down_proj)
+    first, last = _rows_seen(mlp_out(layers[0])), _rows_seen(mlp_out(layers[-1]))
+    keys = _rows_seen(layers[-1].attention.self.key if hasattr(model, "bert") else layers[-1].self_attn.k_proj)
+    lengths = [40, 7, 23, 1]
+    ids, mask = _batch(lengths, width=48)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        with padding_free(model):
+            pooled = model(input_ids=ids, attention_mask=mask).logits
+        with padding_free(model, pooled_only=False):
+            every = model(input_ids=ids, attention_mask=mask).logits
+    tokens = packed_length(sum(lengths))
+    assert first == [48, tokens, tokens] and keys == [48, tokens, tokens]
+    assert last[0] == 48 and last[2] == tokens and last[1] == 2 * len(lengths) - 1  # row of 1: first = last
+    assert torch.allclose(pooled, padded, atol=1e-5) and torch.allclose(every, padded, atol=1e-5)
+    with torch.no_grad(), packed_attention_installed(model):  # as in training: a padded forward after a packed one
+        with padding_free(model):
+            model(input_ids=ids, attention_mask=mask)
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, padded, atol=1e-6)
+        assert last[-1] == 48
+
+
+def test_a_decoder_row_ending_in_pad_id_tokens_is_pooled_where_transformers_pools_it():
+    """transformers' decoder head reads the rightmost token that is not the pad id, which is not the
+    last real token when a row ends in pad-id tokens (an EOS used as the pad token)."""
+    model = _llama().eval()
+    ids, mask = _batch([30, 12, 20], width=32)
+    ids[0, 27:30] = 0  # real tokens (mask 1) that equal pad_token_id
+    ids[2, 19] = 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        with padding_free(model):
+            packed = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(packed, padded, atol=1e-5), (packed, padded)
+
+
+class _MeanPooled(BertForSequenceClassification):
+    """A head that reads every position: the pooled-only last layer must fail its check."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask[..., None].to(hidden.dtype)
+        return SequenceClassifierOutput(logits=self.classifier((hidden * weights).sum(1) / weights.sum(1)))
+
+
+def test_a_head_that_reads_every_position_packs_without_the_pooled_only_layer(tmp_path, tiny_model_dir):
+    model = _MeanPooled(_bert().config)
+    ids, mask = _batch([20, 9, 30], width=32)
+    ok, why = packing_matches(model, ids, mask)
+    assert not ok and "differ" in why
+    assert packing_matches(model, ids, mask, pooled_only=False)[0]
+    _, trainer = _train(model, tmp_path, tiny_model_dir, padding_free_on=True)
+    assert trainer.padding_free_used is True and trainer.pooled_only_used is False
 
 
 def test_a_padded_forward_keeps_its_mask_while_the_packed_attention_is_installed():
@@ -96,6 +170,34 @@ def test_packed_lengths_take_few_sizes_and_little_filler():
         assert length >= tokens and length % 64 == 0
         assert length - tokens < max(64, tokens * 0.032)
     assert len({packed_length(n) for n in range(2048, 4096)}) == 33  # 2,048 to 4,096 in steps of 64
+
+
+def test_attention_pads_each_row_to_its_own_length_not_the_batch_width(monkeypatch):
+    """Rows are grouped by their length rounded up to ATTENTION_WIDTH, one SDPA call per group;
+    every real token has one slot, and a padding slot reads a token of its own row."""
+    _, mask = _batch([100, 10, 60, 1, 128], width=128)
+    rows = PackedRows.of(mask)
+    groups = rows.attention_groups
+    assert [tuple(g.keep.shape) for g in groups] == [(2, 32), (1, 64), (2, 128)]
+    row_of = torch.repeat_interleave(torch.arange(5.0), mask.sum(1))  # each packed token's row
+    tokens = (row_of[:, None, None] + torch.zeros(1, 2, 3)).requires_grad_()
+    slots = rows.to_slots(tokens)
+    assert torch.equal(rows.from_slots(slots), tokens)
+    for group, part in zip(groups, slots.split([g.keep.numel() for g in groups]), strict=True):
+        padded_rows = part[:, 0, 0].view(group.keep.shape)
+        assert torch.equal(padded_rows, padded_rows[:, :1].expand_as(padded_rows))
+    (rows.from_slots(slots) * 2).sum().backward()
+    assert torch.equal(tokens.grad, torch.full_like(tokens, 2.0))
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: seen.append(q.shape[-2]) or sdpa(q, *a, **kw))
+    ids, mask = _batch([20, 3, 40], width=48)
+    model = _bert().eval()
+    with torch.no_grad(), padding_free(model):
+        model(input_ids=ids, attention_mask=mask)
+    assert sorted(seen) == [32, 32, 48, 48]  # 2 layers x (the rows of 20 and 3 and a filler row; the row of 40)
 
 
 def test_left_padded_rows_are_refused():
@@ -152,6 +254,7 @@ def test_padding_free_training_follows_the_padded_trajectory(tmp_path, tiny_mode
     padded, plain = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=False)
     packed, trainer = _train(_llama(), tmp_path, tiny_model_dir, padding_free_on=True)
     assert plain.padding_free_used is False and trainer.padding_free_used is True
+    assert trainer.pooled_only_used is True  # and checkpointing recomputed the last layer pooled-only
     assert trainer.model.config._attn_implementation == "sdpa"  # put back when training ends
     assert len(packed) == len(padded) == 6
     assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)

@@ -38,10 +38,12 @@ class SoftLabelCollator(DataCollatorForPreference):
 class SoftLabelRewardTrainer(RewardTrainer):
     """``RewardTrainer`` whose loss is the soft-label Bradley-Terry loss (equal to TRL's at p = 1).
 
-    ``padding_free``: compute every forward over the batch's real tokens only. The first batch
-    checks that this model's packed forward gives its padded rewards; where it does not (an
-    architecture that ignores packed position ids), training goes on padded and says so once.
-    ``padding_free_used`` then records what ran (None before the first batch). Within
+    ``padding_free``: compute every forward over the batch's real tokens only, and the last layer
+    over the positions the head pools only. The first batch checks that this model's packed
+    forward gives its padded rewards, with the last layer pooled-only and else without; where
+    neither does (an architecture that ignores packed position ids), training goes on padded and
+    says so once. ``padding_free_used`` and ``pooled_only_used`` then record what ran (None
+    before the first batch). Within
     ``train()`` the packed attention stays installed from the first packed batch to the end:
     gradient checkpointing recomputes layers during the backward pass, outside the forward's
     ``padding_free`` block, and must recompute them packed.
@@ -50,6 +52,7 @@ class SoftLabelRewardTrainer(RewardTrainer):
     def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.padding_free_used: bool | None = None if padding_free else False
+        self.pooled_only_used: bool | None = self.padding_free_used
         #: Open only during ``train()``: holds the packed attention from the first packed batch to its end.
         self._during_train: contextlib.ExitStack | None = None
 
@@ -62,20 +65,28 @@ class SoftLabelRewardTrainer(RewardTrainer):
             finally:
                 self._during_train = None
 
-    def _check_padding_free(self, model: Any, inputs: dict[str, Any]) -> bool:
+    def _check_padding_free(self, model: Any, inputs: dict[str, Any]) -> tuple[bool, bool]:
+        """``(padding_free, pooled_only)`` for this model, the same on every process."""
         rows = inputs["input_ids"].shape[0]
         probe = sorted({0, 1, rows // 2, rows - 1})  # chosen and rejected rows
-        ok, why = packing_matches(model, inputs["input_ids"][probe], inputs["attention_mask"][probe])
-        if self.accelerator.num_processes > 1:  # every rank packs, or none: their forwards must match
-            everywhere = self.accelerator.gather(torch.tensor([int(ok)], device=self.accelerator.device)).min()
-            if ok and not bool(everywhere):
-                ok, why = False, "another process's first batch failed the check"
+        ids, mask = inputs["input_ids"][probe], inputs["attention_mask"][probe]
+        pooled, why = packing_matches(model, ids, mask)
+        ok = pooled
+        if not pooled:
+            ok, why_packed = packing_matches(model, ids, mask, pooled_only=False)
+            why = f"{why_packed} (the last layer computes every position: pooled-only, {why})" if ok else why
+        if self.accelerator.num_processes > 1:  # every rank packs alike: their forwards must match
+            agreed = self.accelerator.gather(torch.tensor([[int(ok), int(pooled)]], device=self.accelerator.device))
+            everywhere, pooled_everywhere = (bool(v) for v in agreed.min(0).values)
+            if ok and not everywhere:
+                why = "another process's first batch failed the check"
+            ok, pooled = ok and everywhere, pooled and pooled_everywhere
         if ok:
             log.info("padding-free PM training: %s", why)
         else:
             log.warning("padding-free PM training is off for %s: %s; training on padded batches",
                         type(self.accelerator.unwrap_model(model)).__name__, why)
-        return ok
+        return ok, pooled
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -83,10 +94,11 @@ class SoftLabelRewardTrainer(RewardTrainer):
         p_chosen = inputs.pop("p_chosen", None)
         inputs.pop("margin", None)
         if self.padding_free_used is None:
-            self.padding_free_used = self._check_padding_free(model, inputs)
+            self.padding_free_used, self.pooled_only_used = self._check_padding_free(model, inputs)
             if self.padding_free_used and self._during_train is not None:  # kept until train() ends
                 self._during_train.enter_context(packed_attention_installed(model))
-        with padding_free(model) if self.padding_free_used else contextlib.nullcontext():
+        packed = padding_free(model, bool(self.pooled_only_used)) if self.padding_free_used else None
+        with packed or contextlib.nullcontext():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                             use_cache=False)
         rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)

@@ -95,6 +95,7 @@ def run_train_pm(config: RunConfig) -> StageResult:
             "train_pairs_per_s": round(pairs_per_s, 2), "global_step": output.global_step,
             "resumed_from": last, "train_loss": output.training_loss, "world_size": trainer.accelerator.num_processes,
             "padding_free": trainer.padding_free_used,
+            "pooled_only_last_layer": trainer.pooled_only_used,
         }
         final = run.save(trainer.model_wrapped, tokenizer, layout.pm_model, cfg.lora is not None,
                          trainer.accelerator, PM_INFO, info)
