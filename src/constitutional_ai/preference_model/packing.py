@@ -209,11 +209,12 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     outs = []
     for group, q, k, v in zip(groups, q_slots, k_slots, v_slots, strict=True):
         q, k, v = group.of(q), group.of(k), group.of(v)  # [rows, heads, width, d]
-        mask = group.keep[:, None, None, :]  # padded keys are never attended to; padded queries are dropped below
-        if causal:
-            mask = mask & torch.ones(mask.shape[-1], mask.shape[-1], dtype=torch.bool, device=mask.device).tril()
+        # padded keys are never attended to, padded queries are dropped below; in causal rows, padded
+        # right, no real query reaches a padded key, so the causal kernel needs no mask (and skips
+        # the blocks above the diagonal)
+        mask = None if causal else group.keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             is_causal=bool(causal), enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.transpose(1, 2).flatten(0, 1))  # [rows * width, heads, d]
     return rows.from_slots(outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0), None  # [1, N, heads, d]
 
