@@ -303,3 +303,27 @@ def test_a_second_train_on_the_same_trainer_stays_packed_through_checkpointing(t
     assert len(again_packed) == len(again_padded) == 6
     assert again_packed == pytest.approx(again_padded, rel=1e-4, abs=1e-5)
     assert trainer.model.config._attn_implementation == "sdpa"
+
+
+def test_under_bf16_the_check_allows_bf16_rounding(tmp_path, tiny_model_dir, monkeypatch):
+    """accelerate's autocast runs inside the model's forward, where the check cannot see it: the
+    trainer says so, or bf16 rounding would fail a 1e-4 check and turn packing off."""
+    import constitutional_ai.preference_model.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.packing_matches
+    monkeypatch.setattr(trainer_module, "packing_matches",
+                        lambda *a, **kw: seen.append(kw.get("half")) or real(*a, **kw))
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig
+
+    rows = {"chosen_ids": [[5, 6, 7, 8]] * 8, "rejected_ids": [[5, 6, 9]] * 8, "p_chosen": [1.0] * 8}
+    for bf16 in (True, False):
+        args = RewardConfig(output_dir=str(tmp_path / f"o{bf16}"), per_device_train_batch_size=4, max_steps=1,
+                            save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, bf16=bf16)
+        trainer_module.SoftLabelRewardTrainer(
+            model=_llama(), args=args, train_dataset=Dataset.from_dict(rows),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            data_collator=trainer_module.SoftLabelCollator(pad_token_id=0), padding_free=True).train()
+    assert seen == [True, False]

@@ -426,11 +426,12 @@ def padding_free(model: Any, pooled_only: bool = True) -> Iterator[None]:
 
 
 def packing_matches(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pooled_only: bool = True) -> tuple[bool, str]:
+                    pooled_only: bool = True, half: bool = False) -> tuple[bool, str]:
     """Whether the packed forward (``pooled_only`` or not, :func:`padding_free`) gives the padded
     forward's outputs on these rows, in eval mode (no dropout); and, where not, why. An architecture
     that ignores packed position ids, attends without the attention interface or pools in its own
-    way (a mean over positions) fails here, not in training."""
+    way (a mean over positions) fails here, not in training. ``half``: the forward runs in 16 bits
+    where this cannot see it (accelerate's autocast inside the model's forward, under ``--bf16``)."""
     was_training = model.training
     model.eval()
     try:
@@ -444,7 +445,7 @@ def packing_matches(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         model.train(was_training)
     if packed.shape != padded.shape:
         return False, f"the packed forward gave shape {tuple(packed.shape)}, not {tuple(padded.shape)}"
-    half = padded.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(input_ids.device.type)
+    half = half or padded.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(input_ids.device.type)
     tolerance = HALF_TOLERANCE if half else TOLERANCE
     padded, packed = padded.float(), packed.float()
     worst = float((packed - padded).abs().max())

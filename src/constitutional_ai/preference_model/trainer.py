@@ -70,10 +70,11 @@ class SoftLabelRewardTrainer(RewardTrainer):
         rows = inputs["input_ids"].shape[0]
         probe = sorted({0, 1, rows // 2, rows - 1})  # chosen and rejected rows
         ids, mask = inputs["input_ids"][probe], inputs["attention_mask"][probe]
-        pooled, why = packing_matches(model, ids, mask)
+        half = bool(self.args.bf16 or self.args.fp16)  # autocast inside the forward: the check cannot see it
+        pooled, why = packing_matches(model, ids, mask, half=half)
         ok = pooled
         if not pooled:
-            ok, why_packed = packing_matches(model, ids, mask, pooled_only=False)
+            ok, why_packed = packing_matches(model, ids, mask, pooled_only=False, half=half)
             why = f"{why_packed} (the last layer computes every position: pooled-only, {why})" if ok else why
         if self.accelerator.num_processes > 1:  # every rank packs alike: their forwards must match
             agreed = self.accelerator.gather(torch.tensor([[int(ok), int(pooled)]], device=self.accelerator.device))
