@@ -86,21 +86,26 @@ class PackedRows:
         """Packed positions of what a sequence-classification head can read in the first ``rows``
         rows: the first token (BERT's pooler), the last one, and the rightmost token that is not
         ``pad_token_id`` (transformers' decoder rule, where a row may end in pad-id tokens)."""
-        lengths = self.keep.sum(1)[:rows]
-        starts = (torch.cumsum(lengths, 0) - lengths)[lengths > 0]
-        lengths = lengths[lengths > 0]
+        lengths, starts = self._lengths_and_starts
+        nonempty = lengths[:rows] > 0
+        lengths, starts = lengths[:rows][nonempty], starts[:rows][nonempty]
         picked = [starts, starts + lengths - 1]
         if pad_token_id is not None:
-            real = input_ids[:rows][self.keep[:rows].sum(1) > 0]
+            real = input_ids[:rows][nonempty]
             width = torch.arange(real.shape[1], device=real.device)
             rightmost = (width * (real != pad_token_id)).argmax(-1)
             picked.append((starts + rightmost)[rightmost < lengths])
         return torch.unique(torch.cat(picked))
 
     @functools.cached_property
-    def _attention_layout(self) -> tuple[list[_AttentionGroup], torch.Tensor, torch.Tensor]:
+    def _lengths_and_starts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's length and the packed position of its first token."""
         lengths = self.keep.sum(1)
-        starts = torch.cumsum(lengths, 0) - lengths
+        return lengths, torch.cumsum(lengths, 0) - lengths
+
+    @functools.cached_property
+    def _attention_layout(self) -> tuple[list[_AttentionGroup], torch.Tensor, torch.Tensor]:
+        lengths, starts = self._lengths_and_starts
         widths = ((lengths + ATTENTION_WIDTH - 1) // ATTENTION_WIDTH * ATTENTION_WIDTH).clamp(max=self.width)
         slot_of = torch.empty(int(lengths.sum()), dtype=torch.long, device=self.keep.device)
         groups, sources, offset = [], [], 0
