@@ -319,21 +319,21 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
         return forward
 
     patched = []
-    for path in parts:
-        owner_path, _, name = path.rpartition(".")
-        try:
-            owner = layer.get_submodule(owner_path)
-        except AttributeError:
-            continue
-        part = getattr(owner, name, None)
-        obj, attr = (part, "forward") if isinstance(part, torch.nn.Module) else (owner, name)
-        if part is None or not callable(getattr(obj, attr)):
-            continue
-        patched.append((obj, attr, obj.__dict__.get(attr)))
-        setattr(obj, attr, only_pooled(getattr(obj, attr)))
     handle = getattr(layer, attention).register_forward_pre_hook(select, with_kwargs=True)
     layer._cai_pooled_only = True
-    try:
+    try:  # everything patched so far is put back, even if patching a later part fails
+        for path in parts:
+            owner_path, _, name = path.rpartition(".")
+            try:
+                owner = layer.get_submodule(owner_path)
+            except AttributeError:
+                continue
+            part = getattr(owner, name, None)
+            obj, attr = (part, "forward") if isinstance(part, torch.nn.Module) else (owner, name)
+            if part is None or not callable(getattr(obj, attr)):
+                continue
+            patched.append((obj, attr, obj.__dict__.get(attr)))
+            setattr(obj, attr, only_pooled(getattr(obj, attr)))
         yield
     finally:
         handle.remove()
