@@ -24,6 +24,15 @@ def _bert() -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
+def _bert_chunked() -> BertForSequenceClassification:
+    """BERT whose MLP runs one position at a time (``chunk_size_feed_forward``): the pooled-only
+    last layer must not index a chunk with positions of the whole packed row."""
+    model = _bert()
+    for layer in model.bert.encoder.layer:
+        layer.chunk_size_feed_forward = 1  # any width divides by it, the rows scored alone too
+    return model
+
+
 def _llama() -> LlamaForSequenceClassification:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -49,7 +58,8 @@ def _rewards_and_grads(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
     return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert-encoder", "llama-decoder"])
+@pytest.mark.parametrize("build", [_bert, _bert_chunked, _llama],
+                         ids=["bert-encoder", "bert-chunked-mlp", "llama-decoder"])
 def test_packed_rewards_and_gradients_equal_the_padded_ones(build):
     model = build().train()
     ids, mask = _batch([40, 7, 23, 40, 1, 31], width=48)  # full-width, one-token and ragged rows

@@ -294,19 +294,23 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
         yield
         return
     attention, parts = family
-    selected: list[torch.Tensor | None] = [None]
+    selected: list[tuple[torch.Tensor, int] | None] = [None]  # the pooled positions, of a packed length
 
     def select(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         rows = kwargs.get("cai_packed")
-        selected[0] = rows.pooled if rows is not None else None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        selected[0] = ((rows.pooled, hidden.shape[1]) if rows is not None and rows.pooled is not None
+                       and isinstance(hidden, torch.Tensor) else None)
 
     def only_pooled(run: Any) -> Any:
         @functools.wraps(run)  # keeps run's signature: transformers' chunking counts its parameters
         def forward(*args: Any, **kwargs: Any) -> Any:
-            pooled = selected[0]
-            if pooled is None:
+            n = args[0].shape[1] if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else None
+            if selected[0] is None or n != selected[0][1]:
+                # unpacked, or called on a slice of the positions (``chunk_size_feed_forward``
+                # chunks the MLP): the pooled indices name positions of the whole packed row
                 return run(*args, **kwargs)
-            n = args[0].shape[1]
+            pooled = selected[0][0]
 
             def pick(a: Any) -> Any:  # [1, n, ...] -> [1, pooled, ...]; other arguments as they are
                 return a.index_select(1, pooled) if isinstance(a, torch.Tensor) and a.shape[:2] == (1, n) else a
