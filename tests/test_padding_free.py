@@ -337,3 +337,27 @@ def test_under_bf16_the_check_allows_bf16_rounding(tmp_path, tiny_model_dir, mon
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
             data_collator=trainer_module.SoftLabelCollator(pad_token_id=0), padding_free=True).train()
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert-encoder", "llama-decoder"])
+def test_a_copy_taken_while_installed_computes_with_its_own_weights(build):
+    """A deepcopy taken mid-training (an EMA or reference model) must not keep the pooled-only
+    closures, which would run the original's last layer inside the copy's forward."""
+    import copy
+
+    model = build().eval()
+    ids, mask = _batch([40, 7, 23, 1], width=48)
+    with packed_attention_installed(model):
+        copied = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    for other in (copied, plain):  # the same change to the last layer's MLP in both copies
+        bert = hasattr(other, "bert")
+        part = other.bert.encoder.layer[-1].output.LayerNorm if bert else other.model.layers[-1].mlp.down_proj
+        with torch.no_grad():
+            part.weight.mul_(-3.0)
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(expected, model(input_ids=ids, attention_mask=mask).logits, atol=1e-3)
+        assert torch.allclose(copied(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6)
+        with padding_free(copied):
+            assert torch.allclose(copied(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)

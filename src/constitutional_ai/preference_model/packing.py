@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import types
@@ -277,6 +278,28 @@ def _last_layer(model: Any) -> torch.nn.Module | None:
     return stacks[-1][-1] if stacks else None
 
 
+class _Uncopied:
+    """A hook or method the pooled-only layer installs, which a deepcopy of the model (an EMA or
+    reference copy taken mid-training) does not take along: the copy gets its own method back (or a
+    no-op hook) instead of a closure that would run the original's weights in the copy's forward."""
+
+    def __init__(self, call: Any, wrapped: Any = None, owner: Any = None, attr: str = "", own: Any = None) -> None:
+        self._call, self._owner, self._attr, self._own = call, owner, attr, own
+        if wrapped is not None:  # wrapped's signature: transformers' chunking counts its parameters
+            functools.update_wrapper(self, wrapped, updated=())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if self._owner is None:
+            return lambda *args, **kwargs: None
+        if self._own is not None:
+            return copy.deepcopy(self._own, memo)
+        owner = memo.get(id(self._owner), self._owner)  # the copy, registered before its attributes are copied
+        return getattr(type(owner), self._attr).__get__(owner)
+
+
 @contextlib.contextmanager
 def _pooled_only_installed(model: Any) -> Iterator[None]:
     """The last layer's per-token parts (:data:`_POOLED_ONLY`) compute, in a packed forward whose
@@ -303,7 +326,6 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
                        and isinstance(hidden, torch.Tensor) else None)
 
     def only_pooled(run: Any) -> Any:
-        @functools.wraps(run)  # keeps run's signature: transformers' chunking counts its parameters
         def forward(*args: Any, **kwargs: Any) -> Any:
             n = args[0].shape[1] if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else None
             if selected[0] is None or n != selected[0][1]:
@@ -323,7 +345,7 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
         return forward
 
     patched = []
-    handle = getattr(layer, attention).register_forward_pre_hook(select, with_kwargs=True)
+    handle = getattr(layer, attention).register_forward_pre_hook(_Uncopied(select), with_kwargs=True)
     layer._cai_pooled_only = True
     try:  # everything patched so far is put back, even if patching a later part fails
         for path in parts:
@@ -336,8 +358,9 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
             obj, attr = (part, "forward") if isinstance(part, torch.nn.Module) else (owner, name)
             if part is None or not callable(getattr(obj, attr)):
                 continue
-            patched.append((obj, attr, obj.__dict__.get(attr)))
-            setattr(obj, attr, only_pooled(getattr(obj, attr)))
+            own = obj.__dict__.get(attr)
+            patched.append((obj, attr, own))
+            setattr(obj, attr, _Uncopied(only_pooled(getattr(obj, attr)), getattr(obj, attr), obj, attr, own))
         yield
     finally:
         handle.remove()
