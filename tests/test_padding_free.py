@@ -355,9 +355,18 @@ def test_a_copy_taken_while_installed_computes_with_its_own_weights(build):
         part = other.bert.encoder.layer[-1].output.LayerNorm if bert else other.model.layers[-1].mlp.down_proj
         with torch.no_grad():
             part.weight.mul_(-3.0)
+    seen = _rows_seen(copied.bert.encoder.layer[-1].output.dense if bert else copied.model.layers[-1].mlp.down_proj)
     with torch.no_grad():
         expected = plain(input_ids=ids, attention_mask=mask).logits
         assert not torch.allclose(expected, model(input_ids=ids, attention_mask=mask).logits, atol=1e-3)
         assert torch.allclose(copied(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6)
-        with padding_free(copied):
+        with padding_free(copied):  # installed on the copy itself: pooled-only again
             assert torch.allclose(copied(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
+    assert seen == [48, 2 * 4 - 1]  # padded, then packed: the copy's last MLP computed the pooled positions only
+    # a copy that reaches a patched method before the module owning it binds it to its own module too
+    owner = (lambda m: m.bert.encoder.layer[-1]) if bert else (lambda m: m.model.layers[-1].mlp)
+    attr = "feed_forward_chunk" if bert else "forward"
+    with packed_attention_installed(model):
+        both = copy.deepcopy({"part": getattr(owner(model), attr), "model": model})
+    copied_owner = owner(both["model"])
+    assert both["part"].__self__ is copied_owner and copied_owner.__dict__[attr].__self__ is copied_owner

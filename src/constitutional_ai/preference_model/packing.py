@@ -32,6 +32,7 @@ import copy
 import functools
 import inspect
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -278,6 +279,11 @@ def _last_layer(model: Any) -> torch.nn.Module | None:
     return stacks[-1][-1] if stacks else None
 
 
+#: The layers :func:`_pooled_only_installed` has patched now (not an attribute: a deepcopy taken
+#: meanwhile gets its own methods back, and may be installed on its own).
+_POOLED_ONLY_LAYERS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 class _Uncopied:
     """A hook or method the pooled-only layer installs, which a deepcopy of the model (an EMA or
     reference copy taken mid-training) does not take along: the copy gets its own method back (or a
@@ -296,7 +302,7 @@ class _Uncopied:
             return lambda *args, **kwargs: None
         if self._own is not None:
             return copy.deepcopy(self._own, memo)
-        owner = memo.get(id(self._owner), self._owner)  # the copy, registered before its attributes are copied
+        owner = copy.deepcopy(self._owner, memo)  # the copy (in memo already when copied with its module)
         return getattr(type(owner), self._attr).__get__(owner)
 
 
@@ -313,7 +319,7 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
     layer = _last_layer(model)
     family = next(((attention, parts) for attention, parts in _POOLED_ONLY
                    if isinstance(getattr(layer, attention, None), torch.nn.Module)), None)
-    if family is None or getattr(layer, "_cai_pooled_only", False):
+    if family is None or layer in _POOLED_ONLY_LAYERS:
         yield
         return
     attention, parts = family
@@ -346,7 +352,7 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
 
     patched = []
     handle = getattr(layer, attention).register_forward_pre_hook(_Uncopied(select), with_kwargs=True)
-    layer._cai_pooled_only = True
+    _POOLED_ONLY_LAYERS.add(layer)
     try:  # everything patched so far is put back, even if patching a later part fails
         for path in parts:
             owner_path, _, name = path.rpartition(".")
@@ -369,7 +375,7 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
                 delattr(obj, attr)
             else:
                 setattr(obj, attr, own)
-        del layer._cai_pooled_only
+        _POOLED_ONLY_LAYERS.discard(layer)
 
 
 def _transformers_model(model: Any) -> Any:
