@@ -362,11 +362,12 @@ def _pooled_only_installed(model: Any) -> Iterator[None]:
                 continue
             part = getattr(owner, name, None)
             obj, attr = (part, "forward") if isinstance(part, torch.nn.Module) else (owner, name)
-            if part is None or not callable(getattr(obj, attr)):
+            run = getattr(obj, attr, None)
+            if part is None or not callable(run):
                 continue
             own = obj.__dict__.get(attr)
             patched.append((obj, attr, own))
-            setattr(obj, attr, _Uncopied(only_pooled(getattr(obj, attr)), getattr(obj, attr), obj, attr, own))
+            setattr(obj, attr, _Uncopied(only_pooled(run), run, obj, attr, own))
         yield
     finally:
         handle.remove()
