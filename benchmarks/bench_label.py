@@ -13,7 +13,8 @@ that comparison):
   label is read from the log-probabilities of `` (A)`` and `` (B)`` (``score_choices``: a prefix
   tree of batched forward passes where a few-shot block shared by many questions is computed once
   and kept in the prefix cache, which is emptied at the start of every timed run, and attended to
-  in place by all the questions on it (shared-stem attention); nothing generated);
+  in place by all the questions on it (shared-stem attention), the LM head run once per call over
+  the positions the scores read; nothing generated);
 * ``generate_loop``: the LLM-as-a-judge loop: ``model.generate(max_new_tokens=3, greedy)`` on one
   question at a time (batch size 1), then a regex pulls ``A`` or ``B`` out of the generated text;
 * ``generate_batched``: the same judge batched (left padding, ``--judge-batch-size`` questions per
@@ -37,6 +38,8 @@ Throughput is comparisons labelled per second; each system is timed ``--repeats`
 interleaved, and its best run is reported. Every forward pass is counted (calls, rows, token
 positions computed, padding included) and every ``generate`` call (calls, sequences, unpadded
 prompt tokens, generated tokens), and all systems are checked to have asked the same questions.
+Forward passes are counted on the base model (the layers), which every system's passes run: our
+scorer runs it without the LM head, which it applies once per call.
 
 **Distance to the limit.** The run measures this machine's dense fp32 matrix-product rate
 (:func:`_common.matmul_peak`, the best of repeated 1024 x 1024 products at the same thread count)
@@ -106,7 +109,8 @@ class WorkCounter:
             self.forward_rows += int(ids.shape[0])
             self.positions += int(ids.numel())
 
-        model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        # on the base model: our scorer runs it without the LM head (deferred to one call after the passes)
+        getattr(model, model.base_model_prefix).register_forward_pre_hook(pre_hook, with_kwargs=True)
         if not wrap_generate:
             return
         original = model.generate

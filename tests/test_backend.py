@@ -1,3 +1,4 @@
+import functools
 import re
 
 import pytest
@@ -155,9 +156,54 @@ def test_score_choices_matches_unbatched_reference(which, fused, request, monkey
             assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
 
 
+def test_the_lm_head_runs_once_per_call_after_the_passes(raw_backend, monkeypatch):
+    base, head = raw_backend.scorer._deferred_head()
+    assert base is raw_backend.model.model and head is raw_backend.model.lm_head
+    rows = []
+    handle = head.register_forward_hook(lambda module, args, out: rows.append(tuple(args[0].shape)))
+    monkeypatch.setattr(raw_backend.scorer, "max_batch_tokens", 64)  # several passes
+    prompts = ["seven " * 20 + f"question {k}" for k in range(6)]
+    try:
+        scores = raw_backend.score_choices(prompts, [[" (A)", " (B)"]] * 6)
+    finally:
+        handle.remove()
+        raw_backend.clear_prefix_cache()
+    assert len(rows) == 1 and len(rows[0]) == 2  # one call, over the read positions only
+    for p, row in zip(prompts, scores, strict=True):
+        for c, s in zip([" (A)", " (B)"], row, strict=True):
+            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
+
+
+def test_a_model_that_changes_its_logits_after_the_head_keeps_its_own_forward(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.final_logit_softcapping = 2.0  # as Gemma 2 does after its head
+    forward = type(model).forward
+
+    @functools.wraps(forward)
+    def capped(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        cap = self.config.final_logit_softcapping
+        out.logits = torch.tanh(out.logits / cap) * cap
+        return out
+
+    model.forward = capped.__get__(model)
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir), batch_size=4), model=model)
+    assert backend.scorer._deferred_head() is False
+    prompts = [PROMPTS[0], "The answer is:"]
+    choices = [[" (A)", " (B)"], [" yes", " perhaps not"]]
+    for p, cs, row in zip(prompts, choices, backend.score_choices(prompts, choices), strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+
+
 def _forward_shapes(backend, fn):
     calls = []
-    handle = backend.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
+    backend.scorer._deferred_head()  # its one-off probe is not one of the passes counted
+    # the passes run the base model (the LM head, deferred, runs once after them)
+    base = getattr(backend.model, backend.model.base_model_prefix)
+    handle = base.register_forward_hook(lambda module, args, kwargs, out: calls.append(
         tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
         result = fn()
@@ -177,6 +223,47 @@ def test_score_choices_reads_the_shared_prompt_once_per_batch(raw_backend, fused
     assert [c[0] for c in calls] == ([2, 2] if fused else [2, 2, 6])
     assert calls[0][1] > 30 and calls[1][1] <= (3 + 3 * 3 if fused else 3)
 
+
+
+def test_a_counted_prompt_is_not_tokenized_again_for_scoring(raw_backend, monkeypatch):
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    choices = [[" (A)", " (B)"]] * 2
+    expected = raw_backend.score_choices(prompts, choices)
+    encoded = []
+    batch_ids = raw_backend._batch_ids
+    monkeypatch.setattr(raw_backend, "_batch_ids", lambda strings, flags: encoded.extend(strings) or
+                        batch_ids(strings, flags))
+    texts = [raw_backend.format(p) for p in prompts]
+    lengths = raw_backend.count_tokens(prompts[:1])
+    assert lengths == [len(raw_backend.tokenizer(texts[0])["input_ids"])]
+    encoded.clear()
+    again = raw_backend.score_choices(prompts, choices)
+    assert [x for row in again for x in row] == pytest.approx([x for row in expected for x in row], abs=1e-5)
+    # the counted prompt's own text is not encoded again; the uncounted one is, and each choice's full text
+    assert texts[0] not in encoded and texts[1] in encoded
+    assert sorted(encoded) == sorted([texts[1], *(t + c for t, cs in zip(texts, choices, strict=True) for c in cs)])
+
+
+def test_score_choices_feeds_no_choice_its_last_token(raw_backend):
+    # A choice's last token only predicts what follows the choice: one-token choices add no suffix
+    # columns to the second pass, and a two-token choice adds one; the scores stay exact.
+    prompt = "one " * 30
+    tokenizer = raw_backend.tokenizer
+    base = len(tokenizer(prompt)["input_ids"])
+    width = {w: len(tokenizer(prompt + w)["input_ids"]) - base for w in (" the", " a", " and", " of", " to", " is")}
+    single = [w for w, n in width.items() if n == 1][:2]
+    assert len(single) == 2, width
+    calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices([prompt], [single]))
+    # pass 2 is the remainder (the prompt's last token, kept out of the stem) and nothing after it
+    assert [c[0] for c in calls] == [1, 1] and calls[1][1] == 1
+    for c, s in zip(single, scores[0], strict=True):
+        assert s == pytest.approx(_reference_logprob(raw_backend, prompt, c), abs=1e-4)
+    double = single[0] + single[1]
+    assert len(tokenizer(prompt + double)["input_ids"]) - base == 2
+    calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices([prompt], [[double, single[1]]]))
+    assert calls[1][1] == 2  # the remainder and the two-token choice's first token
+    for c, s in zip([double, single[1]], scores[0], strict=True):
+        assert s == pytest.approx(_reference_logprob(raw_backend, prompt, c), abs=1e-4)
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-stems", "stem-copied-per-row"])
 def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, shared, monkeypatch):
@@ -283,6 +370,26 @@ def test_scoring_micro_batches_respect_rows_and_token_budget(tiny_model_dir):
         assert len(chunk) == 1 or len(chunk) * max(length[g] - questions[g].stem for g in chunk) + stems <= 100
     assert chunks[0] == [7]  # longer than the budget alone: still scored, on its own
     assert chunks[1] == [0, 1]  # a stem group stays together while it fits: 2 x 35 + 5 <= 100 < 3 x 35 + 5
+
+
+def test_a_cpu_scoring_pass_keeps_its_mlp_activations_under_the_heap_limit(tiny_model_dir):
+    from transformers import GPT2Config, LlamaConfig
+
+    qwen = LlamaConfig(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+    assert prefix_scorer.cpu_batch_tokens(qwen, 4) == 862  # 862 x 4864 fp32 values: just under 16 MiB
+    assert prefix_scorer.cpu_batch_tokens(qwen, 2) == 1724
+    assert prefix_scorer.cpu_batch_tokens(GPT2Config(n_embd=768), 4) == 1365  # n_inner unset: 4 x 768 wide
+    narrow = LlamaConfig(hidden_size=256, intermediate_size=1024)
+    assert prefix_scorer.cpu_batch_tokens(narrow, 4) == prefix_scorer.CPU_MAX_BATCH_TOKENS
+    unset = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    assert unset.scorer.default_batch_tokens == prefix_scorer.cpu_batch_tokens(unset.model.config, 4)
+    length = {g: 300 for g in range(12)}
+    questions = {g: _Question([], [], [], limit=0, length=n, group=g) for g, n in length.items()}
+    unset.scorer.default_batch_tokens = 900
+    chunks = unset.scorer._token_budget_chunks([[g] for g in length], questions)
+    assert [len(c) for c in chunks] == [3, 3, 3, 3]  # 3 x 300 <= 900 < 4 x 300
+    unset.scorer.max_batch_tokens = 1200  # a configured cap wins
+    assert [len(c) for c in unset.scorer._token_budget_chunks([[g] for g in length], questions)] == [4, 4, 4]
 
 
 def test_scoring_chunks_by_own_length_across_groups_once_their_stems_are_stored(tiny_model_dir):

@@ -118,8 +118,9 @@ class ModelConfig(_Base):
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off by default.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass.", json_schema_extra=RUNTIME)
     max_batch_tokens: int | None = Field(
-        None, ge=64, description="Cap on padded tokens per scoring pass; unset: 4096 on CPU (cache-friendly), "
-                                 "no cap on accelerators.", json_schema_extra=RUNTIME)
+        None, ge=64, description="Cap on padded tokens per scoring pass; unset: on CPU 4096, or fewer so that "
+                                 "a pass's MLP activations stay under 16 MiB (reused, not page-faulted "
+                                 "in afresh), no cap on accelerators.", json_schema_extra=RUNTIME)
     prefix_cache_tokens: int = Field(
         16384, ge=0, description="Scoring keeps the KV cache of recent shared prompt starts (few-shot blocks) up to "
                                 "this many tokens, so later batches reuse them; 0 turns it off.",

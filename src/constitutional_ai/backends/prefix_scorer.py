@@ -31,6 +31,32 @@ MIN_STEM = 8
 #: Shared-stem attention pays for its extra kernel calls only on long stems: with the 15-token
 #: stems of questions without few-shot examples it was 9% slower than copying the stem per row.
 MIN_SHARED_STEM = 64
+#: A deferred LM head runs over about this many read positions at a time (their logits: 64 MB at a
+#: 32k vocabulary in fp32), so that one read of its weight serves many passes and a large call
+#: keeps bounded memory.
+HEAD_ROWS = 512
+#: On a CPU a pass computes at most this many tokens...
+CPU_MAX_BATCH_TOKENS = 4096
+#: ...and few enough that its widest activation (tokens x the MLP's width) stays under this. glibc
+#: serves larger blocks by ``mmap`` and returns them to the system when freed, so each pass
+#: page-faulted its MLP activations in afresh: at Qwen2.5-0.5B's shape (4,864 wide, fp32) 4,096
+#: tokens a pass took about 800,000 minor faults per 128 labels and 10.5 s against 9.3 s at 862
+#: tokens, which fault almost never. Half of glibc's 32 MiB ``mmap`` ceiling leaves the heap room
+#: to keep a pass's blocks.
+CPU_PASS_ACTIVATION_BYTES = 16 * 2**20
+
+
+def cpu_batch_tokens(config: Any, itemsize: int) -> int:
+    """The default tokens per scoring pass on a CPU for a model of this config and element size:
+    :data:`CPU_MAX_BATCH_TOKENS`, or fewer where the MLP is wide (see
+    :data:`CPU_PASS_ACTIVATION_BYTES`). A single row longer than that still runs, on its own."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or 0
+    width = next((w for w in (getattr(text, name, None) for name in ("intermediate_size", "n_inner", "ffn_dim"))
+                  if isinstance(w, int) and w > 0), 4 * hidden)
+    if width <= 0:
+        return CPU_MAX_BATCH_TOKENS
+    return max(MIN_SHARED_STEM, min(CPU_MAX_BATCH_TOKENS, CPU_PASS_ACTIVATION_BYTES // (width * itemsize)))
 
 
 @dataclass
@@ -108,11 +134,21 @@ def _logprob_sum(logits: torch.Tensor, first: int, targets: list[int]) -> float:
     return float(rows.gather(1, torch.tensor(targets, device=rows.device)[:, None]).sum())
 
 
+@dataclass
+class _Read:
+    """One term of a choice's score: the summed log p(targets[t] | column first + t) of one row of a
+    pass's output, read once every pass of the call has run."""
+
+    out: torch.Tensor  # [columns, vocab] logits, or [columns, hidden] states when the head is deferred
+    first: int
+    targets: list[int]
+
+
 class PrefixTreeScorer:
     """Log-probabilities of choices after prompts, from one causal LM, over a prefix tree.
 
     ``batch_size`` caps the prompts per pass and ``max_batch_tokens`` the tokens a pass computes
-    (unset: 4096 on a CPU, no cap elsewhere); ``prefix_cache_tokens`` sizes the store of recent
+    (unset: :func:`cpu_batch_tokens` on a CPU, no cap elsewhere); ``prefix_cache_tokens`` sizes the store of recent
     shared stems (0: off). ``install_stem_attention`` lets the scorer switch the model's attention
     to shared-stem attention where it can; a model that is being trained should be left alone.
     """
@@ -124,6 +160,9 @@ class PrefixTreeScorer:
         self.device = device
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        #: The cap a pass keeps to when ``max_batch_tokens`` is unset (None: none).
+        self.default_batch_tokens = cpu_batch_tokens(
+            model.config, getattr(getattr(model, "dtype", None), "itemsize", 4)) if device.type == "cpu" else None
         self.prefix_cache_tokens = prefix_cache_tokens
         #: What this model's forward accepts (logits_to_keep, cache vs past_key_values), read once.
         self._forward_args = frozenset(inspect.signature(model.forward).parameters)
@@ -135,25 +174,74 @@ class PrefixTreeScorer:
         self._split_stems = True
         #: KV of recent shared stems (few-shot blocks), least recently used first: token ids -> per layer (K, V).
         self._stems: OrderedDict[tuple[int, ...], StemKV] = OrderedDict()
+        #: (base model, LM head) where the model's logits are exactly its head over its base model's
+        #: last hidden states (checked once, :meth:`_deferred_head`); False where they are not.
+        self._head: tuple[Any, Any] | bool | None = None
 
     @torch.inference_mode()
     def score(self, groups: Sequence[list[Pair]]) -> list[list[float]]:
         """Per prompt, per choice: the summed log-probability of the continuation after its context."""
         scores: list[list[float]] = [[0.0] * len(g) for g in groups]
+        self._deferred_head()  # its probe runs here, before any pass sets up shared stems
         live = [g for g in range(len(groups)) if groups[g]]
         questions = {g: _Question.split(groups[g]) for g in live}
         stem_groups = _assign_stems([questions[g] for g in live])
         stored = self._store_shared_stems([questions[live[members[0]]] for members in stem_groups])
+        pending: dict[int, list[list[_Read]]] = {}
         for chunk in self._token_budget_chunks([[live[i] for i in members] for members in stem_groups], questions,
                                                stored):
             try:
-                results = self._score_tree([questions[g] for g in chunk])
+                reads = self._score_tree([questions[g] for g in chunk])
             except (TypeError, ValueError, AttributeError, NotImplementedError):
                 # a model whose cache cannot be reused: one full row per choice instead
-                results = self._score_rows([groups[g] for g in chunk])
-            for g, row in zip(chunk, results, strict=True):
-                scores[g] = row
+                for g, row in zip(chunk, self._score_rows([groups[g] for g in chunk]), strict=True):
+                    scores[g] = row
+                continue
+            pending.update(zip(chunk, reads, strict=True))
+            # logits (batch x kept columns x vocab) are summed per chunk, not kept; hidden states
+            # until :data:`HEAD_ROWS` read positions are waiting for the head
+            if not self._head or sum(len(r.targets) for c in pending.values() for t in c for r in t) >= HEAD_ROWS:
+                self._resolve(pending, scores)
+        self._resolve(pending, scores)
         return scores
+
+    def _resolve(self, pending: dict[int, list[list[_Read]]], scores: list[list[float]]) -> None:
+        """Sum the pending reads into ``scores`` and forget them. With the head deferred, the LM head
+        runs here, once, over every read position of the call (up to :data:`HEAD_ROWS`): run per
+        pass, a head over a dozen rows reads its whole weight (117 MB at a 32k vocabulary and
+        hidden 896) each time, 0.8 s of a 9 s labelling run of 54 passes on 2 CPU cores."""
+        reads = [r for choices in pending.values() for terms in choices for r in terms if r.targets]
+        if reads:
+            rows = torch.cat([r.out[r.first:r.first + len(r.targets)] for r in reads])
+            if self._head:
+                rows = self._head[1](rows)  # type: ignore[index]
+            targets = torch.tensor([t for r in reads for t in r.targets], device=rows.device)
+            rows = rows.float()
+            picked = (rows.gather(1, targets[:, None]).squeeze(1) - rows.logsumexp(-1)).tolist()
+        it = iter(picked if reads else [])
+        for g, choices in pending.items():
+            scores[g] = [sum(next(it) for r in terms for _ in r.targets) for terms in choices]
+        pending.clear()
+
+    def _deferred_head(self) -> tuple[Any, Any] | bool:
+        """(base model, LM head) when this model's logits are exactly its head applied to its base
+        model's last hidden states, else False: a model that scales, soft-caps or otherwise changes
+        its logits after the head (Gemma 2, Cohere, Granite) keeps its own forward. Checked once, on
+        a short probe, to equality: the same head over the same states in the same shape."""
+        if self._head is None:
+            self._head = False
+            try:
+                base = getattr(self.model, self.model.base_model_prefix)
+                head = self.model.get_output_embeddings()
+                if isinstance(head, torch.nn.Linear) and "logits_to_keep" in self._forward_args:
+                    ids = (torch.arange(7, device=self.device)[None] * 7919 + 3) % int(head.weight.shape[0])
+                    logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=3).logits
+                    mine = head(base(input_ids=ids, use_cache=False)[0][:, -3:])
+                    if torch.equal(logits, mine):
+                        self._head = (base, head)
+            except Exception:  # any model this probe cannot split keeps its own forward
+                self._head = False
+        return self._head
 
     def _store_shared_stems(self, firsts: list[_Question]) -> bool:
         """Compute the stems shared by several questions into the prefix store before any chunk needs
@@ -167,7 +255,7 @@ class PrefixTreeScorer:
         if not shared or not (budget and self._split_stems) or sum(len(s) for s in shared) > budget:
             return False
         missing = [stem for stem in shared if self._cached_prefix(stem) is None]
-        tokens = self.max_batch_tokens or (4096 if self.device.type == "cpu" else None)
+        tokens = self.max_batch_tokens or self.default_batch_tokens
         step = max(1, tokens // max(len(s) for s in shared) if tokens else len(missing))
         try:
             for start in range(0, len(missing), step):
@@ -189,7 +277,7 @@ class PrefixTreeScorer:
         when the shared stems are already stored (``stems_stored``) they cost nothing to attach, and
         rows are ordered by their own length across groups.
         """
-        budget = self.max_batch_tokens or (4096 if self.device.type == "cpu" else None)
+        budget = self.max_batch_tokens or self.default_batch_tokens
         if stems_stored:
             shared = [g for members in stem_groups if len(members) > 1 for g in members]
             single = [g for members in stem_groups if len(members) == 1 for g in members]
@@ -240,18 +328,22 @@ class PrefixTreeScorer:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int,
                  cache: Any = None) -> tuple[torch.Tensor, Any]:
-        """One cached forward pass with logits for the last ``keep`` positions only."""
-        extra: dict[str, Any] = {"logits_to_keep": keep} if "logits_to_keep" in self._forward_args else {}
+        """One cached forward pass with outputs for the last ``keep`` positions only: logits, or
+        the last hidden states where the head is deferred (:meth:`_deferred_head`)."""
+        split = self._deferred_head()
+        extra: dict[str, Any] = {"logits_to_keep": keep} if "logits_to_keep" in self._forward_args and not split \
+            else {}
         if cache is not None:
             extra["cache" if "cache" in self._forward_args else "past_key_values"] = cache
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        model = split[0] if split else self.model  # type: ignore[index]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         # transformers 5.x renamed past_key_values to cache; accept either
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None or not hasattr(cache, "batch_select_indices"):
             raise NotImplementedError("the model returns no reusable cache")
-        return out.logits[:, -keep:], cache
+        return (out[0] if split else out.logits)[:, -keep:], cache
 
-    def _score_tree(self, questions: list[_Question]) -> list[list[float]]:
+    def _score_tree(self, questions: list[_Question]) -> list[list[list[_Read]]]:
         """Cached forward passes over a prefix tree, each shared part computed once.
 
         1. the stems: what a group of questions shares (a few-shot block and instructions; a
@@ -262,7 +354,8 @@ class PrefixTreeScorer:
            question's cache is never copied per choice. Attention kernels that take no 4D mask
            (flash attention) run the suffixes as a third pass on a per-choice copy instead.
         Rows are left-padded so that they end in the same column: only the last few positions
-        need logits (the letters' predictions), not batch x length x vocab.
+        need logits (the letters' predictions), not batch x length x vocab. Returns, per question
+        and choice, the reads its score sums (:meth:`_resolve`).
         """
         if min(q.stem for q in questions) < 1:
             raise ValueError("a prompt too short to share")
@@ -318,10 +411,10 @@ class PrefixTreeScorer:
                                              x_ids.shape[1], cache)
             flat = iter(range(len(rows)))
             spots = [[(suffix_logits[next(flat)], 0) for _ in q.suffixes] for q in questions]
-        results: list[list[float]] = []
+        results: list[list[list[_Read]]] = []
         for i, q in enumerate(questions):
             shared = len(q.prefix)
-            row_scores = []
+            row_reads = []
             for (ctx, _), suffix, (logits, start) in zip(q.pairs, q.suffixes, spots[i], strict=True):
                 # Only the choice's own tokens (from len(ctx) on) count. Those inside the shared
                 # prefix and the first suffix token are read from the remainder's logits, the rest
@@ -329,12 +422,12 @@ class PrefixTreeScorer:
                 # ends inside the suffix, and the suffix tokens before it are skipped.
                 skip = max(len(ctx) - shared, 0)
                 base = keep - shared  # kept logits column of prefix position t is t + base
-                score = _logprob_sum(prefix_logits[i], len(ctx) - 1 + base, q.prefix[len(ctx):shared])
+                reads = [_Read(prefix_logits[i], len(ctx) - 1 + base, q.prefix[len(ctx):shared])]
                 if skip == 0:
-                    score += _logprob_sum(prefix_logits[i], shared - 1 + base, suffix[:1])
-                score += _logprob_sum(logits, start + max(skip, 1) - 1, suffix[max(skip, 1):])
-                row_scores.append(score)
-            results.append(row_scores)
+                    reads.append(_Read(prefix_logits[i], shared - 1 + base, suffix[:1]))
+                reads.append(_Read(logits, start + max(skip, 1) - 1, suffix[max(skip, 1):]))
+                row_reads.append(reads)
+            results.append(row_reads)
         return results
 
     def clear_prefix_cache(self) -> None:
@@ -421,11 +514,15 @@ class PrefixTreeScorer:
         """Pass 2 with the choices' suffixes in the same row: ``[remainder | suffix 1 | suffix 2 ...]``.
 
         A suffix token sees the stem, the whole remainder and the earlier tokens of its own suffix,
-        at the positions it would have right after the prompt. Returns the logits of the last
-        ``keep`` remainder columns and of every suffix column, and each suffix's start column.
+        at the positions it would have right after the prompt. A suffix's last token is not fed:
+        its logits would predict what follows the choice, which no score reads (with `` (A)``
+        choices, 2 of a question's 6 logit rows and 2 of its positions). Returns the logits of the
+        last ``keep`` remainder columns and of every fed suffix column, and each suffix's start
+        column.
         """
-        starts = [[sum(len(x) for x in q.suffixes[:c]) for c in range(len(q.suffixes))] for q in questions]
-        x_ids, _ = self._padded([[t for x in q.suffixes for t in x] for q in questions], left=False)
+        fed = [[x[:-1] for x in q.suffixes] for q in questions]
+        starts = [[sum(len(x) for x in xs[:c]) for c in range(len(xs))] for xs in fed]
+        x_ids, _ = self._padded([[t for x in xs for t in x] for xs in fed], left=False)
         batch, width_m, width_x = len(questions), m_ids.shape[1], x_ids.shape[1]
         width_s = mask.shape[1] - width_m
         device = m_ids.device
@@ -438,8 +535,8 @@ class PrefixTreeScorer:
         allowed[:, range(width_m), range(width_s, width_s + width_m)] = True
         allowed[:, width_m:, width_s:width_s + width_m] = m_mask[:, None, :].bool()
         x_positions = torch.zeros((batch, width_x), dtype=torch.long, device=device)
-        for i, q in enumerate(questions):
-            for start, suffix in zip(starts[i], q.suffixes, strict=True):
+        for i, (q, xs) in enumerate(zip(questions, fed, strict=True)):
+            for start, suffix in zip(starts[i], xs, strict=True):
                 n = len(suffix)
                 rows, cols = slice(width_m + start, width_m + start + n), slice(width_s + width_m + start,
                                                                                  width_s + width_m + start + n)

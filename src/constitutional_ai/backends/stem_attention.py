@@ -113,9 +113,12 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     for kv, members in zip(stems.kv, stems.rows, strict=True):
         k, v = kv[module.layer_idx]
         n = members.numel()
-        # all queries of the rows on this stem as one sequence: [1, heads, n * q, d]
-        q = query.index_select(0, members).transpose(0, 1).reshape(1, heads, n * q_len, dim)
-        stem_out, stem_lse = flash(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scaling)
+        # all queries of the rows on this stem as one sequence per key-value head: the `groups` query
+        # heads that share a key-value head (grouped-query attention) follow each other, so the
+        # stem's keys and values are read as they are stored, never repeated per query head (no
+        # mask: every query sees the whole stem): [1, kv_heads, groups * n * q, d]
+        q = query.index_select(0, members).transpose(0, 1).reshape(1, k.shape[1], groups * n * q_len, dim)
+        stem_out, stem_lse = flash(q, k, v, scale=scaling)
         stem_out = stem_out.reshape(heads, n, q_len, dim).transpose(0, 1)
         stem_lse = stem_lse.reshape(heads, n, q_len).transpose(0, 1)
         mine_lse = own_lse.index_select(0, members)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -44,6 +45,9 @@ from constitutional_ai.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+
+#: How many recently counted prompts keep their token ids for scoring (two labeller calls' worth).
+COUNTED_PROMPTS = 512
 
 
 class TransformersBackend:
@@ -85,6 +89,10 @@ class TransformersBackend:
             max_batch_tokens=config.max_batch_tokens, prefix_cache_tokens=config.prefix_cache_tokens,
             install_stem_attention=model is None)
         self._rust_ids_agree: bool | None = None
+        #: Token ids of the prompts counted last (text, add_special) -> ids: a labeller counts each
+        #: question to fit it to the context, then scores it, and a thousand-token few-shot
+        #: question need not be tokenized twice.
+        self._counted: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
         self._generate_cache_kw = "cache"
         if model is None and self.device.type == "cpu":
             cpu_linear.install(self.model)  # decoding's few-row products, the faster way round
@@ -137,7 +145,14 @@ class TransformersBackend:
         return self.tokenizer(self.format(prompt), add_special_tokens=self._add_special(prompt))["input_ids"]
 
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
-        return [len(self._encode(p)) for p in prompts]
+        keys = [(self.format(p), self._add_special(p)) for p in prompts]
+        ids = self._batch_ids([text for text, _ in keys], [flag for _, flag in keys])
+        for key, row in zip(keys, ids, strict=True):
+            self._counted[key] = row
+            self._counted.move_to_end(key)
+        while len(self._counted) > COUNTED_PROMPTS:
+            self._counted.popitem(last=False)
+        return [len(row) for row in ids]
 
     # -- generation ------------------------------------------------------------------------------
     def _gen_config(self, params: GenerationParams) -> Any:
@@ -372,7 +387,12 @@ class TransformersBackend:
         special = [self._add_special(p) for p in prompts]
         flat = [(t, c, sp) for t, cs, sp in zip(texts, choices, special, strict=True) for c in cs]
 
-        contexts = self._batch_ids(texts, special)
+        known = [self._counted.get((t, sp)) for t, sp in zip(texts, special, strict=True)]
+        missing = [i for i, row in enumerate(known) if row is None]
+        for i, row in zip(missing, self._batch_ids([texts[i] for i in missing], [special[i] for i in missing]),
+                          strict=True):
+            known[i] = row
+        contexts: list[list[int]] = known  # type: ignore[assignment]
         fulls = iter(self._batch_ids([t + c for t, c, _ in flat], [sp for _, _, sp in flat]))
         out = []
         for context, cs in zip(contexts, choices, strict=True):
