@@ -174,6 +174,63 @@ def test_the_lm_head_runs_once_per_call_after_the_passes(raw_backend, monkeypatc
             assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
 
 
+def test_the_deferred_head_runs_in_slabs_and_reads_hold_only_their_columns(raw_backend, monkeypatch):
+    rows = []
+    handle = raw_backend.model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    held = []
+    resolve = raw_backend.scorer._resolve
+
+    def spy(pending, scores):
+        held.extend(r.out for c in pending.values() for t in c for r in t)
+        resolve(pending, scores)
+
+    monkeypatch.setattr(prefix_scorer, "HEAD_ROWS", 5)
+    monkeypatch.setattr(raw_backend.scorer, "_resolve", spy)
+    monkeypatch.setattr(raw_backend.scorer, "max_batch_tokens", 64)
+    block = "A block that every question starts with, word for word. " * 2
+    prompts = [block + f"question {k}: " + "and then some more words of its own " * 3 for k in range(7)]
+    choices = [[" (A)", " (B)"]] * 7
+    try:
+        scores = raw_backend.score_choices(prompts, choices)
+    finally:
+        handle.remove()
+        raw_backend.clear_prefix_cache()
+    assert len(rows) > 1 and max(rows) <= 5  # several head calls, none over HEAD_ROWS positions
+    # each read keeps a copy of its pass's kept columns (the letters' predictions: 4 here), not a
+    # view of the whole pass's states (its remainders run to about 30 tokens)
+    hidden = raw_backend.model.config.hidden_size
+    assert held and all(t.untyped_storage().nbytes() <= raw_backend.scorer.batch_size * 4 * hidden * 4 for t in held)
+    for p, cs, row in zip(prompts, choices, scores, strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
+
+
+def test_a_grouped_query_model_scores_exactly_on_shared_stems(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = model.config
+    config.num_key_value_heads = max(1, config.num_attention_heads // 2)
+    gqa = type(model)(config)  # the same shape with half as many key-value heads, random weights
+    gqa.save_pretrained(tmp_path / "gqa")
+    raw = TransformersBackend(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    raw.tokenizer.save_pretrained(tmp_path / "gqa")
+    backend = TransformersBackend(ModelConfig(model_name_or_path=str(tmp_path / "gqa"), batch_size=4))
+    assert backend.shared_stem_attention and backend.model.config.num_key_value_heads < config.num_attention_heads
+    monkeypatch.setattr(prefix_scorer, "MIN_SHARED_STEM", 0)
+    entered = []
+    sharing = stem_attention.sharing_stems
+    monkeypatch.setattr(stem_attention, "sharing_stems", lambda stems: entered.append(stems) or sharing(stems))
+    block = "A few-shot block that every question starts with, word for word. " * 4
+    prompts = [block + f"Question {k}: which is better{'?' * k}" for k in range(4)]
+    choices = [[" (A)", " (B)"]] * 4
+    scores = backend.score_choices(prompts, choices)
+    assert entered  # the stem was attended to in place
+    for p, cs, row in zip(prompts, choices, scores, strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+
+
 def test_a_model_that_changes_its_logits_after_the_head_keeps_its_own_forward(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -335,8 +392,17 @@ def test_close_frees_the_model_and_the_stored_stems(tiny_model_dir):
     block = "A few-shot block that both questions start with, word for word. " * 3
     backend.score_choices([block + "one?", block + "two?"], [[" yes", " no"]] * 2)
     assert backend.scorer._stems
+    assert backend.scorer._head  # the deferred head holds the base model and the head
+    import weakref
+
+    base = weakref.ref(backend.scorer._head[0])
     backend.close()
     assert backend.model is None and backend.scorer.model is None and not backend.scorer._stems
+    assert backend.scorer._head is None
+    import gc
+
+    gc.collect()
+    assert base() is None  # nothing of the scorer keeps the weights alive
 
 
 def test_sampling_params_are_explicit_not_taken_from_the_models_generation_config(tiny_model_dir, tmp_path):

@@ -211,14 +211,22 @@ class PrefixTreeScorer:
         pass, a head over a dozen rows reads its whole weight (117 MB at a 32k vocabulary and
         hidden 896) each time, 0.8 s of a 9 s labelling run of 54 passes on 2 CPU cores."""
         reads = [r for choices in pending.values() for terms in choices for r in terms if r.targets]
-        if reads:
-            rows = torch.cat([r.out[r.first:r.first + len(r.targets)] for r in reads])
+        picked: list[float] = []
+        start = 0
+        while start < len(reads):  # slabs of at most HEAD_ROWS positions (a longer read on its own)
+            end, size = start + 1, len(reads[start].targets)
+            while end < len(reads) and size + len(reads[end].targets) <= HEAD_ROWS:
+                size += len(reads[end].targets)
+                end += 1
+            slab = reads[start:end]
+            rows = torch.cat([r.out[r.first:r.first + len(r.targets)] for r in slab])
             if self._head:
                 rows = self._head[1](rows)  # type: ignore[index]
-            targets = torch.tensor([t for r in reads for t in r.targets], device=rows.device)
+            targets = torch.tensor([t for r in slab for t in r.targets], device=rows.device)
             rows = rows.float()
-            picked = (rows.gather(1, targets[:, None]).squeeze(1) - rows.logsumexp(-1)).tolist()
-        it = iter(picked if reads else [])
+            picked += (rows.gather(1, targets[:, None]).squeeze(1) - rows.logsumexp(-1)).tolist()
+            start = end
+        it = iter(picked)
         for g, choices in pending.items():
             scores[g] = [sum(next(it) for r in terms for _ in r.targets) for terms in choices]
         pending.clear()
@@ -341,7 +349,9 @@ class PrefixTreeScorer:
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None or not hasattr(cache, "batch_select_indices"):
             raise NotImplementedError("the model returns no reusable cache")
-        return (out[0] if split else out.logits)[:, -keep:], cache
+        # the kept columns of the hidden states are copied out: a pending read must not hold the
+        # whole pass's states (rows x length x hidden) until the deferred head runs
+        return (out[0][:, -keep:].clone() if split else out.logits[:, -keep:]), cache
 
     def _score_tree(self, questions: list[_Question]) -> list[list[list[_Read]]]:
         """Cached forward passes over a prefix tree, each shared part computed once.
@@ -552,4 +562,5 @@ class PrefixTreeScorer:
     def close(self) -> None:
         """Drop the model and the stored stems, so that their memory can be freed."""
         self.model = None
+        self._head = None  # it holds the base model and the head
         self._stems.clear()
