@@ -137,6 +137,21 @@ def _reference_logprob(backend, prompt, choice):
     return sum(float(logp[k - 1, full[k]]) for k in range(start, len(full)))
 
 
+def _assert_reference_scores(backend, prompts, choices, scores):
+    """Every score equals :func:`_reference_logprob` of its choice after its prompt."""
+    for p, cs, row in zip(prompts, choices, scores, strict=True):
+        for c, s in zip(cs, row, strict=True):
+            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+
+
+def _spy_on_shared_stems(monkeypatch):
+    """The ``SharedStems`` of every shared-stem block entered from now on (the list fills as they are)."""
+    entered = []
+    sharing = stem_attention.sharing_stems
+    monkeypatch.setattr(stem_attention, "sharing_stems", lambda stems: entered.append(stems) or sharing(stems))
+    return entered
+
+
 @pytest.mark.parametrize("fused", ["shared-stems", "fused-suffixes", "suffix-pass"])
 @pytest.mark.parametrize("which", ["raw_backend", "chat_backend"])
 def test_score_choices_matches_unbatched_reference(which, fused, request, monkeypatch):
@@ -169,9 +184,7 @@ def test_the_lm_head_runs_once_per_call_after_the_passes(raw_backend, monkeypatc
         handle.remove()
         raw_backend.clear_prefix_cache()
     assert len(rows) == 1 and len(rows[0]) == 2  # one call, over the read positions only
-    for p, row in zip(prompts, scores, strict=True):
-        for c, s in zip([" (A)", " (B)"], row, strict=True):
-            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
+    _assert_reference_scores(raw_backend, prompts, [[" (A)", " (B)"]] * len(prompts), scores)
 
 
 def test_the_deferred_head_runs_in_slabs_and_reads_hold_only_their_columns(raw_backend, monkeypatch):
@@ -200,9 +213,7 @@ def test_the_deferred_head_runs_in_slabs_and_reads_hold_only_their_columns(raw_b
     # view of the whole pass's states (its remainders run to about 30 tokens)
     hidden = raw_backend.model.config.hidden_size
     assert held and all(t.untyped_storage().nbytes() <= raw_backend.scorer.batch_size * 4 * hidden * 4 for t in held)
-    for p, cs, row in zip(prompts, choices, scores, strict=True):
-        for c, s in zip(cs, row, strict=True):
-            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
+    _assert_reference_scores(raw_backend, prompts, choices, scores)
 
 
 def test_a_grouped_query_model_scores_exactly_on_shared_stems(tiny_model_dir, tmp_path, monkeypatch):
@@ -218,17 +229,13 @@ def test_a_grouped_query_model_scores_exactly_on_shared_stems(tiny_model_dir, tm
     backend = TransformersBackend(ModelConfig(model_name_or_path=str(tmp_path / "gqa"), batch_size=4))
     assert backend.shared_stem_attention and backend.model.config.num_key_value_heads < config.num_attention_heads
     monkeypatch.setattr(prefix_scorer, "MIN_SHARED_STEM", 0)
-    entered = []
-    sharing = stem_attention.sharing_stems
-    monkeypatch.setattr(stem_attention, "sharing_stems", lambda stems: entered.append(stems) or sharing(stems))
+    entered = _spy_on_shared_stems(monkeypatch)
     block = "A few-shot block that every question starts with, word for word. " * 4
     prompts = [block + f"Question {k}: which is better{'?' * k}" for k in range(4)]
     choices = [[" (A)", " (B)"]] * 4
     scores = backend.score_choices(prompts, choices)
     assert entered  # the stem was attended to in place
-    for p, cs, row in zip(prompts, choices, scores, strict=True):
-        for c, s in zip(cs, row, strict=True):
-            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+    _assert_reference_scores(backend, prompts, choices, scores)
 
 
 def test_a_model_that_changes_its_logits_after_the_head_keeps_its_own_forward(tiny_model_dir):
@@ -250,9 +257,7 @@ def test_a_model_that_changes_its_logits_after_the_head_keeps_its_own_forward(ti
     assert backend.scorer._deferred_head() is False
     prompts = [PROMPTS[0], "The answer is:"]
     choices = [[" (A)", " (B)"], [" yes", " perhaps not"]]
-    for p, cs, row in zip(prompts, choices, backend.score_choices(prompts, choices), strict=True):
-        for c, s in zip(cs, row, strict=True):
-            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+    _assert_reference_scores(backend, prompts, choices, backend.score_choices(prompts, choices))
 
 
 def _forward_shapes(backend, fn):
@@ -313,22 +318,18 @@ def test_score_choices_feeds_no_choice_its_last_token(raw_backend):
     calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices([prompt], [single]))
     # pass 2 is the remainder (the prompt's last token, kept out of the stem) and nothing after it
     assert [c[0] for c in calls] == [1, 1] and calls[1][1] == 1
-    for c, s in zip(single, scores[0], strict=True):
-        assert s == pytest.approx(_reference_logprob(raw_backend, prompt, c), abs=1e-4)
+    _assert_reference_scores(raw_backend, [prompt], [single], scores)
     double = single[0] + single[1]
     assert len(tokenizer(prompt + double)["input_ids"]) - base == 2
     calls, scores = _forward_shapes(raw_backend, lambda: raw_backend.score_choices([prompt], [[double, single[1]]]))
     assert calls[1][1] == 2  # the remainder and the two-token choice's first token
-    for c, s in zip([double, single[1]], scores[0], strict=True):
-        assert s == pytest.approx(_reference_logprob(raw_backend, prompt, c), abs=1e-4)
+    _assert_reference_scores(raw_backend, [prompt], [[double, single[1]]], scores)
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-stems", "stem-copied-per-row"])
 def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, shared, monkeypatch):
     monkeypatch.setattr(raw_backend.scorer, "shared_stem_attention", shared)
     raw_backend.clear_prefix_cache()
-    entered = []
-    sharing = stem_attention.sharing_stems
-    monkeypatch.setattr(stem_attention, "sharing_stems", lambda stems: entered.append(stems) or sharing(stems))
+    entered = _spy_on_shared_stems(monkeypatch)
     block = "A long few-shot block that every question repeats before its own text. " * 6
     prompts = [block + f"Question {k}: which of the two options is better{'?' * k}" for k in range(4)]
     choices = [[" (A)", " (B)"]] * 4
@@ -338,9 +339,7 @@ def test_score_choices_computes_a_stem_shared_by_questions_once(raw_backend, sha
     assert calls[1][0] == 4 and calls[1][1] < block_tokens / 2  # each question's own text
     assert block_tokens >= prefix_scorer.MIN_SHARED_STEM
     assert [len(r) for s in entered for r in s.rows] == ([4] if shared else [])  # all four on the one stem, in place
-    for p, cs, row in zip(prompts, choices, scores, strict=True):
-        for c, s in zip(cs, row, strict=True):
-            assert s == pytest.approx(_reference_logprob(raw_backend, p, c), abs=1e-4)
+    _assert_reference_scores(raw_backend, prompts, choices, scores)
 
 
 def test_score_choices_falls_back_to_one_row_per_choice(raw_backend, monkeypatch):
@@ -486,9 +485,7 @@ def test_prefix_cache_reuses_a_stem_in_later_calls_with_the_same_scores(tiny_mod
     later = [block + f"Question {k}: which option is better?" for k in range(3, 6)]
     calls, scores = _forward_shapes(backend, lambda: backend.score_choices(later, choices))
     assert len(first_calls) == 2 and len(calls) == 1  # the block's pass is gone: read from the cache
-    for p, cs, row in zip(later, choices, scores, strict=True):
-        for c, s in zip(cs, row, strict=True):
-            assert s == pytest.approx(_reference_logprob(backend, p, c), abs=1e-4)
+    _assert_reference_scores(backend, later, choices, scores)
     _, again = _forward_shapes(backend, lambda: backend.score_choices(prompts, choices))
     assert [s for row in again for s in row] == pytest.approx([s for row in first for s in row], abs=1e-5)
 
