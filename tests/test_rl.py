@@ -323,3 +323,111 @@ def test_tied_head_gives_linears_gradients(tiny_model_dir):
                                                                         "tie_word_embeddings": False}))
     assert not tied_head.install(untied)
     assert not tied_head.install(torch.nn.Linear(2, 2))
+
+
+# -- the LM head in chunks, kept embedding gradients --------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_head_logprobs_in_chunks_match_the_head_then_log_softmax(monkeypatch, temperature, bias):
+    import constitutional_ai.models.head_logprobs as head_logprobs_module
+    from constitutional_ai.models.head_logprobs import chunk_rows, head_logprobs
+
+    assert chunk_rows(32768) == 128  # a chunk's fp32 logits: 16 MiB, under glibc's mmap ceiling
+    monkeypatch.setattr(head_logprobs_module, "HEAP_BLOCK_BYTES", 4 * 4 * 50)  # 4 rows a chunk: 4 chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 5))
+    logprobs, entropy = head_logprobs(hidden, head, tokens, temperature, entropy=True)
+    logp = torch.log_softmax(head(hidden) / temperature, dim=-1)
+    expected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-6)
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5) and not entropy.requires_grad
+    weights = torch.randn(3, 5)
+    params = [hidden, head.weight, *([head.bias] if bias else [])]
+    ours = torch.autograd.grad((logprobs * weights).sum(), params)
+    reference = torch.autograd.grad((expected * weights).sum(), params)
+    for got, want in zip(ours, reference, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():  # a rollout's pass: no graph, the same numbers
+        assert torch.allclose(head_logprobs(hidden, head, tokens, temperature)[0], expected, atol=1e-6)
+
+
+def test_kept_gradients_are_the_dense_ones_written_in_place(monkeypatch):
+    import constitutional_ai.models.kept_grads as kept_grads
+    from constitutional_ai.models.head_logprobs import head_logprobs
+
+    monkeypatch.setattr(kept_grads, "HEAP_BLOCK_BYTES", 1)  # this small embedding counts as large
+    torch.manual_seed(0)
+
+    def tied_model():
+        torch.manual_seed(1)
+        embed = torch.nn.Embedding(40, 8, padding_idx=0)
+        head = torch.nn.Linear(8, 40, bias=False)
+        head.weight = embed.weight
+        return torch.nn.ModuleDict({"embed": embed, "head": head})
+
+    plain, ours = tied_model(), tied_model()
+    kept = kept_grads.KeptGrads(ours)
+    assert kept and kept.weights == [ours["embed"].weight]  # the tied matrix once
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
+    held = None
+    for step in range(3):
+        ids = torch.randint(0, 40, (2, 6))
+        ids[:, :2] = 0  # padding rows get no gradient, as in the dense path
+        tokens = torch.randint(0, 40, (2, 6))
+        plain.zero_grad(set_to_none=True)
+        head_logprobs(plain["embed"](ids).tanh(), plain["head"], tokens)[0].sum().backward()
+        with kept.active():
+            kept.zero_grad(optimizer)
+            head_logprobs(ours["embed"](ids).tanh(), ours["head"], tokens)[0].sum().backward()
+        grad = ours["embed"].weight.grad
+        assert grad.layout == torch.strided and torch.allclose(grad, plain["embed"].weight.grad, atol=1e-6), step
+        assert held is None or grad is held  # the same matrix every pass: nothing allocated afresh
+        held = grad
+    assert not ours["embed"].sparse and not hasattr(ours["embed"].weight, kept_grads.KEPT)  # put back
+    assert not kept_grads.KeptGrads(torch.nn.Embedding(40, 8, max_norm=1.0))  # renormalising: left alone
+
+
+@pytest.mark.parametrize("value", ["model", "head"])
+def test_ppo_with_the_head_in_chunks_and_kept_gradients_trains_as_the_model_forward(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch, value):
+    """One update through our split head and kept gradients against the same update through the
+    model's own logits and fresh gradients: the same metrics and weights, up to float rounding."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import constitutional_ai.models.kept_grads as kept_grads
+    import constitutional_ai.rl.ppo as ppo
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": f"Question {i} " + "and more " * i}] for i in range(4)]
+
+    split = ppo.base_and_head
+
+    def one_update(fast: bool):
+        monkeypatch.setattr(kept_grads, "HEAP_BLOCK_BYTES", 1 if fast else 2**40)
+        monkeypatch.setattr(ppo, "base_and_head", split if fast else lambda model: None)
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        critic = None
+        if value == "model":
+            critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+            critic.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        trainer = ppo.PPOTrainer(RLConfig(batch_size=4, num_mini_batches=2, ppo_epochs=2, max_new_tokens=5,
+                                          learning_rate=1e-3, temperature=0.9), policy, tokenizer,
+                                 lambda p, r: [len(x) / 10 for x in r], prompts, tmp_path / str(fast), seed=1,
+                                 value_model=critic)
+        assert (trainer._unwrapped().split is not None) is fast and (trainer._ref_split is not None) is fast
+        assert len(trainer.kept.weights) == (0 if not fast else 1 if value == "head" else 2)
+        metrics = trainer.step(prompts)
+        return metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    (slow, slow_weights), (fast, fast_weights) = one_update(False), one_update(True)
+    for key in ("reward", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "ratio"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-4, abs=1e-6), key
+    for name, weight in slow_weights.items():
+        assert torch.allclose(fast_weights[name], weight, atol=1e-5), name
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
+    assert not torch.allclose(fast_weights["policy.model.embed_tokens.weight"], start, atol=1e-4)  # it trained

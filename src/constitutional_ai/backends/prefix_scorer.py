@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 import constitutional_ai.backends.stem_attention as stem_attention
+from constitutional_ai.models.cpu_heap import HEAP_BLOCK_BYTES
+from constitutional_ai.models.head_split import base_and_head
 
 #: (context ids, continuation ids) of one choice after its prompt.
 Pair = tuple[list[int], list[int]]
@@ -37,13 +39,11 @@ MIN_SHARED_STEM = 64
 HEAD_ROWS = 512
 #: On a CPU a pass computes at most this many tokens...
 CPU_MAX_BATCH_TOKENS = 4096
-#: ...and few enough that its widest activation (tokens x the MLP's width) stays under this. glibc
-#: serves larger blocks by ``mmap`` and returns them to the system when freed, so each pass
-#: page-faulted its MLP activations in afresh: at Qwen2.5-0.5B's shape (4,864 wide, fp32) 4,096
+#: ...and few enough that its widest activation (tokens x the MLP's width) stays a heap block
+#: (:mod:`~constitutional_ai.models.cpu_heap`): at Qwen2.5-0.5B's shape (4,864 wide, fp32) 4,096
 #: tokens a pass took about 800,000 minor faults per 128 labels and 10.5 s against 9.3 s at 862
-#: tokens, which fault almost never. Half of glibc's 32 MiB ``mmap`` ceiling leaves the heap room
-#: to keep a pass's blocks.
-CPU_PASS_ACTIVATION_BYTES = 16 * 2**20
+#: tokens, which fault almost never.
+CPU_PASS_ACTIVATION_BYTES = HEAP_BLOCK_BYTES
 
 
 def cpu_batch_tokens(config: Any, itemsize: int) -> int:
@@ -237,18 +237,7 @@ class PrefixTreeScorer:
         its logits after the head (Gemma 2, Cohere, Granite) keeps its own forward. Checked once, on
         a short probe, to equality: the same head over the same states in the same shape."""
         if self._head is None:
-            self._head = False
-            try:
-                base = getattr(self.model, self.model.base_model_prefix)
-                head = self.model.get_output_embeddings()
-                if isinstance(head, torch.nn.Linear) and "logits_to_keep" in self._forward_args:
-                    ids = (torch.arange(7, device=self.device)[None] * 7919 + 3) % int(head.weight.shape[0])
-                    logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=3).logits
-                    mine = head(base(input_ids=ids, use_cache=False)[0][:, -3:])
-                    if torch.equal(logits, mine):
-                        self._head = (base, head)
-            except Exception:  # any model this probe cannot split keeps its own forward
-                self._head = False
+            self._head = base_and_head(self.model) or False
         return self._head
 
     def _store_shared_stems(self, firsts: list[_Question]) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from constitutional_ai.models.kept_grads import add_product
+
 
 class _TiedHeadLinear(torch.autograd.Function):
     """``linear(x, weight, bias)`` with a contiguous, unshared weight gradient."""
@@ -37,7 +39,9 @@ class _TiedHeadLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1] and not add_product(weight, flat.t(), x.reshape(-1, x.shape[-1])):
+            grad_w = flat.t().mm(x.reshape(-1, x.shape[-1]))  # kept: added into the kept gradient instead
         grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

@@ -14,6 +14,7 @@ the last complete checkpoint. The hyperparameters are the ``rl`` section of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -31,6 +32,9 @@ from constitutional_ai.common.types import Conversation, RewardFn
 from constitutional_ai.config import RLConfig
 from constitutional_ai.layout import RunLayout
 from constitutional_ai.models import cpu_linear, tied_head
+from constitutional_ai.models.head_logprobs import head_logprobs
+from constitutional_ai.models.head_split import base_and_head
+from constitutional_ai.models.kept_grads import KeptGrads
 from constitutional_ai.rl.core import (
     KLController,
     explained_variance,
@@ -63,31 +67,48 @@ def value_head(policy: Any) -> torch.nn.Linear:
 class PolicyAndValue(torch.nn.Module):
     """The policy and its value function as one module, so that one DDP/FSDP wrapper sees every
     trained forward pass (calling a wrapped model's submodules directly would skip its gradient
-    synchronisation). ``forward`` returns the policy's logits for the last ``keep`` positions and
-    a value for every position."""
+    synchronisation). ``forward`` returns the policy's log-probabilities of the response (the last
+    columns), their entropies when asked, and a value for every position.
 
-    def __init__(self, policy: Any, value_model: Any = None, head: torch.nn.Linear | None = None):
+    ``split`` (:func:`~constitutional_ai.models.head_split.base_and_head`): the policy's base model
+    and LM head, where its logits are exactly that head over the base's states; the head then runs
+    with the log-probabilities, in chunks (:mod:`~constitutional_ai.models.head_logprobs`), instead
+    of making a logits tensor."""
+
+    def __init__(self, policy: Any, value_model: Any = None, head: torch.nn.Linear | None = None,
+                 split: tuple[Any, torch.nn.Linear] | None = None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
         self.v_head = head
+        self.split = split
         self.keeps_logits = _takes_logits_to_keep(policy)  # read once: forward is the hot path
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = {"logits_to_keep": keep} if keep and self.keeps_logits else {}
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False, output_hidden_states=self.v_head is not None, **extra)
+                response: torch.Tensor, temperature: float = 1.0,
+                entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        keep = response.shape[1] + 1  # the positions that predict the response tokens
+        if self.split is not None:
+            base, lm_head = self.split
+            features = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)[0]
+            logprobs, entropies = head_logprobs(features[:, -keep:-1], lm_head, response, temperature, entropy)
+        else:
+            extra = {"logits_to_keep": keep} if self.keeps_logits else {}
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, output_hidden_states=self.v_head is not None, **extra)
+            logprobs, entropies = _token_logprobs(out.logits[:, -keep:-1], response, temperature, entropy)
+            features = out.hidden_states[-1] if self.v_head is not None else None
         if self.v_head is not None:
             # the head reads the policy's features detached: value regression must not move the policy
-            return out.logits, self.v_head(out.hidden_states[-1].detach().float()).squeeze(-1)
+            return logprobs, self.v_head(features.detach().float()).squeeze(-1), entropies
         value = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") \
             else self.value_model  # PEFT: the adapters live inside the base model's modules
         backbone = getattr(value, value.base_model_prefix)
         score = getattr(value, "score", None) or value.classifier
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False)[0]
-        return out.logits, score(hidden).squeeze(-1).float()
+        return logprobs, score(hidden).squeeze(-1).float(), entropies
 
 
 def _check_data_parallel(accelerator: Any) -> None:
@@ -162,7 +183,11 @@ class PPOTrainer:
             if self.ref_policy is not None:
                 cpu_linear.install(self.ref_policy)
         tied_head.install(policy)  # the tied head's gradient summed with the embedding's in place
-        model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None)
+        model = PolicyAndValue(policy, None if self.head else value_model, value_head(policy) if self.head else None,
+                               split=base_and_head(policy))
+        # on one CPU process the embeddings' 117 MB gradients are kept between minibatches, not remade
+        on_cpu = self.accelerator.device.type == "cpu" and self.accelerator.num_processes == 1
+        self.kept = KeptGrads(model) if on_cpu else KeptGrads()
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         value_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")]
         vlr = config.value_learning_rate or config.learning_rate
@@ -176,6 +201,7 @@ class PPOTrainer:
         if self.ref_policy is not None:
             self.ref_policy.to(self.accelerator.device)
         self._ref_keeps_logits = _takes_logits_to_keep(self.ref_policy if self.ref_policy is not None else policy)
+        self._ref_split = base_and_head(self.ref_policy) if self.ref_policy is not None else None
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.global_step = 0
         self.reward_stats = {"count": 0, "mean": 0.0, "m2": 0.0}
@@ -189,11 +215,20 @@ class PPOTrainer:
     def _policy(self) -> Any:
         return self._unwrapped().policy
 
-    def _logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                keep: int) -> torch.Tensor:
-        """A reference forward pass (no values), logits for the last ``keep`` positions only."""
+    def _ref_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      response: torch.Tensor) -> torch.Tensor:
+        """The reference policy's log-probabilities of the response tokens (no values)."""
+        keep = response.shape[1] + 1
+        if self._ref_split is not None:
+            base, lm_head = self._ref_split
+            features = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)[0]
+            return head_logprobs(features[:, -keep:-1], lm_head, response, self.config.temperature)[0]
         extra = {"logits_to_keep": keep} if self._ref_keeps_logits else {}
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
+        with contextlib.nullcontext() if self.ref_policy is not None else self._policy().disable_adapter():
+            model = self.ref_policy if self.ref_policy is not None else self._policy()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           **extra).logits
+        return _token_logprobs(logits[:, -keep:-1], response, self.config.temperature)[0]
 
     # -- one update ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -237,13 +272,7 @@ class PPOTrainer:
         mask = torch.cat([enc["attention_mask"], resp_mask], 1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logprobs, values, _ = self._evaluate(ids, mask, positions, response, context, entropy=False)
-        keep = response.shape[1] + 1
-        if self.ref_policy is not None:
-            ref_logits = self._logits(self.ref_policy, ids, mask, positions, keep)[:, -keep:-1]
-        else:
-            with policy.disable_adapter():
-                ref_logits = self._logits(policy, ids, mask, positions, keep)[:, -keep:-1]
-        ref_logprobs, _ = _token_logprobs(ref_logits, response, self.config.temperature)
+        ref_logprobs = self._ref_logprobs(ids, mask, positions, response)
         kl = (logprobs - ref_logprobs) * resp_mask
         rewards = -self.kl.value * kl
         last = (lengths - 1).clamp(min=0)
@@ -259,10 +288,7 @@ class PPOTrainer:
     def _evaluate(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, response: torch.Tensor,
                   context: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities of the response tokens, their values and the policy's entropy."""
-        keep = response.shape[1] + 1
-        logits, values = self.model(ids, mask, positions, keep)
-        logits = logits[:, -keep:-1]
-        logprobs, entropies = _token_logprobs(logits, response, self.config.temperature, entropy=entropy)
+        logprobs, values, entropies = self.model(ids, mask, positions, response, self.config.temperature, entropy)
         return logprobs, values[:, context - 1:-1].float(), entropies
 
     def _update_reward_stats(self, scores: torch.Tensor) -> None:
@@ -282,35 +308,37 @@ class PPOTrainer:
         size = max(1, n // self.config.num_mini_batches)
         stats: dict[str, list[float]] = {}
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
-        for _ in range(self.config.ppo_epochs):
-            order = torch.randperm(n, generator=rng).tolist()
-            for first in range(0, n, size):
-                idx = torch.tensor(order[first:first + size], device=batch["ids"].device)
-                m = batch["resp_mask"][idx]
-                # prompts are left-padded to the longest in the whole rollout: drop the columns that
-                # are padding in every row of this minibatch (a short-prompt minibatch costs less)
-                mask = batch["mask"][idx]
-                pad = int((mask.cumsum(1) == 0).sum(1).min())
-                logprobs, values, entropy = self._evaluate(batch["ids"][idx][:, pad:], mask[:, pad:],
-                                                           batch["positions"][idx][:, pad:], batch["response"][idx],
-                                                           batch["context"] - pad)
-                pg, pg_stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
-                                           self.config.cliprange)
-                vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
-                                          self.config.cliprange_value)
-                loss = pg + self.config.vf_coef * vf
-                # no zero-fill of every gradient (7% of an update); every trainable parameter gets a
-                # gradient in each backward pass, so AdamW steps the same parameters as with zeros
-                self.optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                if self.config.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
-                self.optimizer.step()
-                assert entropy is not None
-                for key, value in {"policy_loss": pg, "value_loss": vf, "entropy": masked_mean(entropy, m),
-                                   **pg_stats, **vf_stats}.items():
-                    stats.setdefault(key, []).append(float(value.detach()))
+        with self.kept.active():  # embeddings' gradients kept between minibatches (CPU)
+            for _ in range(self.config.ppo_epochs):
+                order = torch.randperm(n, generator=rng).tolist()
+                for first in range(0, n, size):
+                    idx = torch.tensor(order[first:first + size], device=batch["ids"].device)
+                    m = batch["resp_mask"][idx]
+                    # prompts are left-padded to the longest in the whole rollout: drop the columns that
+                    # are padding in every row of this minibatch (a short-prompt minibatch costs less)
+                    mask = batch["mask"][idx]
+                    pad = int((mask.cumsum(1) == 0).sum(1).min())
+                    logprobs, values, entropy = self._evaluate(batch["ids"][idx][:, pad:], mask[:, pad:],
+                                                               batch["positions"][idx][:, pad:], batch["response"][idx],
+                                                               batch["context"] - pad)
+                    pg, pg_stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m,
+                                               self.config.cliprange)
+                    vf, vf_stats = value_loss(values, batch["values"][idx], batch["returns"][idx], m,
+                                              self.config.cliprange_value)
+                    loss = pg + self.config.vf_coef * vf
+                    # no zero-fill of every gradient (7% of an update); every trainable parameter gets a
+                    # gradient in each backward pass, so AdamW steps the same parameters as with zeros;
+                    # only the kept embedding gradients are zeroed in place
+                    self.kept.zero_grad(self.optimizer)
+                    self.accelerator.backward(loss)
+                    if self.config.max_grad_norm:
+                        self.accelerator.clip_grad_norm_(
+                            [p for g in self.optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
+                    self.optimizer.step()
+                    assert entropy is not None
+                    for key, value in {"policy_loss": pg, "value_loss": vf, "entropy": masked_mean(entropy, m),
+                                       **pg_stats, **vf_stats}.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
         mask = batch["resp_mask"]
         # the whole (all-process) batch for the KL controller and the logged means: every process keeps
         # the same KL coefficient, and the log describes the update, not rank 0's share of it
