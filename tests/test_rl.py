@@ -334,8 +334,12 @@ def test_head_logprobs_in_chunks_match_the_head_then_log_softmax(monkeypatch, te
     import constitutional_ai.models.head_logprobs as head_logprobs_module
     from constitutional_ai.models.head_logprobs import chunk_rows, head_logprobs
 
-    assert chunk_rows(32768) == 128  # a chunk's fp32 logits: 16 MiB, under glibc's mmap ceiling
+    wide = torch.empty(32768, 8)
+    assert chunk_rows(wide, 256) == 128  # a chunk's fp32 logits on a CPU: 16 MiB, under glibc's mmap ceiling
+    assert chunk_rows(torch.empty(151936, 8), 256) == 128  # never so few rows that reading the weight dominates
+    assert chunk_rows(wide.bfloat16(), 256) == 256  # 16-bit: one chunk, one rounding of the weight gradient
     monkeypatch.setattr(head_logprobs_module, "HEAP_BLOCK_BYTES", 4 * 4 * 50)  # 4 rows a chunk: 4 chunks
+    monkeypatch.setattr(head_logprobs_module, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     hidden = torch.randn(3, 5, 16, requires_grad=True)
@@ -353,6 +357,25 @@ def test_head_logprobs_in_chunks_match_the_head_then_log_softmax(monkeypatch, te
         assert torch.allclose(got, want, atol=1e-6)
     with torch.no_grad():  # a rollout's pass: no graph, the same numbers
         assert torch.allclose(head_logprobs(hidden, head, tokens, temperature)[0], expected, atol=1e-6)
+    again, _ = head_logprobs(hidden, head, tokens, temperature)
+    again.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):  # its probabilities became the gradient
+        again.sum().backward()
+
+
+def test_head_logprobs_of_bf16_states_under_an_fp32_head():
+    from constitutional_ai.models.head_logprobs import head_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(2, 3, 16).bfloat16().requires_grad_(True)
+    tokens = torch.randint(0, 50, (2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head's product in bf16, the states already so
+        logprobs, _ = head_logprobs(hidden, head, tokens)
+    logprobs.sum().backward()
+    expected = torch.log_softmax(head(hidden.float()), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert logprobs.dtype == torch.float32 and torch.allclose(logprobs, expected, atol=5e-2)
+    assert hidden.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
 
 
 def test_kept_gradients_are_the_dense_ones_written_in_place(monkeypatch):

@@ -4,8 +4,9 @@ PPO needs, per response token, ``log softmax(logits / T)[token]`` (and the entro
 logits themselves are a means. Computed by the model, a minibatch's logits are one tensor of 8 x 32
 x 32k floats, exactly 32 MiB, and the log-softmax, gather and their backward make four or five more
 of that size, each over glibc's ``mmap`` ceiling and page-faulted in afresh
-(:mod:`~constitutional_ai.models.cpu_heap`). Here the head runs over a chunk of rows at a time,
-each chunk's logits at most :data:`~constitutional_ai.models.cpu_heap.HEAP_BLOCK_BYTES`; a chunk's
+(:mod:`~constitutional_ai.models.cpu_heap`). Here the head runs over a chunk of rows at a time
+(on a CPU, each chunk's logits at most :data:`~constitutional_ai.models.cpu_heap.HEAP_BLOCK_BYTES`,
+:func:`chunk_rows`); a chunk's
 logits turn into its probabilities in place (the only thing the backward pass needs), and the
 backward turns those into the logits' gradient in place and multiplies it straight into the
 hidden states' and the head's gradients (the latter into a kept gradient, :mod:`kept_grads`). The
@@ -21,22 +22,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from constitutional_ai.models.cpu_heap import HEAP_BLOCK_BYTES
 from constitutional_ai.models.kept_grads import add_product
 
+#: Chunks have at least this many rows: each chunk reads the whole head weight (545 MB at Qwen2.5's
+#: 151,936-token vocabulary), and a product of fewer rows is bound by that read, not by the
+#: arithmetic (27-row chunks made a minibatch's head 1.5x slower there).
+MIN_CHUNK_ROWS = 128
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: its fp32 logits at most :data:`HEAP_BLOCK_BYTES` (128 at a 32k vocabulary)."""
-    return max(1, HEAP_BLOCK_BYTES // (4 * vocab))
+
+def chunk_rows(weight: torch.Tensor, rows: int) -> int:
+    """Rows per chunk for a head ``weight`` over ``rows`` rows. On a CPU in fp32: logits of at most
+    :data:`HEAP_BLOCK_BYTES` a chunk (128 rows at a 32k vocabulary), and no fewer than
+    :data:`MIN_CHUNK_ROWS`. Elsewhere one chunk: a GPU's caching allocator reuses its blocks, its
+    products want many rows, and a 16-bit weight gradient summed over chunks would round at each."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return max(1, rows)
+    return max(MIN_CHUNK_ROWS, HEAP_BLOCK_BYTES // (4 * weight.shape[0]))
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                tokens: torch.Tensor, temperature: float, entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        grad = any(ctx.needs_input_grad[:3])
-        rows = chunk_rows(weight.shape[0])
+                tokens: torch.Tensor, temperature: float, entropy: bool,
+                grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = chunk_rows(weight, hidden.shape[0])
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropies = torch.empty_like(logprobs) if entropy else logprobs.new_empty(0)
         probs = []
@@ -62,7 +74,11 @@ class _HeadLogprobs(torch.autograd.Function):
         return logprobs, entropies
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.probs is None:  # they became the first backward's gradient
+            raise RuntimeError("head_logprobs' backward runs once (its probabilities turn into the gradient in "
+                               "place); run the forward again to differentiate again")
         hidden, weight, tokens = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -75,15 +91,15 @@ class _HeadLogprobs(torch.autograd.Function):
             if ctx.temperature != 1.0:
                 p.div_(ctx.temperature)
             d = p.to(weight.dtype)
-            h = hidden[start:start + ctx.rows]
+            h = hidden[start:start + ctx.rows].to(weight.dtype)  # bf16 states of an fp32 head under autocast
             if need_h:
                 grad_h[start:start + ctx.rows] = d @ weight
             if need_w and not add_product(weight, d.t(), h):
                 grad_w = d.t() @ h if grad_w is None else grad_w.addmm_(d.t(), h)
             if need_b and ctx.has_bias:
                 grad_b = d.sum(0) if grad_b is None else grad_b.add_(d.sum(0))
-        ctx.probs = []
-        return grad_h, grad_w, grad_b, None, None, None
+        ctx.probs = None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor, temperature: float = 1.0,
@@ -92,6 +108,8 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Ten
     ``tokens``: ``[...]``), fp32, differentiable in ``hidden`` and the head; and, when asked, each
     position's entropy (logged only: no gradient)."""
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    # a pass with autograd off (a rollout) keeps nothing for a backward pass: one chunk at a time
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (flat, head.weight, head.bias))
     logprobs, entropies = _HeadLogprobs.apply(flat, head.weight, head.bias, tokens.reshape(-1),
-                                              float(temperature), entropy)
+                                              float(temperature), entropy, grad)
     return logprobs.view(tokens.shape), entropies.view(tokens.shape) if entropy else None
