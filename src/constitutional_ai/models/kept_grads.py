@@ -61,7 +61,9 @@ class KeptGrads:
     def active(self) -> Iterator[None]:
         """Within the block, the embeddings return sparse gradients into kept dense ones. Forward and
         backward passes both run inside it (a forward records whether its gradient is sparse); the
-        gradients are dense again on the way out, for anyone else's optimizer."""
+        gradients are dense again on the way out, for anyone else's optimizer. Only a trainer's own
+        ``.backward()`` passes belong inside: ``torch.autograd.grad`` there would also see a tied head's
+        product added into ``.grad``, and a copy of the model taken inside keeps sparse embeddings."""
         for m in self.embeddings:
             m.sparse = True
         for w in self.weights:
