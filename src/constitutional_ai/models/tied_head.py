@@ -39,9 +39,10 @@ class _TiedHeadLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1] and not add_product(weight, flat.t(), x.reshape(-1, x.shape[-1])):
-            grad_w = flat.t().mm(x.reshape(-1, x.shape[-1]))  # kept: added into the kept gradient instead
+        rows = x.reshape(-1, x.shape[-1])
+        grad_w = None  # with a kept gradient, the product is added into it instead (add_product)
+        if ctx.needs_input_grad[1] and not add_product(weight, flat.t(), rows):
+            grad_w = flat.t().mm(rows)
         grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

@@ -87,18 +87,9 @@ class PolicyAndValue(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 response: torch.Tensor, temperature: float = 1.0,
                 entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        keep = response.shape[1] + 1  # the positions that predict the response tokens
-        if self.split is not None:
-            base, lm_head = self.split
-            features = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)[0]
-            logprobs, entropies = head_logprobs(features[:, -keep:-1], lm_head, response, temperature, entropy)
-        else:
-            extra = {"logits_to_keep": keep} if self.keeps_logits else {}
-            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, output_hidden_states=self.v_head is not None, **extra)
-            logprobs, entropies = _token_logprobs(out.logits[:, -keep:-1], response, temperature, entropy)
-            features = out.hidden_states[-1] if self.v_head is not None else None
+        logprobs, entropies, features = _response_logprobs(
+            self.policy, self.split, self.keeps_logits, input_ids, attention_mask, position_ids, response,
+            temperature, entropy, features=self.v_head is not None)
         if self.v_head is not None:
             # the head reads the policy's features detached: value regression must not move the policy
             return logprobs, self.v_head(features.detach().float()).squeeze(-1), entropies
@@ -127,6 +118,27 @@ def _takes_logits_to_keep(model: Any) -> bool:
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _response_logprobs(model: Any, split: tuple[Any, torch.nn.Linear] | None, keeps_logits: bool,
+                       ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, response: torch.Tensor,
+                       temperature: float, entropy: bool = False,
+                       features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A causal LM's log-probabilities of ``response`` (the last columns of ``ids``), their entropies
+    when asked, and its last hidden states when asked (``features``). With ``split`` (its base model
+    and head, :func:`~constitutional_ai.models.head_split.base_and_head`) the head runs with the
+    log-probabilities in chunks, over the response's positions only; otherwise the model's own
+    forward makes the logits of its last ``keep`` positions."""
+    keep = response.shape[1] + 1  # the positions that predict the response tokens, and the last one
+    if split is not None:
+        base, head = split
+        hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)[0]
+        return (*head_logprobs(hidden[:, -keep:-1], head, response, temperature, entropy), hidden)
+    extra = {"logits_to_keep": keep} if keeps_logits else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                output_hidden_states=features, **extra)
+    return (*_token_logprobs(out.logits[:, -keep:-1], response, temperature, entropy),
+            out.hidden_states[-1] if features else None)
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -218,17 +230,10 @@ class PPOTrainer:
     def _ref_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                       response: torch.Tensor) -> torch.Tensor:
         """The reference policy's log-probabilities of the response tokens (no values)."""
-        keep = response.shape[1] + 1
-        if self._ref_split is not None:
-            base, lm_head = self._ref_split
-            features = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)[0]
-            return head_logprobs(features[:, -keep:-1], lm_head, response, self.config.temperature)[0]
-        extra = {"logits_to_keep": keep} if self._ref_keeps_logits else {}
         with contextlib.nullcontext() if self.ref_policy is not None else self._policy().disable_adapter():
             model = self.ref_policy if self.ref_policy is not None else self._policy()
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                           **extra).logits
-        return _token_logprobs(logits[:, -keep:-1], response, self.config.temperature)[0]
+            return _response_logprobs(model, self._ref_split, self._ref_keeps_logits, ids, mask, positions, response,
+                                      self.config.temperature)[0]
 
     # -- one update ----------------------------------------------------------------------------------
     @torch.no_grad()
